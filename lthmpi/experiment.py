@@ -1,0 +1,193 @@
+"""One experiment in one process: parent run, masks, the task list, and run_task(task) -> result.
+
+Knows nothing of MPI: a rank is only who calls run_task. Every stage is idempotent: what is complete on
+disk is loaded, not recomputed, so a rerun after any interruption resumes where the last one stopped.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import Config, validate_against_data
+from .pruning import fraction_remaining, magnitude_masks, random_masks
+from .store import RunDir, hostname
+
+log = logging.getLogger("lthmpi")
+
+CONTROL_CODES = {None: 0, "random_reinit": 1, "random_mask": 2}
+
+
+@dataclass(frozen=True, order=True)
+class Task:
+    """One retraining: mask index, reset-point index, and control (None = the ticket itself)."""
+    mask: int
+    reset: int
+    control: str | None = None
+
+    @property
+    def id(self) -> str:
+        return f"m{self.mask:03d}_r{self.reset:02d}_{self.control or 'ticket'}"
+
+    def seed(self, base: int) -> list[int]:
+        return [base, self.mask, self.reset, CONTROL_CODES[self.control]]
+
+
+class Experiment:
+    """Data, model and trainer are built once; parent, masks and tasks are loaded or computed on demand."""
+
+    def __init__(self, cfg: Config, run_dir: str, rank: int = 0):
+        from .data import load_dataset
+        from .models import build_model, prunable_variables
+        from .training import MaskedTrainer
+
+        self.cfg, self.rank, self.host = cfg, rank, hostname()
+        self.run = RunDir(run_dir)
+        self.data = load_dataset(cfg.data, cfg.seed)
+        per_epoch = len(self.data.x_train) // cfg.train.batch_size
+        self.total = validate_against_data(cfg, per_epoch, len(self.data.x_train))
+        self.iterations_per_epoch = per_epoch
+        self.reset_iterations = [s.iterations(per_epoch) for s in cfg.reset_steps()]
+        self.model = build_model(cfg.model.name, self.data.input_shape, self.data.num_classes, cfg.seed)
+        self.prunable = [v.path for v in prunable_variables(self.model)]
+        self.trainer = MaskedTrainer(self.model, self.data, cfg.train, cfg.seed, prunable_variables(self.model),
+                                     augment=cfg.data.augment)
+        self.initial_weights = self.trainer.get_weights()
+        self.checkpoints: dict | None = None
+        self.optimizer_states: dict = {}
+        self.parent_info: dict = {}
+        self.masks: list | None = None
+        self.remaining: list = []
+
+    # -- parent ---------------------------------------------------------------------------------
+    def parent_done(self) -> bool:
+        return os.path.exists(self.run.parent_path)
+
+    def train_parent(self, progress=None):
+        """Train the dense network, keeping weights and optimizer state at 0, every reset point and T."""
+        if self.parent_done():
+            return self.load_parent()
+        t0 = time.time()
+        tr = self.trainer
+        tr.set_weights(self.initial_weights)
+        tr.set_masks(None)
+        tr.reset_optimizer(None)
+        keep = {0, self.total, *self.reset_iterations}
+        ckpts, opts = {}, {}
+
+        def save(it):
+            ckpts[it] = tr.get_weights()
+            opts[it] = tr.get_optimizer_state()
+
+        h = tr.fit(0, self.total, checkpoints=keep, on_checkpoint=save, progress=progress)
+        if h.diverged:
+            raise RuntimeError("the dense parent run diverged (loss became NaN); lower train.lr")
+        attrs = dict(test_accuracy=h.final_accuracy, early_stop_accuracy=h.early_stop_accuracy,
+                     early_stop_iteration=h.early_stop_iteration, iterations=self.total,
+                     seconds=time.time() - t0, rank=self.rank, host=self.host)
+        history = {f"epochs/{k}": [e[k] for e in h.epochs] for k in (h.epochs[0] if h.epochs else {})}
+        history.update({f"evals/{k}": [e[k] for e in h.evals] for k in (h.evals[0] if h.evals else {})})
+        self.run.write_checkpoints(ckpts, opts, history, attrs)
+        log.info("parent: test accuracy %.4f after %d iterations (%.1f s)", h.final_accuracy, self.total, attrs["seconds"])
+        return self.load_parent()
+
+    def load_parent(self):
+        self.checkpoints, self.optimizer_states, self.parent_info = self.run.read_checkpoints()
+        needed = {0, self.total, *self.reset_iterations}
+        missing = needed - set(self.checkpoints)
+        if missing:
+            raise RuntimeError(f"{self.run.parent_path} lacks checkpoints at iterations {sorted(missing)}; delete it to retrain")
+        return self.parent_info
+
+    # -- masks ----------------------------------------------------------------------------------
+    def compute_masks(self):
+        """Masks from the *final* parent weights (never from a reset point's weights)."""
+        if os.path.exists(self.run.masks_path):
+            return self.load_masks()
+        final = self.checkpoints[self.total]
+        weights = {p: final[p] for p in self.prunable}
+        targets = self.cfg.remaining_fractions()
+        masks = [magnitude_masks(weights, r, self.cfg.prune.scope, self.cfg.prune.layer_rates) for r in targets]
+        self.run.write_masks(masks, [fraction_remaining(m) for m in masks], targets)
+        return self.load_masks()
+
+    def load_masks(self):
+        self.masks, self.remaining = self.run.read_masks()
+        for i, m in enumerate(self.masks):
+            for p in self.prunable:
+                if p not in m or m[p].shape != self.checkpoints[0][p].shape:
+                    raise RuntimeError(f"{self.run.masks_path}: mask {i} does not match the model at {p}; delete the file")
+        return self.masks
+
+    # -- tasks ----------------------------------------------------------------------------------
+    def tasks(self) -> list[Task]:
+        controls = [None, *self.cfg.reset.controls]
+        return [Task(m, r, c) for m in range(len(self.cfg.remaining_fractions()))
+                for r in range(len(self.reset_iterations)) for c in controls]
+
+    def task_iterations(self, task: Task) -> tuple[int, int]:
+        k = self.reset_iterations[task.reset]
+        return k, (self.total if self.cfg.reset.length == "remaining" else k + self.total)
+
+    def cost(self, task: Task) -> float:
+        """Estimated relative cost: iterations to train (each ends in the same evaluations)."""
+        start, end = self.task_iterations(task)
+        return float(end - start)
+
+    def is_done(self, task: Task) -> bool:
+        return os.path.exists(self.run.task_path(task.id))
+
+    def start_weights(self, task: Task) -> tuple[dict, dict]:
+        """Weights and mask a retraining starts from (the late reset, or a control)."""
+        k = self.reset_iterations[task.reset]
+        mask = self.masks[task.mask]
+        weights = dict(self.checkpoints[k])
+        if task.control == "random_mask":
+            mask = random_masks(mask, task.seed(self.cfg.seed))
+        elif task.control == "random_reinit":
+            from .models import fresh_init
+            fresh = fresh_init(self.model, int(np.random.default_rng(task.seed(self.cfg.seed)).integers(2**31)))
+            weights = dict(self.checkpoints[0])
+            weights.update({v.path: a for v, a in zip(self.model.trainable_variables, fresh)})
+        return {p: (w * mask[p] if p in mask else w) for p, w in weights.items()}, mask
+
+    def run_task(self, task: Task, progress=None) -> dict:
+        """Retrain one subnetwork from its reset point; durable on disk before returning."""
+        if self.is_done(task):
+            return self.run.read_task(task.id)[0]
+        start, end = self.task_iterations(task)
+        weights, mask = self.start_weights(task)
+        tr = self.trainer
+        tr.set_weights(weights)
+        tr.set_masks(mask)
+        restore = self.cfg.reset.optimizer_state == "restore" and task.control != "random_reinit"
+        tr.reset_optimizer(self.optimizer_states.get(start) if restore else None)
+        t0 = time.time()
+        h = tr.fit(start, end, progress=progress)
+        t1 = time.time()
+        attrs = dict(task_id=task.id, mask=task.mask, remaining=fraction_remaining(mask),
+                     target_remaining=self.cfg.remaining_fractions()[task.mask],
+                     reset=self.cfg.reset.points[task.reset], reset_iteration=start, control=task.control or "",
+                     final_accuracy=h.final_accuracy, early_stop_iteration=h.early_stop_iteration,
+                     early_stop_accuracy=h.early_stop_accuracy, best_val_loss=h.best_val_loss,
+                     iterations=end - start, diverged=h.diverged, seconds=t1 - t0, start_time=t0, end_time=t1,
+                     rank=self.rank, host=self.host, threads=tr.threads)
+        series = {"evals": _columns(h.evals, ("iteration", "train_loss", "val_loss", "val_accuracy")),
+                  "epochs": _columns(h.epochs, ("epoch", "iteration", "train_loss", "val_loss", "val_accuracy",
+                                                "test_accuracy"))}
+        self.run.write_task(task.id, attrs, series)
+        if h.diverged:
+            log.warning("task %s diverged (loss became NaN); recorded as diverged", task.id)
+        return attrs
+
+
+def _columns(rows: list, names) -> dict:
+    return {n: np.asarray([r[n] for r in rows], dtype=np.float64) for n in names}
+
+
+def nan_to_none(x):
+    return None if isinstance(x, float) and math.isnan(x) else x

@@ -1,0 +1,162 @@
+"""The merged results file: every task's measurements in one HDF5 file, with timings and provenance.
+
+Layout of results.h5:
+  attrs            config (resolved TOML text), config_hash, created, format
+  /parent          attrs: test_accuracy, early_stop_accuracy, early_stop_iteration, iterations, seconds
+  /tasks/<column>  one entry per retraining (id, mask, remaining, reset, control, accuracies, seconds, rank, ...)
+  /curves/<task>/{evals,epochs}/<column>   the per-eval and per-epoch curves
+  /timing          attrs: wall seconds per phase (startup, parent, masks, distribution, training, gather)
+  /provenance      attrs: versions, MPI library, ranks, hosts, threads, git commit
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+
+from .config import tomllib
+from .store import RunDir, StoreError, atomic_h5, open_h5, read_arrays
+
+FORMAT = 1
+TASK_COLUMNS = ("task_id", "mask", "remaining", "target_remaining", "reset", "reset_iteration", "control",
+                "final_accuracy", "early_stop_iteration", "early_stop_accuracy", "best_val_loss", "iterations",
+                "diverged", "seconds", "start_time", "end_time", "rank", "host", "threads")
+
+
+def merge(run: RunDir, task_ids: list[str], timing: dict, provenance: dict) -> str:
+    """Gather the per-task files named by `task_ids` into results.h5 (written atomically)."""
+    rows, curves = [], {}
+    for tid in task_ids:
+        attrs, series = run.read_task(tid)
+        rows.append(attrs)
+        curves[tid] = series
+    with open_h5(run.parent_path, "parent checkpoint file") as f:
+        parent = dict(f.attrs)
+        parent_history = read_arrays(f["history"], run.parent_path) if "history" in f else {}
+    with open(run.config_path) as f:
+        config_text = f.read()
+    with atomic_h5(run.results_path) as f:
+        f.attrs.update(config=config_text, created=time.time(), format=FORMAT)
+        p = f.create_group("parent")
+        p.attrs.update({k: v for k, v in parent.items()})
+        for k, v in parent_history.items():
+            p.create_dataset(f"history/{k}", data=v)
+        t = f.create_group("tasks")
+        for col in TASK_COLUMNS:
+            values = [r.get(col) for r in rows]
+            if values and isinstance(values[0], str):
+                t.create_dataset(col, data=np.array(values, dtype=h5py.string_dtype()))
+            else:
+                t.create_dataset(col, data=np.asarray(values, dtype=np.float64 if col not in
+                                                        ("mask", "reset_iteration", "early_stop_iteration", "iterations",
+                                                         "rank", "threads") else np.int64))
+        for tid, series in curves.items():
+            for name, cols in series.items():
+                for col, values in cols.items():
+                    f.create_dataset(f"curves/{tid}/{name}/{col}", data=values)
+        f.create_group("timing").attrs.update(timing)
+        f.create_group("provenance").attrs.update({k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
+                                                   for k, v in provenance.items()})
+    return run.results_path
+
+
+def load(path: str) -> dict:
+    """Read a results file (or a run directory's) into plain Python: config, parent, tasks, timing, provenance."""
+    if os.path.isdir(path):
+        path = RunDir(path).results_path
+    if not os.path.exists(path):
+        raise StoreError(f"no results file at {path}: the run has not finished (rerun it to complete and merge)")
+    with open_h5(path, "results file") as f:
+        try:
+            config = tomllib.loads(f.attrs["config"])
+            parent = {k: _plain(v) for k, v in f["parent"].attrs.items()}
+            cols = {c: [_plain(x) for x in f["tasks"][c][()]] for c in f["tasks"]}
+            timing = {k: _plain(v) for k, v in f["timing"].attrs.items()}
+            provenance = {k: _plain(v) for k, v in f["provenance"].attrs.items()}
+        except (KeyError, ValueError) as e:
+            raise StoreError(f"results file {path} is incomplete or corrupt ({e}); rerun the experiment to rebuild it") from None
+    n = len(cols.get("task_id", []))
+    tasks = [{c: cols[c][i] for c in cols} for i in range(n)]
+    for t in tasks:
+        t["control"] = t.get("control") or None
+        t["rank"] = int(t["rank"])
+        t["mask"] = int(t["mask"])
+    return dict(config=config, parent=parent, tasks=tasks, timing=timing, provenance=provenance, path=path)
+
+
+def summary_json(res: dict) -> dict:
+    """The machine-readable summary `python -m lthmpi.analysis RUN_DIR --json` prints."""
+    keys = ("mask", "remaining", "reset", "control", "final_accuracy", "early_stop_iteration",
+            "early_stop_accuracy", "seconds", "rank")
+    tasks = [{k: _none_if_nan(t[k]) for k in keys} | {"diverged": bool(t.get("diverged", False))} for t in res["tasks"]]
+    parent = {k: _none_if_nan(v) for k, v in res["parent"].items()}
+    return dict(config=res["config"], parent=parent, tasks=tasks, timing=res["timing"], provenance=res["provenance"])
+
+
+def provenance(ranks: int, hosts: list[str], threads: int, mpi_library: str = "none") -> dict:
+    import keras
+    import tensorflow as tf
+
+    return dict(python=sys.version.split()[0], tensorflow=tf.__version__, keras=keras.__version__,
+                numpy=np.__version__, h5py=h5py.__version__, platform=platform.platform(),
+                mpi_library=mpi_library, ranks=ranks, hosts=sorted(set(hosts)), threads_per_rank=threads,
+                git_commit=git_commit())
+
+
+def git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _plain(v):
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+def _none_if_nan(v):
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def format_table(res: dict) -> str:
+    """A short terminal table: early-stop test accuracy per mask (rows) and reset point (columns)."""
+    tasks = res["tasks"]
+    resets = list(dict.fromkeys(t["reset"] for t in tasks))
+    controls = list(dict.fromkeys(t["control"] for t in tasks if t["control"]))
+    masks = sorted({t["mask"] for t in tasks})
+    by = {(t["mask"], t["reset"], t["control"]): t for t in tasks}
+    head = ["left %"] + [f"k={r}" for r in resets] + [f"{c} (mean)" for c in controls]
+    rows = []
+    for m in masks:
+        rem = next(t["remaining"] for t in tasks if t["mask"] == m)
+        row = [f"{100 * rem:6.2f}"]
+        row += [_pct(by.get((m, r, None), {}).get("early_stop_accuracy")) for r in resets]
+        for c in controls:
+            vals = [by[(m, r, c)]["early_stop_accuracy"] for r in resets if (m, r, c) in by]
+            row.append(_pct(sum(vals) / len(vals) if vals else None))
+        rows.append(row)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    parent = res["parent"].get("test_accuracy")
+    out = [f"dense parent test accuracy: {_pct(parent)}%   (test accuracy at early stop, %)", line(head)]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def _pct(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"

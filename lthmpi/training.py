@@ -1,0 +1,260 @@
+"""The masked trainer: the hot path of every experiment.
+
+One trainer per process is built once and reused for every task: a late reset is an assignment of
+weights, masks and optimizer state, never a new model or a new trace. The data stay in memory and are
+passed as arguments to one XLA-compiled call that runs up to `eval_every` steps, gathering each batch
+from a (K, B) block of the epoch's shuffled indices (DESIGN.md §6: a Python call per step costs more
+than the step). Inside the call the gradients are multiplied by the mask and the weights are re-masked
+after every update, so Adam moments, momentum and weight decay can never revive a pruned weight.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .runtime import configure_tensorflow, configured_threads
+from .steps import Step
+
+
+@dataclass
+class History:
+    """What one training run measured; iterations are global (counted from the parent's start)."""
+    start: int
+    end: int
+    evals: list = field(default_factory=list)  # dicts: iteration, train_loss, val_loss, val_accuracy
+    epochs: list = field(default_factory=list)  # dicts: epoch, iteration, train_loss, val_loss, val_accuracy, test_accuracy
+    best_iteration: int = -1
+    best_val_loss: float = math.inf
+    early_stop_accuracy: float = math.nan
+    final_accuracy: float = math.nan
+    diverged: bool = False
+
+    @property
+    def early_stop_iteration(self) -> int:
+        """Iterations trained (since this run's start) when the validation loss was lowest."""
+        return self.best_iteration - self.start if self.best_iteration >= 0 else -1
+
+
+class BatchOrder:
+    """Deterministic per-epoch shuffles: the batches of iteration t depend only on (seed, t)."""
+
+    def __init__(self, n_train: int, batch_size: int, seed: int):
+        self.n, self.batch, self.seed = n_train, batch_size, seed
+        self.per_epoch = n_train // batch_size
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _epoch(self, e: int) -> np.ndarray:
+        if e not in self._cache:
+            if len(self._cache) > 4:
+                self._cache.clear()
+            perm = np.random.default_rng([self.seed, e]).permutation(self.n)
+            self._cache[e] = perm[: self.per_epoch * self.batch].reshape(self.per_epoch, self.batch).astype(np.int32)
+        return self._cache[e]
+
+    def block(self, start: int, stop: int) -> np.ndarray:
+        """Indices of iterations [start, stop) as a (stop - start, batch) array."""
+        parts, t = [], start
+        while t < stop:
+            e, j = divmod(t, self.per_epoch)
+            take = min(stop - t, self.per_epoch - j)
+            parts.append(self._epoch(e)[j: j + take])
+            t += take
+        return np.concatenate(parts) if parts else np.zeros((0, self.batch), np.int32)
+
+
+def make_optimizer(train_cfg):
+    import keras
+
+    kw = dict(learning_rate=train_cfg.lr)
+    if train_cfg.weight_decay:
+        kw["weight_decay"] = train_cfg.weight_decay
+    if train_cfg.optimizer == "adam":
+        return keras.optimizers.Adam(**kw)
+    if train_cfg.optimizer == "adamw":
+        kw.setdefault("weight_decay", 0.004)
+        return keras.optimizers.AdamW(**kw)
+    if train_cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(momentum=train_cfg.momentum, **kw)
+    raise ValueError(f"unknown optimizer {train_cfg.optimizer!r}")
+
+
+class MaskedTrainer:
+    """Trains one model under a mask; weights, masks and optimizer state are swapped in per task."""
+
+    def __init__(self, model, data, train_cfg, seed: int, prunable, augment: bool = False, jit: bool = True):
+        self.threads = configured_threads() or 1
+        self.tf = tf = configure_tensorflow(self.threads)
+        self.model, self.data, self.cfg, self.seed = model, data, train_cfg, seed
+        self.order = BatchOrder(len(data.x_train), train_cfg.batch_size, seed)
+        self.per_epoch = self.order.per_epoch
+        self.eval_every = max(1, Step.parse(train_cfg.eval_every).iterations(self.per_epoch))
+        self.milestones = sorted(Step.parse(m).iterations(self.per_epoch) for m in train_cfg.lr_milestones)
+        self.optimizer = make_optimizer(train_cfg)
+        self.optimizer.build(model.trainable_variables)
+        self.variables = {v.path: v for v in model.variables}
+        self.opt_variables = {v.path: v for v in self.optimizer.variables if "learning_rate" not in v.path}
+        if len(self.variables) != len(model.variables):
+            raise ValueError("model variable paths are not unique: give every layer a distinct name")
+        prunable_ids = {id(v) for v in prunable}
+        self.prunable_paths = [v.path for v in model.variables if id(v) in prunable_ids]
+        self._masked = [(v, tf.Variable(tf.ones(v.shape, v.dtype), trainable=False, name="mask"))
+                        for v in model.trainable_variables if id(v) in prunable_ids]
+        self._best = [tf.Variable(v, trainable=False) for v in model.variables]
+        self._x = {s: tf.convert_to_tensor(getattr(data, f"x_{s}")) for s in ("train", "val", "test")}
+        self._y = {s: tf.convert_to_tensor(getattr(data, f"y_{s}").astype(np.int32)) for s in ("train", "val", "test")}
+        elems = int(np.prod(data.x_train.shape[1:]))
+        self.eval_batch = max(1, min(len(data.x_val), (1 << 23) // max(1, elems * 4)))
+        self._build(jit, augment)
+
+    # -- compiled functions --------------------------------------------------------------------
+    def _build(self, jit: bool, augment: bool):
+        tf, model, opt = self.tf, self.model, self.optimizer
+        trainable = model.trainable_variables
+        masked = self._masked
+        milestones = tf.constant(self.milestones or [2**62], tf.int64)
+        base_lr, gamma = float(self.cfg.lr), float(self.cfg.lr_gamma)
+        seed = self.seed
+        augment_batch = None
+        if augment:
+            from .data.augment import augment_batch
+
+        def loss_fn(y, logits):
+            return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+
+        @tf.function(jit_compile=jit)
+        def train_block(x, y, idx, n, start):
+            total = tf.constant(0.0, tf.float32)
+            for i in tf.range(n):
+                t = start + tf.cast(i, tf.int64)
+                drops = tf.reduce_sum(tf.cast(t >= milestones, tf.float32))
+                opt.learning_rate.assign(base_lr * tf.pow(gamma, drops))
+                rows = tf.gather(idx, i)
+                xb, yb = tf.gather(x, rows), tf.gather(y, rows)
+                if augment_batch is not None:
+                    xb = augment_batch(xb, tf.stack([tf.constant(seed, tf.int64), t]))
+                with tf.GradientTape() as tape:
+                    loss = loss_fn(yb, model(xb, training=True))
+                grads = tape.gradient(loss, trainable)
+                mask_of = {id(v): m for v, m in masked}
+                grads = [g * mask_of[id(v)] if id(v) in mask_of else g for g, v in zip(grads, trainable)]
+                opt.apply_gradients(zip(grads, trainable))
+                for v, m in masked:
+                    v.assign(v * m)
+                total += loss
+            return total
+
+        @tf.function(jit_compile=jit)
+        def eval_block(x, y):
+            logits = model(x, training=False)
+            losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+            correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y), tf.float32)
+            return tf.reduce_sum(losses), tf.reduce_sum(correct)
+
+        @tf.function
+        def snapshot():
+            for b, v in zip(self._best, model.variables):
+                b.assign(v)
+
+        self._train_block, self._eval_block, self._snapshot = train_block, eval_block, snapshot
+
+    # -- state ---------------------------------------------------------------------------------
+    def get_weights(self) -> dict:
+        return {p: v.numpy() for p, v in self.variables.items()}
+
+    def set_weights(self, weights: dict):
+        missing = set(self.variables) - set(weights)
+        if missing:
+            raise ValueError(f"checkpoint lacks variables {sorted(missing)[:3]}")
+        for p, v in self.variables.items():
+            if tuple(weights[p].shape) != tuple(v.shape):
+                raise ValueError(f"checkpoint variable {p} has shape {weights[p].shape}, the model needs {tuple(v.shape)}")
+            v.assign(weights[p])
+
+    def get_optimizer_state(self) -> dict:
+        return {p: v.numpy() for p, v in self.opt_variables.items()}
+
+    def reset_optimizer(self, state: dict | None = None):
+        """A fresh optimizer (zero moments, step 0), or the state saved at a reset point."""
+        for p, v in self.opt_variables.items():
+            v.assign(state[p] if state is not None else np.zeros(v.shape, v.dtype.name if hasattr(v.dtype, "name") else v.dtype))
+
+    def set_masks(self, masks: dict | None):
+        """Masks by variable path (None = dense); the masked weights are zeroed at once."""
+        for v, m in self._masked:
+            if masks is None:
+                m.assign(np.ones(v.shape, np.float32))
+            else:
+                if v.path not in masks:
+                    raise ValueError(f"mask lacks variable {v.path}")
+                if tuple(masks[v.path].shape) != tuple(v.shape):
+                    raise ValueError(f"mask for {v.path} has shape {masks[v.path].shape}, the model needs {tuple(v.shape)}")
+                m.assign(masks[v.path].astype(np.float32))
+                v.assign(v * m)
+
+    # -- measuring ------------------------------------------------------------------------------
+    def evaluate(self, split: str) -> tuple[float, float]:
+        x, y = self._x[split], self._y[split]
+        n, step = int(x.shape[0]), self.eval_batch
+        loss = correct = 0.0
+        for i in range(0, n, step):
+            lsum, csum = self._eval_block(x[i:i + step], y[i:i + step])
+            loss += float(lsum)
+            correct += float(csum)
+        return loss / n, correct / n
+
+    # -- training -------------------------------------------------------------------------------
+    def fit(self, start: int, end: int, checkpoints=(), on_checkpoint=None, progress=None) -> History:
+        """Train iterations [start, end); evaluate every `eval_every` and at epoch ends; early-stop bookkeeping."""
+        tf = self.tf
+        h = History(start=start, end=end)
+        ckpts = {c for c in checkpoints if start <= c <= end}
+        if start in ckpts and on_checkpoint:
+            on_checkpoint(start)
+        every, per_epoch = self.eval_every, self.per_epoch
+        bounds = set(range((start // every + 1) * every, end, every))
+        bounds |= set(range((start // per_epoch + 1) * per_epoch, end, per_epoch))
+        bounds |= {c for c in ckpts if c > start} | {end}
+        t, epoch_loss, epoch_n, seg_loss, seg_n = start, 0.0, 0, 0.0, 0
+        for b in sorted(bounds):
+            while t < b:
+                n = min(b - t, every)
+                block = np.zeros((every, self.cfg.batch_size), np.int32)
+                block[:n] = self.order.block(t, t + n)
+                loss = float(self._train_block(self._x["train"], self._y["train"], tf.constant(block),
+                                               tf.constant(n, tf.int32), tf.constant(t, tf.int64)))
+                t += n
+                seg_loss += loss
+                seg_n += n
+                if progress:
+                    progress(n)
+            if not math.isfinite(seg_loss):
+                h.diverged = True
+                break
+            epoch_loss, epoch_n = epoch_loss + seg_loss, epoch_n + seg_n
+            val_loss, val_acc = self.evaluate("val")
+            h.evals.append(dict(iteration=b, train_loss=seg_loss / max(1, seg_n), val_loss=val_loss, val_accuracy=val_acc))
+            seg_loss, seg_n = 0.0, 0
+            if not math.isfinite(val_loss):
+                h.diverged = True
+                break
+            if val_loss < h.best_val_loss:
+                h.best_val_loss, h.best_iteration = val_loss, b
+                self._snapshot()
+            if b % per_epoch == 0 or b == end:
+                _, test_acc = self.evaluate("test")
+                h.epochs.append(dict(epoch=b / per_epoch, iteration=b, train_loss=epoch_loss / max(1, epoch_n),
+                                     val_loss=val_loss, val_accuracy=val_acc, test_accuracy=test_acc))
+                epoch_loss, epoch_n = 0.0, 0
+            if b in ckpts and on_checkpoint:
+                on_checkpoint(b)
+        _, h.final_accuracy = self.evaluate("test")
+        if h.best_iteration >= 0:
+            final = [v.numpy() for v in self.model.variables]
+            for v, b in zip(self.model.variables, self._best):
+                v.assign(b)
+            _, h.early_stop_accuracy = self.evaluate("test")
+            for v, w in zip(self.model.variables, final):
+                v.assign(w)
+        return h

@@ -1,0 +1,10 @@
+"""Datasets for the engine: raw readers, the validation split, normalisation, prepared HDF5 files.
+
+Import `load_dataset(cfg, seed)` to get a training-ready `Dataset`; `KNOWN_SHAPES` gives a dataset's
+input shape and class count without reading any file. Augmentation (which imports TensorFlow) lives
+in `lthmpi.data.augment`, so that reading data does not pay for importing TensorFlow.
+"""
+from .prepare import Dataset, load_dataset
+from .readers import DATASETS, KNOWN_SHAPES, DataError
+
+__all__ = ["DataError", "Dataset", "DATASETS", "KNOWN_SHAPES", "load_dataset"]

@@ -1,0 +1,247 @@
+"""Predict the wall time of a run on P ranks from one measured run, and the classic scaling laws.
+
+The model follows the engine's phases (the names of ``Timer`` in ``driver.py`` / ``parallel.py``):
+
+    T(P) = startup(P) + parent + masks + distribution(P) + makespan(P) + gather(P)
+
+* ``startup(P)``: per-rank import and model build. Ranks start concurrently, so on its own core a rank
+  pays it once whatever P is; when P ranks share ``cores`` cores it grows by max(1, P / cores) (importing
+  TensorFlow is CPU-bound: 20 ranks on 2 cores spend a minute importing).
+* ``parent`` and ``masks``: the serial part (Amdahl's f). Kept constant; a data-parallel parent is not
+  modelled.
+* ``distribution(P)``, ``gather(P)``: collectives, a + b log2(P) (tree algorithms). a, b are fitted by
+  least squares when measurements at >= 2 distinct P are given (b clipped at 0: noise must not predict
+  collectives that get faster with more ranks), else the one measurement is taken as constant.
+* ``makespan(P)``: the measured task durations replayed with ``schedule.simulate`` under the chosen
+  scheduler, i.e. the schedule the engine really runs. Durations are first normalised to one rank per
+  core (divided by the measured run's oversubscription max(1, ranks / cores)) and then scaled by the
+  target's max(1, P / cores). That factor is applied over the whole makespan: pessimistic at the tail,
+  where ranks that finished free their cores. Thread counts per rank are not modelled.
+* More ranks than units of work (tasks; masks for ``static``): the extra ranks idle, unless
+  ``data_parallel_efficiency`` e is set on the profile; then ranks form subgroups (``groups_for``) and a
+  subgroup of s ranks trains a task 1 + e (s - 1) times faster. Gradient traffic is folded into e.
+
+Speedup is T(1) / T(P) from the same model (same ``cores``), so it is the model's own, not the
+measured one; efficiency is speedup / P.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .schedule import SCHEDULERS, groups_for, imbalance, simulate
+
+PHASES = ("startup", "parent", "masks", "distribution", "training", "gather")
+LOG_PHASES = ("distribution", "gather")
+
+
+@dataclass
+class RunProfile:
+    """What one measured run tells the model.
+
+    ``task_durations`` (s) and ``task_costs`` (iterations) per task, in task order; ``phases`` the phase
+    times in seconds as rank 0 measured them (``startup``, ``parent``, ``masks``, ``distribution``,
+    ``gather``; ``training`` is ignored, the model rebuilds it from the tasks); ``ranks`` and ``cores``
+    the run's P and core count (None: every rank had its own core). ``task_groups``: the mask of each
+    task, for the static scheduler (default: each task its own mask). ``phase_points``: further
+    (P, seconds) measurements per phase, for the a + b log2 P fits. ``independent``: tasks share nothing
+    while training (the engine's case); False makes the training phase serial, the sum of durations.
+    """
+    task_durations: list[float]
+    task_costs: list[float]
+    phases: dict[str, float]
+    ranks: int = 1
+    cores: int | None = None
+    task_groups: list | None = None
+    independent: bool = True
+    phase_points: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    overhead_per_task: float = 0.0
+    data_parallel_efficiency: float | None = None
+
+    def __post_init__(self):
+        if len(self.task_durations) != len(self.task_costs):
+            raise ValueError(f"{len(self.task_durations)} durations but {len(self.task_costs)} costs")
+        if self.task_groups is not None and len(self.task_groups) != len(self.task_durations):
+            raise ValueError("task_groups must give one group per task")
+        if self.ranks < 1:
+            raise ValueError("ranks must be >= 1")
+
+
+def oversubscription(p: int, cores: int | None) -> float:
+    """How much slower each rank runs when p CPU-bound ranks share ``cores`` cores (None: own cores)."""
+    return 1.0 if cores is None else max(1.0, p / float(cores))
+
+
+def fit_log(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """(a, b) of t = a + b log2(P) by least squares; constant (b = 0) with < 2 distinct P or b < 0."""
+    pts = [(int(p), float(t)) for p, t in points]
+    if not pts:
+        return 0.0, 0.0
+    xs = np.array([math.log2(p) for p, _ in pts])
+    ys = np.array([t for _, t in pts])
+    if len(set(xs.tolist())) < 2:
+        return float(ys.mean()), 0.0
+    b, a = np.polyfit(xs, ys, 1)
+    if b < 0:
+        return float(ys.mean()), 0.0
+    return float(a), float(b)
+
+
+def _phase_model(profile: RunProfile, P: int, cores: int | None) -> dict[str, float]:
+    ph = profile.phases
+    startup1 = ph.get("startup", 0.0) / oversubscription(profile.ranks, profile.cores)
+    out = {"startup": startup1 * oversubscription(P, cores),
+           "parent": ph.get("parent", 0.0),
+           "masks": ph.get("masks", 0.0)}
+    for name in LOG_PHASES:
+        pts = list(profile.phase_points.get(name, []))
+        if name in ph:
+            pts.append((profile.ranks, ph[name]))
+        a, b = fit_log(pts)
+        out[name] = a + b * math.log2(P)
+    return out
+
+
+def _schedule(profile: RunProfile, P: int, scheduler: str, cores: int | None):
+    """The training phase on P ranks: (schedule, workers, subgroup sizes)."""
+    n = len(profile.task_durations)
+    factor = oversubscription(P, cores) / oversubscription(profile.ranks, profile.cores)
+    durations = [d * factor for d in profile.task_durations]
+    if not profile.independent:
+        plan = [list(range(n))] + [[] for _ in range(P - 1)]  # one after another
+        return simulate(plan, durations, P, profile.overhead_per_task), P, [1] * P
+    groups = profile.task_groups
+    units = len(set(groups)) if (scheduler == "static" and groups is not None) else n
+    e = profile.data_parallel_efficiency
+    if e is not None and P > units and units > 0:
+        colors = groups_for(P, units)
+        sizes = [colors.count(c) for c in range(max(colors) + 1)]
+        speeds = [1.0 + e * (s - 1) for s in sizes]
+    else:
+        sizes, speeds = [1] * P, None
+    workers = len(sizes)
+    sched = simulate(scheduler, durations, workers, profile.overhead_per_task,
+                     costs=profile.task_costs, groups=groups, speeds=speeds)
+    return sched, workers, sizes
+
+
+def predict(profile: RunProfile, P: int, scheduler: str, cores: int | None = None) -> dict:
+    """Modelled wall time of the profiled study on P ranks (``cores`` at the target; None: own cores).
+
+    Returns wall, speedup (vs the model at P = 1), efficiency, makespan, imbalance of the training
+    phase, workers (subgroups or ranks that train), idle (workers without a task) and the phase times.
+    """
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r} (choose one of {', '.join(SCHEDULERS)})")
+    if int(P) != P or P < 1:
+        raise ValueError(f"P must be a positive integer, got {P!r}")
+
+    def wall_at(p):
+        phases = _phase_model(profile, p, cores)
+        sched, workers, sizes = _schedule(profile, p, scheduler, cores)
+        phases["training"] = sched.makespan
+        return sum(phases.values()), phases, sched, workers
+
+    wall, phases, sched, workers = wall_at(P)
+    wall1 = wall_at(1)[0]
+    speedup = wall1 / wall if wall > 0 else float("nan")
+    return dict(P=P, scheduler=scheduler, wall=wall, speedup=speedup, efficiency=speedup / P,
+                makespan=sched.makespan, imbalance=imbalance(sched.busy), workers=workers,
+                idle=sum(1 for lst in sched.per_rank if not lst), phases=phases)
+
+
+def predict_many(profile: RunProfile, ranks: Sequence[int],
+                 schedulers: Sequence[str] = SCHEDULERS, cores: int | None = None) -> list[dict]:
+    """``predict`` for every (P, scheduler), P-major: rows for a table or a scaling plot."""
+    return [predict(profile, p, s, cores) for p in ranks for s in schedulers]
+
+
+def amdahl_fit(ps: Sequence[int], times: Sequence[float]) -> tuple[float, float]:
+    """(serial fraction f, T1) of T(P) = T1 (f + (1 - f) / P), by linear least squares in 1/P.
+
+    T(P) = a + b / P with a = T1 f and b = T1 (1 - f), so the fit is exact and unique with >= 2 distinct
+    P. f is not clipped: f < 0 or > 1 says the data do not follow Amdahl (superlinear, or slowdown).
+    """
+    ps = np.asarray(ps, dtype=float)
+    ts = np.asarray(times, dtype=float)
+    if len(ps) != len(ts) or len(set(ps.tolist())) < 2:
+        raise ValueError("amdahl_fit needs times at two or more distinct P")
+    A = np.stack([np.ones_like(ps), 1.0 / ps], axis=1)
+    (a, b), *_ = np.linalg.lstsq(A, ts, rcond=None)
+    t1 = a + b
+    return float(a / t1), float(t1)
+
+
+def karp_flatt(speedup: float, p: int) -> float:
+    """Experimentally determined serial fraction e = (1/S - 1/p) / (1 - 1/p); undefined (nan) at p = 1.
+
+    Constant e over p points to a serial part; e growing with p points to overheads that grow with p.
+    """
+    if p <= 1:
+        return float("nan")
+    return (1.0 / speedup - 1.0 / p) / (1.0 - 1.0 / p)
+
+
+def gustafson(serial_fraction: float, p: int) -> float:
+    """Scaled speedup p - f (p - 1): the work grows with p (more masks/resets), the serial part does not."""
+    return p - serial_fraction * (p - 1)
+
+
+def synthetic_profile(M: int, N: int, epochs: float, epoch_seconds: float,
+                      reset_epochs: Sequence[float] | None = None, parent_seconds: float | None = None,
+                      startup_seconds: float = 0.0, controls: int = 0, full_length: bool = False,
+                      masks_seconds: float = 0.0, distribution_seconds: float = 0.0,
+                      gather_seconds: float = 0.0, iterations_per_epoch: int = 1) -> RunProfile:
+    """A study that was not run: M masks x N reset points (x (1 + controls)), each training T - k epochs.
+
+    For what-if questions such as the seed study (M = 20 masks, reset epochs 5..40 of 150). Default reset
+    points: N evenly spaced over 0 .. epochs / 4. ``full_length`` trains T epochs from every reset (the
+    option of the design). The parent defaults to T epochs. Costs are in iterations.
+    """
+    if reset_epochs is None:
+        reset_epochs = [0.0] if N == 1 else list(np.linspace(0.0, epochs / 4.0, N))
+    reset_epochs = [float(k) for k in reset_epochs]
+    if len(reset_epochs) != N:
+        raise ValueError(f"N = {N} but {len(reset_epochs)} reset epochs")
+    if any(k < 0 or k >= epochs for k in reset_epochs):
+        raise ValueError("reset epochs must lie in [0, epochs)")
+    durations, costs, groups = [], [], []
+    for m in range(M):
+        for k in reset_epochs:
+            ep = epochs if full_length else epochs - k
+            for _ in range(1 + controls):
+                durations.append(ep * epoch_seconds)
+                costs.append(ep * iterations_per_epoch)
+                groups.append(m)
+    phases = dict(startup=startup_seconds,
+                  parent=epochs * epoch_seconds if parent_seconds is None else parent_seconds,
+                  masks=masks_seconds, distribution=distribution_seconds, gather=gather_seconds)
+    return RunProfile(durations, costs, phases, ranks=1, cores=None, task_groups=groups)
+
+
+def extrapolate_durations(profile: RunProfile, task_costs: Sequence[float],
+                          task_groups: Sequence | None = None) -> RunProfile:
+    """The profile of another task list (e.g. more masks or resets), durations from the measured ones.
+
+    Fits duration = a + b cost over the measured tasks (a: per-task fixed part, the evaluations and the
+    write; b: seconds per iteration); with a single distinct cost, duration proportional to cost.
+    Phases, ranks and cores are kept.
+    """
+    c = np.asarray(profile.task_costs, dtype=float)
+    d = np.asarray(profile.task_durations, dtype=float)
+    if len(c) == 0:
+        raise ValueError("the profile has no tasks to extrapolate from")
+    if len(set(c.tolist())) >= 2:
+        b, a = np.polyfit(c, d, 1)
+        if a < 0:  # no negative fixed cost: fall back to proportional
+            a, b = 0.0, d.sum() / c.sum()
+    else:
+        a, b = 0.0, d.sum() / c.sum()
+    new = [float(a + b * x) for x in task_costs]
+    return RunProfile(new, [float(x) for x in task_costs], dict(profile.phases), profile.ranks,
+                      profile.cores, None if task_groups is None else list(task_groups), profile.independent,
+                      {k: list(v) for k, v in profile.phase_points.items()}, profile.overhead_per_task,
+                      profile.data_parallel_efficiency)

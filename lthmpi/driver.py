@@ -38,13 +38,15 @@ class PhaseTimer:
 def setup_logging(run_dir: str, rank: int, verbose: bool = True):
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     root = logging.getLogger("lthmpi")
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.DEBUG)
     root.handlers.clear()
     fh = logging.FileHandler(os.path.join(run_dir, "logs", f"rank{rank}.log"))
+    fh.setLevel(logging.DEBUG)
     fh.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(message)s"))
     root.addHandler(fh)
     if verbose:
         sh = logging.StreamHandler(sys.stderr)
+        sh.setLevel(logging.INFO)  # per-task lines are DEBUG: in the rank's log file only
         sh.setFormatter(logging.Formatter("lthmpi: %(message)s"))
         root.addHandler(sh)
     root.propagate = False

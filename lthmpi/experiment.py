@@ -67,8 +67,11 @@ class Experiment:
     def parent_done(self) -> bool:
         return os.path.exists(self.run.parent_path)
 
-    def train_parent(self, progress=None):
-        """Train the dense network, keeping weights and optimizer state at 0, every reset point and T."""
+    def train_parent(self, progress=None, write: bool = True):
+        """Train the dense network, keeping weights and optimizer state at 0, every reset point and T.
+
+        With `write` False (a data-parallel replica that is not rank 0) the checkpoints stay in memory.
+        """
         if self.parent_done():
             return self.load_parent()
         t0 = time.time()
@@ -91,6 +94,9 @@ class Experiment:
                      seconds=time.time() - t0, rank=self.rank, host=self.host)
         history = {f"epochs/{k}": [e[k] for e in h.epochs] for k in (h.epochs[0] if h.epochs else {})}
         history.update({f"evals/{k}": [e[k] for e in h.evals] for k in (h.evals[0] if h.evals else {})})
+        if not write:
+            self.checkpoints, self.optimizer_states, self.parent_info = ckpts, opts, attrs
+            return attrs
         self.run.write_checkpoints(ckpts, opts, history, attrs)
         log.info("parent: test accuracy %.4f after %d iterations (%.1f s)", h.final_accuracy, self.total, attrs["seconds"])
         return self.load_parent()
@@ -155,9 +161,12 @@ class Experiment:
             weights.update({v.path: a for v, a in zip(self.model.trainable_variables, fresh)})
         return {p: (w * mask[p] if p in mask else w) for p, w in weights.items()}, mask
 
-    def run_task(self, task: Task, progress=None) -> dict:
-        """Retrain one subnetwork from its reset point; durable on disk before returning."""
-        if self.is_done(task):
+    def run_task(self, task: Task, progress=None, write: bool = True) -> dict:
+        """Retrain one subnetwork from its reset point; durable on disk before returning.
+
+        A data-parallel replica other than its subgroup's leader trains in lockstep but writes nothing.
+        """
+        if write and self.is_done(task):
             return self.run.read_task(task.id)[0]
         start, end = self.task_iterations(task)
         weights, mask = self.start_weights(task)
@@ -179,7 +188,8 @@ class Experiment:
         series = {"evals": _columns(h.evals, ("iteration", "train_loss", "val_loss", "val_accuracy")),
                   "epochs": _columns(h.epochs, ("epoch", "iteration", "train_loss", "val_loss", "val_accuracy",
                                                 "test_accuracy"))}
-        self.run.write_task(task.id, attrs, series)
+        if write:
+            self.run.write_task(task.id, attrs, series)
         if h.diverged:
             log.warning("task %s diverged (loss became NaN); recorded as diverged", task.id)
         return attrs

@@ -37,6 +37,7 @@ def configure_tensorflow(threads: int, deterministic: bool = True):
     tf.config.threading.set_inter_op_parallelism_threads(1)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
+        tf.random.set_seed(0)  # determinism refuses unseeded random ops; ours all take explicit seeds
     tf.get_logger().setLevel("ERROR")
     _configured.update(threads=threads, tf=tf)
     return tf

@@ -106,6 +106,7 @@ class MaskedTrainer:
         self._y = {s: tf.convert_to_tensor(getattr(data, f"y_{s}").astype(np.int32)) for s in ("train", "val", "test")}
         elems = int(np.prod(data.x_train.shape[1:]))
         self.eval_batch = max(1, min(len(data.x_val), (1 << 23) // max(1, elems * 4)))
+        self.reducer = None
         self._build(jit, augment)
 
     # -- compiled functions --------------------------------------------------------------------
@@ -158,6 +159,53 @@ class MaskedTrainer:
                 b.assign(v)
 
         self._train_block, self._eval_block, self._snapshot = train_block, eval_block, snapshot
+
+        # Data-parallel path: one step per call, gradients summed across the subgroup between the two halves.
+        sizes = [int(np.prod(v.shape)) for v in trainable]
+        batch = float(self.cfg.batch_size)
+
+        @tf.function(jit_compile=jit)
+        def shard_gradients(x, y, rows, t):
+            xb, yb = tf.gather(x, rows), tf.gather(y, rows)
+            if augment_batch is not None:
+                xb = augment_batch(xb, tf.stack([tf.constant(seed, tf.int64), t]))
+            with tf.GradientTape() as tape:
+                logits = model(xb, training=True)
+                loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yb, logits=logits)) / batch
+            grads = tape.gradient(loss, trainable)
+            return tf.concat([tf.reshape(g, [-1]) for g in grads] + [tf.reshape(loss, [1])], axis=0)
+
+        @tf.function(jit_compile=jit)
+        def apply_flat(flat, t):
+            drops = tf.reduce_sum(tf.cast(t >= milestones, tf.float32))
+            opt.learning_rate.assign(base_lr * tf.pow(gamma, drops))
+            parts = tf.split(flat[:-1], sizes)
+            mask_of = {id(v): m for v, m in masked}
+            grads = [tf.reshape(g, v.shape) * mask_of[id(v)] if id(v) in mask_of else tf.reshape(g, v.shape)
+                     for g, v in zip(parts, trainable)]
+            opt.apply_gradients(zip(grads, trainable))
+            for v, m in masked:
+                v.assign(v * m)
+
+        self._shard_gradients, self._apply_flat = shard_gradients, apply_flat
+
+    def set_reducer(self, reducer):
+        """Train data-parallel with `reducer` (allreduce_sum, rank, size) or alone (None)."""
+        self.reducer = reducer if reducer is not None and reducer.size > 1 else None
+
+    def _train_steps_parallel(self, t: int, n: int) -> float:
+        """n steps from iteration t, this replica taking rows rank::size of each global batch."""
+        tf, red = self.tf, self.reducer
+        block = self.order.block(t, t + n)
+        total = 0.0
+        for i in range(n):
+            rows = tf.constant(block[i, red.rank::red.size])
+            step = tf.constant(t + i, tf.int64)
+            flat = self._shard_gradients(self._x["train"], self._y["train"], rows, step).numpy()
+            summed = red.allreduce_sum(flat)
+            self._apply_flat(tf.constant(summed), step)
+            total += float(summed[-1])
+        return total
 
     # -- state ---------------------------------------------------------------------------------
     def get_weights(self) -> dict:
@@ -220,10 +268,13 @@ class MaskedTrainer:
         for b in sorted(bounds):
             while t < b:
                 n = min(b - t, every)
-                block = np.zeros((every, self.cfg.batch_size), np.int32)
-                block[:n] = self.order.block(t, t + n)
-                loss = float(self._train_block(self._x["train"], self._y["train"], tf.constant(block),
-                                               tf.constant(n, tf.int32), tf.constant(t, tf.int64)))
+                if self.reducer is not None:
+                    loss = self._train_steps_parallel(t, n)
+                else:
+                    block = np.zeros((every, self.cfg.batch_size), np.int32)
+                    block[:n] = self.order.block(t, t + n)
+                    loss = float(self._train_block(self._x["train"], self._y["train"], tf.constant(block),
+                                                   tf.constant(n, tf.int32), tf.constant(t, tf.int64)))
                 t += n
                 seg_loss += loss
                 seg_n += n

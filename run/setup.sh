@@ -19,8 +19,13 @@ else
   if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV" || { echo "setup: error: cannot create $VENV (on Debian/Ubuntu: apt-get install python3-venv)" >&2; exit 1; }
   fi
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -c run/constraints.txt -e ".[local-mpi,test]"
+  log="$VENV/setup.log"
+  if ! { "$VENV/bin/python" -m pip install -q --upgrade pip &&
+         "$VENV/bin/python" -m pip install -q -c run/constraints.txt -e ".[local-mpi,test]"; } >"$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    echo "setup: error: pip could not install the dependencies (full log: $log)" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
   echo "setup: installed lthmpi and its dependencies into $VENV"
 fi

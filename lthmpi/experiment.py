@@ -183,7 +183,8 @@ class Experiment:
                      reset=self.cfg.reset.points[task.reset], reset_iteration=start, control=task.control or "",
                      final_accuracy=h.final_accuracy, early_stop_iteration=h.early_stop_iteration,
                      early_stop_accuracy=h.early_stop_accuracy, best_val_loss=h.best_val_loss,
-                     iterations=end - start, diverged=h.diverged, seconds=t1 - t0, start_time=t0, end_time=t1,
+                     iterations=end - start, diverged=h.diverged, replicas=h.replicas,
+                     replicas_identical=h.replicas_identical, seconds=t1 - t0, start_time=t0, end_time=t1,
                      rank=self.rank, host=self.host, threads=tr.threads)
         series = {"evals": _columns(h.evals, ("iteration", "train_loss", "val_loss", "val_accuracy")),
                   "epochs": _columns(h.epochs, ("epoch", "iteration", "train_loss", "val_loss", "val_accuracy",

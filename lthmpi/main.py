@@ -83,22 +83,18 @@ def main(argv=None) -> int:
         return report_error(e)
 
 
-def report_error(e: BaseException) -> int:
-    """One clear line for the errors a user can fix; a traceback only for bugs."""
+def is_user_error(e: BaseException) -> bool:
+    """Errors a user can fix from the message alone: no traceback for these."""
+    from .data import DataError
+    from .models import ModelError
     from .store import StoreError
 
-    user_errors = [ConfigError, StoreError]
-    try:
-        from .data import DataError
-        user_errors.append(DataError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from .models import ModelError
-        user_errors.append(ModelError)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(e, tuple(user_errors)):
+    return isinstance(e, (ConfigError, StoreError, DataError, ModelError))
+
+
+def report_error(e: BaseException) -> int:
+    """One clear line for the errors a user can fix; a traceback only for bugs."""
+    if is_user_error(e):
         print(f"lthmpi: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):

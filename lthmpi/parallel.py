@@ -38,6 +38,9 @@ class MpiReducer:
         self.comm.Allreduce(buf, out, op=MPI.SUM)
         return out
 
+    def all_equal(self, value) -> bool:
+        return len(set(self.comm.allgather(value))) == 1
+
 
 class HorovodReducer:
     """Horovod as the gradient-averaging backend, where it is installed (it is not on TF >= 2.16)."""
@@ -55,19 +58,23 @@ class HorovodReducer:
     def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
         return self.hvd.allreduce(buf, op=self.hvd.Sum).numpy()
 
+    def all_equal(self, value) -> bool:
+        return len(set(self.hvd.allgather_object(value))) == 1
+
 
 def make_reducer(cfg: Config, comm):
     return HorovodReducer(comm) if cfg.parallel.backend == "horovod" else MpiReducer(comm)
 
 
 def _abort(comm, rank: int, host: str, e: BaseException):
-    from .main import report_error
+    """One line on stderr naming the rank and the error (traceback in the rank's log), then end every rank."""
+    from .main import is_user_error
 
-    print(f"lthmpi: rank {rank} on {host} failed:", end=" ", file=sys.stderr, flush=True)
-    code = report_error(e)
-    sys.stderr.flush()
-    log.error("rank %d failed: %s: %s", rank, type(e).__name__, e)
-    comm.Abort(code or 1)
+    log.error("rank %d failed", rank, exc_info=e)
+    where = next((h.baseFilename for h in log.handlers if isinstance(h, logging.FileHandler)), None)
+    detail = f"{e}" if is_user_error(e) else f"{type(e).__name__}: {e}" + (f" (traceback in {where})" if where else "")
+    print(f"lthmpi: error: rank {rank} on {host} failed: {detail}", file=sys.stderr, flush=True)
+    comm.Abort(2 if is_user_error(e) else 1)
 
 
 def run_parallel(cfg: Config, run_dir: str, t_start: float, quiet: bool = False) -> int:
@@ -91,6 +98,8 @@ def _run(cfg, run_dir, t_start, quiet, comm, rank, size, host) -> int:
     from .results import merge, provenance
     from .runtime import auto_threads, configure_tensorflow
 
+    global _fault
+    _fault = FaultInjection(rank)
     t_start = comm.bcast(t_start, root=0)
     timer = PhaseTimer(t_start)
     run = RunDir(run_dir)
@@ -206,9 +215,45 @@ def _run(cfg, run_dir, t_start, quiet, comm, rank, size, host) -> int:
     return 0
 
 
+class FaultInjection:
+    """For the fault tests: LTHMPI_FAULT=KIND:RANK:N makes rank RANK fail in its N-th task (1-based),
+    after its first training block; KIND is `raise` (an exception) or `kill` (SIGKILL, as a dead node)."""
+
+    def __init__(self, rank: int):
+        spec = os.environ.get("LTHMPI_FAULT", "")
+        self.kind, self.rank, self.nth, self.count = None, -1, 0, 0
+        if spec:
+            kind, r, n = spec.split(":")
+            if kind not in ("raise", "kill"):
+                raise ValueError(f"LTHMPI_FAULT kind {kind!r} must be raise or kill")
+            self.kind, self.rank, self.nth = kind, int(r), int(n)
+        self.active = self.kind is not None and self.rank == rank
+
+    def task_started(self):
+        self.count += 1
+
+    def check(self):
+        if self.active and self.count == self.nth:
+            if self.kind == "kill":
+                import signal
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected fault in task {self.count}")
+
+
+_fault: FaultInjection | None = None
+
+
 def _run_one(exp, task, write: bool, poll) -> dict:
     t0 = time.time()
-    attrs = exp.run_task(task, progress=(lambda n: poll()) if poll else None, write=write)
+    fault = _fault or FaultInjection(-1)
+    fault.task_started()
+
+    def progress(n):
+        fault.check()
+        if poll:
+            poll()
+
+    attrs = exp.run_task(task, progress=progress, write=write)
     log.debug("task %s done in %.1f s (early-stop accuracy %.4f)", task.id, time.time() - t0,
              attrs.get("early_stop_accuracy", float("nan")))
     if poll:

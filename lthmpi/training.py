@@ -30,6 +30,8 @@ class History:
     early_stop_accuracy: float = math.nan
     final_accuracy: float = math.nan
     diverged: bool = False
+    replicas: int = 1  # data-parallel replicas that trained it
+    replicas_identical: bool = True  # their trainable weights agreed bit for bit at the end
 
     @property
     def early_stop_iteration(self) -> int:
@@ -220,6 +222,15 @@ class MaskedTrainer:
                 raise ValueError(f"checkpoint variable {p} has shape {weights[p].shape}, the model needs {tuple(v.shape)}")
             v.assign(weights[p])
 
+    def weights_digest(self) -> str:
+        """sha256 of all model variables: replicas in a subgroup must agree on it."""
+        import hashlib
+
+        d = hashlib.sha256()
+        for v in self.model.variables:
+            d.update(np.ascontiguousarray(v.numpy()).tobytes())
+        return d.hexdigest()
+
     def get_optimizer_state(self) -> dict:
         return {p: v.numpy() for p, v in self.opt_variables.items()}
 
@@ -301,6 +312,9 @@ class MaskedTrainer:
             if b in ckpts and on_checkpoint:
                 on_checkpoint(b)
         _, h.final_accuracy = self.evaluate("test")
+        if self.reducer is not None:
+            h.replicas = self.reducer.size
+            h.replicas_identical = self.reducer.all_equal(self.weights_digest())
         if h.best_iteration >= 0:
             final = [v.numpy() for v in self.model.variables]
             for v, b in zip(self.model.variables, self._best):

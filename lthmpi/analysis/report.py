@@ -1,0 +1,156 @@
+"""Everything the analysis produces for a set of runs: figures, terminal tables and report.md."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from . import plots, scaling, scaling_summary, science
+
+
+def _md_table(head: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _f(v, fmt: str = ".3f") -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+
+def scaling_rows(per_run: list[dict]) -> tuple[list[str], list[list]]:
+    """One row per run: ranks, wall time, training phase, imbalance, and speed-up figures where a series exists."""
+    head = ["run", "P", "workers", "total s", "training s", "imbalance", "S(P)", "E(P)", "Karp-Flatt e"]
+    rows = []
+    for pr in per_run:
+        s = pr.get("series")
+        row = next((r for r in (s or {}).get("rows", []) if r["run"] == pr["run"]), None)
+        sp = (row.get("scaled_speedup") if s and s["kind"] == "weak" else row.get("speedup")) if row else None
+        rows.append([pr["name"], pr["ranks"], pr["workers"], _f(pr["total_seconds"], ".2f"),
+                     _f(pr["phases"].get("training"), ".2f"), _f(pr["imbalance"], ".4f"), _f(sp),
+                     _f(row["efficiency"] if row else None),
+                     _f(row.get("karp_flatt", row.get("gustafson_serial_fraction")) if row else None)])
+    if any(pr.get("series") and pr["series"]["kind"] == "weak" for pr in per_run):
+        head[6], head[8] = "scaled S_w(P)", "Gustafson s(P)"
+    return head, rows
+
+
+def fits(per_run: list[dict]) -> list[str]:
+    """One line per distinct scaling series: the fitted serial fraction."""
+    seen, out = set(), []
+    for pr in per_run:
+        s = pr.get("series")
+        if not s or id(s) in seen:
+            continue
+        seen.add(id(s))
+        ps = ", ".join(str(r["ranks"]) for r in s["rows"])
+        if s["kind"] == "weak":
+            out.append(f"weak scaling over P = {ps}: Gustafson serial fraction s = {_f(s['gustafson_serial_fraction'])}")
+        else:
+            out.append(f"strong scaling over P = {ps} (reference P = {s['reference_ranks']}): Amdahl serial fraction "
+                       f"f = {_f(s['amdahl_serial_fraction'])}, fitted T(1) = {_f(s['amdahl_t1_seconds'], '.2f')} s")
+        if s.get("repeats"):
+            out.append(f"  (slower repeats at the same P left out: {', '.join(s['repeats'])})")
+    return out
+
+
+def _text_table(head, rows) -> str:
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(head)]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(cs, widths)) for cs in [head, *cells])
+
+
+def analyse(results: list[dict], out: str, tolerance: float = 0.005, weak: bool = False, command: str = "") -> dict:
+    """Write the figures and report.md into `out`; return the terminal text and the files written."""
+    os.makedirs(out, exist_ok=True)
+    files, text, md = [], [], []
+    md += ["# lthmpi analysis", "", "Produced by:", "", "```", command or "python -m lthmpi.analysis", "```", ""]
+
+    # -- runs ---------------------------------------------------------------------------------------
+    per_run = scaling_summary(results, weak)
+    md += ["## Runs", ""]
+    md.append(_md_table(["run", "P", "seed", "hosts", "tasks", "wall s", "git commit"],
+                        [[pr["name"], pr["ranks"], r["config"].get("seed"), ", ".join(map(str, pr["hosts"])), pr["tasks"],
+                          _f(pr["total_seconds"], ".2f"), str(r["provenance"].get("git_commit", "?"))[:12]]
+                         for r, pr in zip(results, per_run)]))
+    md.append("")
+
+    # -- science ------------------------------------------------------------------------------------
+    groups = science.science_groups(results)
+    for gi, group in enumerate(groups):
+        sub = [results[i] for i in group]
+        if not any(r["tasks"] for r in sub):
+            text.append(f"{per_run[group[0]]['name']}: no retrainings in the results, no science tables")
+            continue
+        g = science.build_grid(sub)
+        suffix = "" if len(groups) == 1 else f"_{gi + 1}"
+        names = [per_run[i]["name"] for i in group]
+        title = names[0] if len(names) == 1 else f"{names[0]} + {len(names) - 1} replicate(s)"
+        head = f"## Science: {title}" if len(groups) > 1 else "## Science"
+        seeds = ", ".join(str(s) for s in g.seeds)
+        md += [head, "", f"Runs: {', '.join(names)} (seeds {seeds}). Dataset `{g.config.get('data', {}).get('dataset')}`, "
+               f"model `{g.config.get('model', {}).get('name')}`, {len(g.masks)} masks × {len(g.resets)} reset points"
+               f" × (ticket + {len(g.controls)} controls). Diverged retrainings: {g.diverged}.", ""]
+        acc = plots.accuracy_figure(g, os.path.join(out, f"accuracy{suffix}.png"), tolerance, title)
+        es = plots.early_stop_figure(g, os.path.join(out, f"early_stop{suffix}.png"), title)
+        files += [acc, es]
+        md += [f"![test accuracy vs weights remaining]({os.path.basename(acc)})", "",
+               f"![early-stop iteration vs weights remaining]({os.path.basename(es)})", ""]
+        md += ["Controls are drawn as one dashed/dotted line each, their mean over reset points; the tables give "
+               "them per reset point. The grey band is the dense parent's test accuracy ± the tolerance "
+               f"({100 * tolerance:g} percentage points)" + (", widened to the range over seeds" if len(g.seeds) > 1 else "")
+               + ". Early-stop iterations count from the reset point.", ""]
+        text.append(f"== {title} ==")
+        for name, table in science.tables(g, tolerance).items():
+            if "Final" in name or "iteration" in name:
+                continue  # kept for report.md: the terminal shows the key tables only
+            text += [name, table, ""]
+        for name, table in science.tables(g, tolerance, markdown=True).items():
+            md += [f"### {name}", "", table, ""]
+
+    # -- scaling ------------------------------------------------------------------------------------
+    md += ["## Scaling", ""]
+    ph = plots.phases_figure(per_run, os.path.join(out, "phases.png"))
+    files.append(ph)
+    md += [f"![phase breakdown]({os.path.basename(ph)})", ""]
+    for i, (r, pr) in enumerate(zip(results, per_run)):
+        tasks, _ = scaling.session_tasks(r)
+        if not tasks:
+            continue
+        resets = [p for p in r["config"].get("reset", {}).get("points", [])]
+        path = os.path.join(out, "timeline.png" if len(results) == 1 else f"timeline_{i + 1}.png")
+        files.append(plots.timeline_figure(r, pr, tasks, resets, path))
+        md += [f"![task timeline of {pr['name']}]({os.path.basename(path)})", ""]
+    seen = []
+    for pr in per_run:
+        s = pr.get("series")
+        if s and not any(s is x for x in seen):
+            seen.append(s)
+            path = os.path.join(out, "speedup.png" if len(seen) == 1 else f"speedup_{len(seen)}.png")
+            files.append(plots.speedup_figure(s, path))
+            md += [f"![{s['kind']} scaling]({os.path.basename(path)})", ""]
+    head, rows = scaling_rows(per_run)
+    md += [_md_table(head, rows), ""]
+    md += [f"- {line.strip()}" for line in fits(per_run)] + [""]
+    md += ["Imbalance = max over workers of busy time (sum of its tasks' wall times) / mean busy time. "
+           "S(P) = T(P0)/T(P) with T the run's total wall time, E = S·P0/P; Karp–Flatt "
+           "e = (1/S − 1/P)/(1 − 1/P); Amdahl's f from a least-squares fit of T(P) = T1·(f + (1 − f)/P). "
+           "Weak scaling: S_w = (T(P0)/W(P0))/(T(P)/W(P)) with W the training iterations of the run; "
+           "Gustafson s = (P − S_w)/(P − 1). See lthmpi/analysis/scaling.py.", ""]
+    md += ["### Phases (wall seconds)", ""]
+    phase_names = list(dict.fromkeys(p for pr in per_run for p in pr["phases"]))
+    md += [_md_table(["run", "P", *phase_names, "total"],
+                     [[pr["name"], pr["ranks"], *(_f(pr["phases"].get(p), ".2f") for p in phase_names),
+                       _f(pr["total_seconds"], ".2f")] for pr in per_run]), ""]
+    text += ["Scaling (wall time of the whole run)", _text_table(head, rows), *fits(per_run), ""]
+
+    # -- provenance ---------------------------------------------------------------------------------
+    md += ["## Provenance", ""]
+    for r, pr in zip(results, per_run):
+        md += [f"### {pr['name']}", "", f"Results file: `{r['path']}`", "", "```json",
+               json.dumps(r["provenance"], indent=1, sort_keys=True, default=str), "```", ""]
+    report = os.path.join(out, "report.md")
+    with open(report, "w") as f:
+        f.write("\n".join(md))
+    files.append(report)
+    return dict(text="\n".join(text), files=files, report=report)

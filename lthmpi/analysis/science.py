@@ -1,0 +1,265 @@
+"""The science tables: accuracy per mask × reset point, winning tickets, best reset point per sparsity.
+
+Runs are pooled into one grid when they are the same experiment up to the seed (replicates); two runs
+with the same seed (e.g. the same work at different rank counts) are one replicate, the first given is
+used. With replicates a cell holds one value per seed; the tables show the mean and the figures the mean
+with a min–max band.
+
+Conventions (documented choices):
+- "dense" is the parent's test accuracy measured the same way as the retraining it is compared with:
+  the parent's early-stop test accuracy for early-stop columns, its final test accuracy for final ones
+  (falling back to the final accuracy where the parent has no early-stop value).
+- The controls (random re-initialisation, random mask) are run per mask and reset point. The tables show
+  them per (mask, reset point); the figures draw each control as one dashed line, its mean over reset
+  points (and replicates) per mask, because the controls barely depend on k and one line per (control, k)
+  would bury the tickets.
+- A winning ticket for reset point k is the sparsest mask whose mean early-stop test accuracy is
+  ≥ dense − tolerance (not necessarily with every denser mask qualifying too); its margin over a control
+  is ticket accuracy − control accuracy at the same mask and reset point, in percentage points.
+- The best reset point at a sparsity is the argmax of the ticket's mean early-stop accuracy over reset
+  points (first in config order on ties).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+METRICS = ("early_stop_accuracy", "final_accuracy", "early_stop_iteration")
+TICKET = None  # the control value of a ticket (the subnetwork itself)
+
+
+@dataclass
+class Grid:
+    """One experiment's measurements, pooled over replicate runs (seeds)."""
+    runs: list[str]
+    seeds: list[int]
+    resets: list[str]  # reset points as the config wrote them, in config order
+    controls: list[str]
+    masks: list[int]
+    remaining: dict[int, float]  # mask -> fraction of prunable weights left (mean over tasks)
+    values: dict = field(default_factory=dict)  # (metric, mask, reset, control) -> np.ndarray over replicates
+    dense: dict = field(default_factory=dict)  # metric -> np.ndarray over replicates
+    diverged: int = 0
+    config: dict = field(default_factory=dict)
+
+    def label(self, reset: str) -> str:
+        return f"k={reset}"
+
+    def cell(self, metric: str, mask: int, reset: str, control=TICKET) -> np.ndarray:
+        return self.values.get((metric, mask, reset, control), np.array([]))
+
+    def mean(self, metric: str, mask: int, reset: str, control=TICKET) -> float:
+        return _nanmean(self.cell(metric, mask, reset, control))
+
+    def spread(self, metric: str, mask: int, reset: str, control=TICKET) -> tuple[float, float]:
+        v = self.cell(metric, mask, reset, control)
+        v = v[np.isfinite(v)]
+        return (float(v.min()), float(v.max())) if v.size else (math.nan, math.nan)
+
+    def control_mean(self, metric: str, mask: int, control: str) -> float:
+        """A control's mean over reset points and replicates at one mask."""
+        vals = [self.cell(metric, mask, r, control) for r in self.resets]
+        return _nanmean(np.concatenate(vals) if vals else np.array([]))
+
+    def dense_value(self, metric: str) -> float:
+        """The parent's accuracy matched to `metric` (see the module docstring), mean over replicates."""
+        key = "early_stop_accuracy" if metric == "early_stop_accuracy" else "test_accuracy"
+        v = _nanmean(self.dense.get(key, np.array([])))
+        if not math.isfinite(v) and key != "test_accuracy":
+            v = _nanmean(self.dense.get("test_accuracy", np.array([])))
+        return v
+
+    def dense_spread(self, metric: str) -> tuple[float, float]:
+        key = "early_stop_accuracy" if metric == "early_stop_accuracy" else "test_accuracy"
+        v = self.dense.get(key, np.array([]))
+        v = v[np.isfinite(v)]
+        if not v.size:
+            v = self.dense.get("test_accuracy", np.array([]))
+            v = v[np.isfinite(v)]
+        return (float(v.min()), float(v.max())) if v.size else (math.nan, math.nan)
+
+
+def _nanmean(v) -> float:
+    v = np.asarray(v, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else math.nan
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def science_key(res: dict) -> str:
+    """Experiments that differ only in seed (and in how they were parallelised) are replicates."""
+    return json.dumps({k: v for k, v in res["config"].items() if k not in ("seed", "parallel")}, sort_keys=True)
+
+
+def science_groups(results: list[dict]) -> list[list[int]]:
+    """Indices of runs pooled into one grid: same experiment up to the seed, one run per seed."""
+    groups: dict[str, list[int]] = {}
+    seen: dict[str, set] = {}
+    for i, r in enumerate(results):
+        key = science_key(r)
+        seed = r["config"].get("seed")
+        if seed in seen.setdefault(key, set()):
+            continue
+        seen[key].add(seed)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def build_grid(results: list[dict]) -> Grid:
+    """Pool replicate runs (see science_groups) into one Grid."""
+    if not results:
+        raise ValueError("no runs to analyse")
+    cfg = results[0]["config"]
+    present_resets = list(dict.fromkeys(t["reset"] for r in results for t in r["tasks"]))
+    resets = [p for p in cfg.get("reset", {}).get("points", []) if p in present_resets]
+    resets += [p for p in present_resets if p not in resets]
+    present_controls = list(dict.fromkeys(t["control"] for r in results for t in r["tasks"] if t["control"]))
+    controls = [c for c in cfg.get("reset", {}).get("controls", []) if c in present_controls]
+    controls += [c for c in present_controls if c not in controls]
+    masks = sorted({t["mask"] for r in results for t in r["tasks"]})
+
+    rem: dict[int, list] = {}
+    rem_any: dict[int, list] = {}
+    values: dict = {}
+    diverged = 0
+    for ri, r in enumerate(results):
+        for t in r["tasks"]:
+            if t["control"] is TICKET:
+                rem.setdefault(t["mask"], []).append(_num(t["remaining"]))
+            rem_any.setdefault(t["mask"], []).append(_num(t["remaining"]))
+            diverged += bool(t.get("diverged"))
+            for m in METRICS:
+                values.setdefault((m, t["mask"], t["reset"], t["control"]), [math.nan] * len(results))[ri] = _num(t.get(m))
+    rem = {m: rem.get(m) or rem_any[m] for m in masks}
+    dense = {k: np.array([_num(r["parent"].get(k)) for r in results]) for k in ("early_stop_accuracy", "test_accuracy",
+                                                                                  "early_stop_iteration")}
+    return Grid(runs=[r.get("path", "") for r in results], seeds=[r["config"].get("seed") for r in results],
+                resets=resets, controls=controls, masks=masks,
+                remaining={m: _nanmean(v) for m, v in rem.items()},
+                values={k: np.array(v, dtype=float) for k, v in values.items()}, dense=dense, diverged=diverged,
+                config=cfg)
+
+
+# -- tables (rows of plain values; rendering below) --------------------------------------------------
+def accuracy_rows(g: Grid, metric: str = "early_stop_accuracy") -> tuple[list[str], list[list]]:
+    """Mask × reset table of `metric`, with each control per reset point after the tickets."""
+    head = ["mask", "left %"] + [g.label(r) for r in g.resets]
+    head += [f"{c} {g.label(r)}" for c in g.controls for r in g.resets]
+    rows = []
+    for m in g.masks:
+        row = [m, 100 * g.remaining[m]] + [g.mean(metric, m, r) for r in g.resets]
+        row += [g.mean(metric, m, r, c) for c in g.controls for r in g.resets]
+        rows.append(row)
+    return head, rows
+
+
+def winning_tickets(g: Grid, tolerance: float = 0.005) -> list[dict]:
+    """Per reset point: the sparsest mask with early-stop accuracy ≥ dense − tolerance, and its margins."""
+    metric = "early_stop_accuracy"
+    dense = g.dense_value(metric)
+    out = []
+    for r in g.resets:
+        ok = [m for m in g.masks if math.isfinite(g.mean(metric, m, r)) and math.isfinite(dense)
+              and g.mean(metric, m, r) >= dense - tolerance - 1e-12]
+        row = dict(reset=r, label=g.label(r), dense=dense, tolerance=tolerance, mask=None, remaining=None,
+                   accuracy=None, margin={c: None for c in g.controls})
+        if ok:
+            m = min(ok, key=lambda m: (g.remaining[m], m))
+            acc = g.mean(metric, m, r)
+            row.update(mask=m, remaining=g.remaining[m], accuracy=acc,
+                       margin={c: acc - g.mean(metric, m, r, c) for c in g.controls})
+        out.append(row)
+    return out
+
+
+def best_reset(g: Grid, metric: str = "early_stop_accuracy") -> list[dict]:
+    """Per mask: the reset point whose ticket has the highest mean accuracy, and its lead over the next."""
+    out = []
+    for m in g.masks:
+        accs = [(g.mean(metric, m, r), i, r) for i, r in enumerate(g.resets)]
+        accs = [a for a in accs if math.isfinite(a[0])]
+        if not accs:
+            out.append(dict(mask=m, remaining=g.remaining[m], reset=None, label=None, accuracy=None, lead=None))
+            continue
+        ranked = sorted(accs, key=lambda a: (-a[0], a[1]))
+        best = ranked[0]
+        lead = best[0] - ranked[1][0] if len(ranked) > 1 else None
+        out.append(dict(mask=m, remaining=g.remaining[m], reset=best[2], label=g.label(best[2]), accuracy=best[0],
+                        lead=lead))
+    return out
+
+
+def winning_rows(g: Grid, tolerance: float) -> tuple[list[str], list[list]]:
+    head = ["reset", "sparsest mask", "left %", "early-stop acc %", "dense %"]
+    head += [f"margin vs {c} (pp)" for c in g.controls]
+    rows = []
+    for w in winning_tickets(g, tolerance):
+        row = [w["label"], w["mask"], None if w["remaining"] is None else 100 * w["remaining"], w["accuracy"], w["dense"]]
+        row += [w["margin"][c] for c in g.controls]
+        rows.append(row)
+    return head, rows
+
+
+def best_rows(g: Grid) -> tuple[list[str], list[list]]:
+    head = ["mask", "left %", "best reset", "early-stop acc %", "lead over next (pp)"]
+    return head, [[b["mask"], 100 * b["remaining"], b["label"], b["accuracy"], b["lead"]] for b in best_reset(g)]
+
+
+# -- rendering ---------------------------------------------------------------------------------------
+PERCENT_COLUMNS = ("acc", "dense", "margin", "lead")
+
+
+def _fmt(v, col: str) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        return str(int(v))
+    if col.startswith("left"):
+        return f"{v:.2f}"
+    if "margin" in col or "lead" in col:
+        return f"{100 * v:+.2f}"
+    if "iteration" in col:
+        return f"{v:.0f}"
+    return f"{100 * v:.2f}"  # an accuracy, shown in percent
+
+
+def render(head: list[str], rows: list[list], markdown: bool = False, value_kind: str = "acc") -> str:
+    """A table as aligned plain text, or as a markdown table. Numbers: accuracies and margins in %."""
+    cells = [[_fmt(v, head[i] if value_kind == "acc" or i < 2 else value_kind) for i, v in enumerate(r)] for r in rows]
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
+        out += ["| " + " | ".join(c) + " |" for c in cells]
+        return "\n".join(out)
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(head)]
+    line = lambda cs: "  ".join(c.rjust(w) for c, w in zip(cs, widths))  # noqa: E731
+    return "\n".join([line(head)] + [line(c) for c in cells])
+
+
+def tables(g: Grid, tolerance: float, markdown: bool = False) -> dict[str, str]:
+    """All science tables of one grid, rendered, keyed by title."""
+    n = len(g.seeds)
+    rep = f" (mean of {n} seeds)" if n > 1 else ""
+    dense_es, dense_fin = g.dense_value("early_stop_accuracy"), g.dense_value("final_accuracy")
+    out = {}
+    h, r = accuracy_rows(g, "early_stop_accuracy")
+    out[f"Test accuracy at early stop (%){rep}; dense parent {_fmt(dense_es, 'acc')}%"] = render(h, r, markdown)
+    h, r = accuracy_rows(g, "final_accuracy")
+    out[f"Final test accuracy (%){rep}; dense parent {_fmt(dense_fin, 'acc')}%"] = render(h, r, markdown)
+    h, r = accuracy_rows(g, "early_stop_iteration")
+    out[f"Early-stop iteration (iterations since the reset point){rep}"] = render(h, r, markdown, "iteration")
+    h, r = winning_rows(g, tolerance)
+    out[f"Winning tickets: sparsest mask with early-stop accuracy >= dense - {100 * tolerance:.2f} pp"] = render(h, r, markdown)
+    h, r = best_rows(g)
+    out["Best reset point per sparsity (early-stop accuracy)"] = render(h, r, markdown)
+    return out

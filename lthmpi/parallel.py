@@ -264,7 +264,7 @@ def _run_one(exp, task, write: bool, poll) -> dict:
 def _dynamic(exp, comm, group, rank, colors, leaders, todo, poll) -> list:
     """Rank 0 hands out tasks, longest first, between its own training steps; a subgroup asks via its leader."""
     records = []
-    queue = sorted(todo, key=lambda t: (-exp.cost(t), t))
+    queue = sorted(todo, key=lambda t: (-exp.cost(t), t.id))
     is_leader = group.Get_rank() == 0
     if rank == 0:
         stopped = 0

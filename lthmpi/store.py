@@ -106,12 +106,21 @@ class RunDir:
             raise StoreError(f"run directory {self.path} is not writable; choose another --run-dir")
         if os.path.exists(self.config_path):
             self.check_config(cfg)
+            self.remove_stale_temporaries()
             return
         try:
             with atomic_path(self.config_path) as tmp, open(tmp, "w") as f:
                 f.write(cfg.to_toml())
         except OSError as e:
             raise StoreError(f"cannot write {self.config_path}: {e.strerror}") from None
+
+    def remove_stale_temporaries(self):
+        """Temporary files a killed run left behind (never complete results; safe under the run lock)."""
+        for d in (self.path, self.tasks_dir):
+            for name in os.listdir(d):
+                if name.startswith(".tmp-"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(d, name))
 
     def check_config(self, cfg: Config):
         try:

@@ -1,0 +1,150 @@
+"""The MPI coordinator under real `mpirun`: every task once, results independent of P and scheduler,
+data-parallel subgroups in sync, a failing rank ends the job, and a rerun resumes."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from lthmpi import results
+
+ROOT = Path(__file__).resolve().parents[1]
+MPIRUN = Path(sys.executable).parent / "mpirun"
+
+TINY = ["--set", "data.dataset=digits", "--set", "data.validation=200", "--set", "train.epochs=2",
+        "--set", "train.batch_size=32", "--set", "prune.remaining=[0.5, 0.2, 0.1]",
+        "--set", 'reset.points=["0ep", "10it"]', "--set", 'reset.controls=["random_reinit"]',
+        "--set", "train.eval_every=10it", "--set", "parallel.threads=1", "--quiet"]
+N_TASKS = 3 * 2 * 2
+
+
+def launch(run_dir, np_=None, extra=(), env=None, timeout=300):
+    cmd = [sys.executable, "-m", "lthmpi.main", "--run-dir", str(run_dir), *TINY, *extra]
+    if np_ is not None:
+        cmd = [str(MPIRUN), "-np", str(np_), *cmd]
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e)
+
+
+def task_records(run_dir):
+    res = results.load(str(run_dir))
+    return {t["task_id"]: t for t in res["tasks"]}
+
+
+def curves(run_dir):
+    out = {}
+    with h5py.File(Path(run_dir) / "results.h5", "r") as f:
+        for tid in f["curves"]:
+            for name in f["curves"][tid]:
+                for col in f["curves"][tid][name]:
+                    out[(tid, name, col)] = f["curves"][tid][name][col][()]
+    return out
+
+
+def done_lines(run_dir):
+    """Task ids that a rank logged as trained, over all rank logs (one line per training)."""
+    ids = []
+    for log in (Path(run_dir) / "logs").glob("rank*.log"):
+        ids += re.findall(r"task (\S+) done in", log.read_text())
+    return ids
+
+
+MEASURED = ("final_accuracy", "early_stop_iteration", "early_stop_accuracy", "best_val_loss", "remaining",
+            "iterations", "reset_iteration")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """P = 1 without mpirun: the serial path."""
+    run = tmp_path_factory.mktemp("p1") / "run"
+    r = launch(run)
+    assert r.returncode == 0, r.stderr
+    return run
+
+
+@pytest.mark.parametrize("schedule", ["static", "lpt", "dynamic"])
+def test_p3_equals_p1_and_runs_every_task_once(reference, tmp_path, schedule):
+    run = tmp_path / "run"
+    r = launch(run, 3, ["--set", f"parallel.schedule={schedule}"])
+    assert r.returncode == 0, r.stderr
+    got, want = task_records(run), task_records(reference)
+    assert sorted(got) == sorted(want) and len(got) == N_TASKS
+    trained = done_lines(run)
+    assert sorted(trained) == sorted(want), "every task trained exactly once"
+    for tid in want:
+        for k in MEASURED:
+            assert got[tid][k] == want[tid][k], (tid, k)
+    c_got, c_want = curves(run), curves(reference)
+    assert c_got.keys() == c_want.keys()
+    for key in c_want:
+        np.testing.assert_array_equal(c_got[key], c_want[key], err_msg=str(key))
+    used = {t["rank"] for t in got.values()}
+    assert used == {0, 1, 2}, f"all three ranks train ({schedule}): {used}"
+    prov = results.load(str(run))["provenance"]
+    assert prov["ranks"] == 3 and prov["schedule"] == schedule
+
+
+def test_p2_mpirun_and_phase_timings(reference, tmp_path):
+    run = tmp_path / "run"
+    r = launch(run, 2)
+    assert r.returncode == 0, r.stderr
+    got, want = task_records(run), task_records(reference)
+    assert {tid: got[tid]["early_stop_accuracy"] for tid in got} == \
+           {tid: want[tid]["early_stop_accuracy"] for tid in want}
+    timing = results.load(str(run))["timing"]
+    for phase in ("startup", "parent", "masks", "distribution", "training", "gather", "total"):
+        assert timing[phase] >= 0, phase
+    assert timing["total"] >= timing["training"] > 0
+    for t in got.values():
+        assert t["start_time"] <= t["end_time"] and t["threads"] == 1
+
+
+def test_more_ranks_than_tasks_forms_data_parallel_subgroups(tmp_path):
+    """2 tasks on 3 ranks: one subgroup of 2 ranks averaging gradients, one rank alone."""
+    run = tmp_path / "run"
+    r = launch(run, 3, ["--set", "prune.remaining=[0.5, 0.2]", "--set", 'reset.points=["0ep"]',
+                        "--set", "reset.controls=[]"])
+    assert r.returncode == 0, r.stderr
+    recs = task_records(run)
+    assert len(recs) == 2
+    with h5py.File(run / "results.h5", "r") as f:
+        assert f["provenance"].attrs["workers"] == 2
+    replicas = {}
+    for tid in recs:
+        with h5py.File(run / "tasks" / f"{tid}.h5", "r") as f:
+            replicas[tid] = (int(f.attrs["replicas"]), bool(f.attrs["replicas_identical"]))
+    assert sorted(replicas.values()) == [(1, True), (2, True)]
+    assert sorted(done_lines(run)).count(next(t for t, v in replicas.items() if v[0] == 2)) == 2
+    for t in recs.values():
+        assert 0.5 < t["final_accuracy"] <= 1.0
+
+
+def test_failing_rank_aborts_job_and_rerun_resumes(reference, tmp_path):
+    run = tmp_path / "run"
+    t0 = time.time()
+    r = launch(run, 3, env={"LTHMPI_FAULT": "raise:1:2"}, timeout=180)
+    assert r.returncode != 0
+    assert time.time() - t0 < 180
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("lthmpi: error:")]
+    assert len(lines) == 1 and "rank 1" in lines[0] and "injected fault" in lines[0], r.stderr
+    finished = set(done_lines(run))
+    on_disk = {p.stem for p in (run / "tasks").glob("*.h5")}
+    assert finished == on_disk and 0 < len(on_disk) < N_TASKS
+    before = {p.name: p.stat().st_mtime_ns for p in (run / "tasks").glob("*.h5")}
+
+    r = launch(run, 3)
+    assert r.returncode == 0, r.stderr
+    trained = done_lines(run)
+    assert len(trained) == len(set(trained)) == N_TASKS, "no finished task redone"
+    assert not list(run.rglob(".tmp-*")), "no half-written file left behind"
+    after = {p.name: p.stat().st_mtime_ns for p in (run / "tasks").glob("*.h5")}
+    assert all(after[n] == t for n, t in before.items())
+    got, want = task_records(run), task_records(reference)
+    assert {k: v["early_stop_accuracy"] for k, v in got.items()} == {k: v["early_stop_accuracy"] for k, v in want.items()}

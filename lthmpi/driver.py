@@ -68,10 +68,15 @@ def run_serial(cfg: Config, run_dir: str, threads: int, t_start: float | None = 
     timer = PhaseTimer(t_start)
     run = RunDir(run_dir)
     with timer.phase("startup"):
+        if os.path.exists(run.config_path):
+            run.check_config(cfg)  # refuse another experiment's directory before any work
+        configure_tensorflow(threads)
+        # Read the data and build the model before the directory is made: a config that fails there
+        # (unknown model, missing data, reset point past the end) must not leave a config.toml that
+        # would refuse the corrected rerun in the same --run-dir.
+        exp = Experiment(cfg, run.path, rank=0)
         run.create(cfg)
         setup_logging(run.path, 0, verbose=not quiet)
-        configure_tensorflow(threads)
-        exp = Experiment(cfg, run.path, rank=0)
     with timer.phase("parent"):
         exp.train_parent()
     with timer.phase("masks"):

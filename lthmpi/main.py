@@ -85,11 +85,15 @@ def main(argv=None) -> int:
 
 def is_user_error(e: BaseException) -> bool:
     """Errors a user can fix from the message alone: no traceback for these."""
-    from .data import DataError
-    from .models import ModelError
     from .store import StoreError
 
-    return isinstance(e, (ConfigError, StoreError, DataError, ModelError))
+    kinds = [ConfigError, StoreError]
+    # Only an imported module can have raised its error: importing lthmpi.models here would import
+    # TensorFlow (seconds, and its C++ log lines on stderr) just to report a config error.
+    for module, name in (("lthmpi.data", "DataError"), ("lthmpi.models", "ModelError")):
+        if module in sys.modules:
+            kinds.append(getattr(sys.modules[module], name))
+    return isinstance(e, tuple(kinds))
 
 
 def report_error(e: BaseException) -> int:

@@ -69,7 +69,9 @@ class BatchOrder:
 def make_optimizer(train_cfg):
     import keras
 
-    kw = dict(learning_rate=train_cfg.lr)
+    # A fixed name: Keras would name a process's second Adam "adam_1", and the optimizer state saved
+    # at a reset point (keyed by variable path) would no longer restore into another trainer.
+    kw = dict(learning_rate=train_cfg.lr, name=train_cfg.optimizer)
     if train_cfg.weight_decay:
         kw["weight_decay"] = train_cfg.weight_decay
     if train_cfg.optimizer == "adam":

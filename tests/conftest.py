@@ -1,0 +1,61 @@
+"""Shared fixtures: one process-wide TensorFlow set-up and one tiny experiment run reused by several tests.
+
+TensorFlow fixes its thread pools when it first runs an op, and `lthmpi.runtime.configure_tensorflow`
+must come before that; so when any collected test asks for `tf_runtime`, TF is configured (1 thread,
+op determinism) as soon as collection ends, before the first test of any module can touch it.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The tiny experiment: digits (1237 train / 200 val / 360 test), batch 32 -> 38 iterations per epoch,
+# T = 2 epochs = 76 iterations; 2 masks x 2 reset points x (ticket + 2 controls) = 12 retrainings.
+TINY = {
+    "seed": 3,
+    "data": {"dataset": "digits", "validation": 200},
+    "train": {"epochs": 2, "batch_size": 32, "eval_every": "10it"},
+    "prune": {"remaining": [0.5, 0.2]},
+    "reset": {"points": ["0ep", "10it"], "controls": ["random_reinit", "random_mask"]},
+}
+TINY_PER_EPOCH = 38
+TINY_TOTAL = 76
+
+
+def pytest_collection_finish(session):
+    if any("tf_runtime" in getattr(item, "fixturenames", ()) for item in session.items):
+        from lthmpi.runtime import configure_tensorflow
+
+        configure_tensorflow(1)
+
+
+@pytest.fixture(scope="session")
+def tf_runtime():
+    """TensorFlow configured for the tests: 1 intra-op thread, op determinism."""
+    from lthmpi.runtime import configure_tensorflow
+
+    return configure_tensorflow(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from lthmpi.config import from_dict, validate
+
+    cfg = from_dict(TINY)
+    validate(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tf_runtime, tiny_config):
+    """A finished tiny experiment, run in this process; read it, never write to it (copy it first)."""
+    from lthmpi.driver import run_serial
+
+    path = str(tmp_path_factory.mktemp("tiny") / "run")
+    run_serial(tiny_config, path, threads=1, quiet=True)
+    return path

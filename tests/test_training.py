@@ -1,0 +1,312 @@
+"""Tests of lthmpi/training.py (the masked trainer) with a tiny LeNet-300-100 on the digits, and of the
+late reset as lthmpi/experiment.py builds it. One trainer per optimizer is built (and compiled) once."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lthmpi.config import from_dict
+from lthmpi.pruning import magnitude_masks
+from lthmpi.training import BatchOrder, History
+
+OPTIMIZERS = {
+    "adam": {"optimizer": "adam", "lr": 0.003},
+    "sgd_momentum_wd": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01,
+                        "lr_milestones": ["30it", "60it"], "lr_gamma": 0.1},
+    "adamw": {"optimizer": "adamw", "lr": 0.003, "weight_decay": 0.05},
+}
+DENSE_END = 40  # iterations of dense training before pruning
+RETRAIN_END = 80
+PER_EPOCH = 38  # 1237 training digits at batch 32
+
+
+def train_cfg(**train):
+    return from_dict({"data": {"dataset": "digits", "validation": 200},
+                      "train": {"batch_size": 32, "eval_every": "10it", **train}})
+
+
+@pytest.fixture(scope="module")
+def data(tf_runtime):
+    from lthmpi.data import load_dataset
+
+    return load_dataset(train_cfg().data, 0)
+
+
+class Rig:
+    """A model, its trainer, its initial weights, and the state after DENSE_END dense iterations."""
+
+    def __init__(self, data, **train):
+        from lthmpi.models import build_model, prunable_variables
+        from lthmpi.training import MaskedTrainer
+
+        self.cfg = train_cfg(**train)
+        self.model = build_model("lenet300_100", data.input_shape, data.num_classes, 0)
+        self.trainer = MaskedTrainer(self.model, data, self.cfg.train, 0, prunable_variables(self.model))
+        self.prunable = list(self.trainer.prunable_paths)
+        self.init = self.trainer.get_weights()
+        self.trainer.reset_optimizer(None)
+        self.history = self.trainer.fit(0, DENSE_END)
+        self.dense = self.trainer.get_weights()
+        self.dense_state = self.trainer.get_optimizer_state()
+        self.masks = magnitude_masks({p: self.dense[p] for p in self.prunable}, 0.2, "global", {"output": 0.5})
+
+    def moment_keys(self, path):
+        """Optimizer slots of a variable (momentum, velocity), by the variable's path."""
+        token = path.replace("/", "_")
+        return [k for k in self.dense_state if k.endswith(token + "_momentum") or k.endswith(token + "_velocity")]
+
+
+_RIGS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def rig(data):
+    def get(name):
+        if name not in _RIGS:
+            _RIGS[name] = Rig(data, **OPTIMIZERS[name])
+        return _RIGS[name]
+
+    yield get
+    _RIGS.clear()
+
+
+# -- pruned weights stay exactly zero ----------------------------------------------------------------
+
+@pytest.mark.parametrize("state", ["fresh", "restored"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_pruned_weights_stay_exactly_zero(rig, name, state):
+    r = rig(name)
+    tr = r.trainer
+    if state == "restored":
+        # the dense run's moments are non-zero where the mask prunes: they would revive those weights
+        for p in r.prunable:
+            keys = r.moment_keys(p)
+            assert keys, f"no optimizer slot found for {p} in {list(r.dense_state)}"
+            assert any(np.count_nonzero(r.dense_state[k][~r.masks[p]]) > 0 for k in keys)
+    tr.set_weights(r.dense)
+    tr.set_masks(r.masks)
+    tr.reset_optimizer(r.dense_state if state == "restored" else None)
+    before = tr.get_weights()
+    for p in r.prunable:
+        assert not before[p][~r.masks[p]].any()  # set_masks zeroes at once
+        assert np.array_equal(before[p][r.masks[p]], r.dense[p][r.masks[p]])
+    h = tr.fit(DENSE_END, RETRAIN_END)
+    assert not h.diverged
+    after = tr.get_weights()
+    for p in r.prunable:
+        pruned, kept = ~r.masks[p], r.masks[p]
+        assert np.count_nonzero(after[p][pruned]) == 0, f"{name}: pruned weights of {p} revived"
+        changed = np.mean(after[p][kept] != before[p][kept])
+        assert changed > 0.5, f"{name}: only {changed:.0%} of the kept weights of {p} moved"
+    for p in set(after) - set(r.prunable):  # biases are never masked and do train
+        assert not np.array_equal(after[p], before[p]), p
+    # the model's own variables agree with what get_weights reports
+    for v in r.model.variables:
+        assert np.array_equal(v.numpy(), after[v.path])
+
+
+def test_fresh_optimizer_is_zero(rig):
+    r = rig("adam")
+    r.trainer.reset_optimizer(None)
+    state = r.trainer.get_optimizer_state()
+    assert state and all(not np.any(a) for a in state.values())
+    r.trainer.reset_optimizer(r.dense_state)
+    for k, a in r.trainer.get_optimizer_state().items():
+        assert np.array_equal(a, r.dense_state[k])
+
+
+def test_optimizer_state_moves_between_trainers(rig, data):
+    """The state saved at a reset point by one trainer (the parent's) restores into another one."""
+    from lthmpi.models import build_model, prunable_variables
+    from lthmpi.training import MaskedTrainer
+
+    r = rig("adam")
+    model = build_model("lenet300_100", data.input_shape, data.num_classes, 0)
+    other = MaskedTrainer(model, data, r.cfg.train, 0, prunable_variables(model))
+    assert set(other.get_optimizer_state()) == set(r.dense_state)
+    other.reset_optimizer(r.dense_state)
+    for k, a in other.get_optimizer_state().items():
+        assert np.array_equal(a, r.dense_state[k])
+
+
+def test_dense_training_learns(rig):
+    r = rig("adam")
+    evals = r.history.evals
+    assert [e["iteration"] for e in evals] == [10, 20, 30, 38, 40]  # every 10 iterations and at the epoch end
+    assert evals[-1]["val_accuracy"] > 0.6 and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert [e["iteration"] for e in r.history.epochs] == [38, 40]
+
+
+# -- learning-rate schedule -------------------------------------------------------------------------
+
+def test_lr_milestones_lower_the_lr(rig):
+    r = rig("sgd_momentum_wd")  # lr 0.05, x0.1 at 30it and again at 60it
+    tr = r.trainer
+    lr = lambda: float(tr.optimizer.learning_rate.numpy())  # noqa: E731
+    tr.set_weights(r.init)
+    tr.set_masks(None)
+    tr.reset_optimizer(None)
+    tr.fit(0, 30)  # iterations 0..29: before the first milestone
+    assert lr() == pytest.approx(0.05, rel=1e-6)
+    tr.fit(30, 31)
+    assert lr() == pytest.approx(0.005, rel=1e-6)
+    tr.fit(31, 60)
+    assert lr() == pytest.approx(0.005, rel=1e-6)
+    tr.fit(60, 61)
+    assert lr() == pytest.approx(0.0005, rel=1e-6)
+    # a late reset past a milestone resumes the schedule there, not at the initial lr
+    tr.reset_optimizer(None)
+    tr.fit(45, 46)
+    assert lr() == pytest.approx(0.005, rel=1e-6)
+    tr.fit(5, 6)
+    assert lr() == pytest.approx(0.05, rel=1e-6)
+
+
+def test_lr_drop_shrinks_the_steps(rig):
+    """Past a milestone, the same number of SGD steps moves the weights less."""
+    r = rig("sgd_momentum_wd")
+    tr = r.trainer
+
+    def moved(start):
+        tr.set_weights(r.dense)
+        tr.set_masks(None)
+        tr.reset_optimizer(None)
+        tr.fit(start, start + 5)
+        after = tr.get_weights()
+        return sum(float(np.abs(after[p] - r.dense[p]).sum()) for p in r.prunable)
+
+    assert moved(62) < 0.1 * moved(0)
+
+
+# -- early stopping -----------------------------------------------------------------------------------
+
+def test_early_stop_iteration_and_accuracy(rig):
+    r = rig("adam")
+    tr = r.trainer
+    start, end = 20, 210
+
+    def reset():
+        tr.set_weights(r.dense)
+        tr.set_masks(r.masks)
+        tr.reset_optimizer(None)
+
+    reset()
+    h = tr.fit(start, end)
+    its = [e["iteration"] for e in h.evals]
+    losses = [e["val_loss"] for e in h.evals]
+    assert its == sorted(set(its)) and its[0] > start and its[-1] == end
+    best = its[int(np.argmin(losses))]
+    assert h.best_iteration == best
+    assert h.best_val_loss == min(losses)
+    assert h.early_stop_iteration == best - start  # iterations since this run's start
+    assert best < end, "the test needs a run whose validation loss is lowest before its end"
+    final_weights = tr.get_weights()
+    _, acc = tr.evaluate("test")
+    assert acc == h.final_accuracy  # fit leaves the final weights in place, not the best ones
+
+    # a second identical run stopped at the best iteration has exactly the early-stop accuracy
+    reset()
+    h2 = tr.fit(start, best)
+    assert h2.evals == h.evals[:len(h2.evals)]  # same run, bit for bit, up to there
+    assert h2.final_accuracy == h.early_stop_accuracy
+    assert tr.evaluate("test")[1] == h.early_stop_accuracy
+    assert not np.array_equal(tr.get_weights()["fc1/kernel"], final_weights["fc1/kernel"])
+
+
+def test_history_early_stop_iteration():
+    assert History(start=50, end=200, best_iteration=120).early_stop_iteration == 70
+    assert History(start=0, end=200, best_iteration=200).early_stop_iteration == 200
+    assert History(start=50, end=200).early_stop_iteration == -1
+
+
+# -- batch order ---------------------------------------------------------------------------------------
+
+def test_batch_order_is_deterministic_and_each_epoch_a_permutation():
+    a, b, c = BatchOrder(100, 10, 7), BatchOrder(100, 10, 7), BatchOrder(100, 10, 8)
+    assert a.per_epoch == 10
+    for e in range(3):
+        block = a.block(10 * e, 10 * (e + 1))
+        assert block.shape == (10, 10) and block.dtype == np.int32
+        assert np.array_equal(np.sort(block.ravel()), np.arange(100))  # a permutation of the examples
+        assert np.array_equal(block, b.block(10 * e, 10 * (e + 1)))  # same seed, same order
+    assert not np.array_equal(a.block(0, 10), a.block(10, 20))  # a new shuffle every epoch
+    assert not np.array_equal(a.block(0, 10), c.block(0, 10))  # another seed, another order
+    # a block spanning epochs is the concatenation of the epochs' batches; any start gives the same rows
+    whole = np.concatenate([a.block(0, 10), a.block(10, 20), a.block(20, 30)])
+    assert np.array_equal(a.block(7, 23), whole[7:23])
+    assert np.array_equal(BatchOrder(100, 10, 7).block(23, 24), whole[23:24])
+    assert a.block(5, 5).shape == (0, 10)
+
+
+def test_batch_order_drops_the_remainder_without_repeats():
+    o = BatchOrder(103, 10, 0)
+    assert o.per_epoch == 10
+    for e in range(2):
+        rows = o.block(10 * e, 10 * (e + 1)).ravel()
+        assert len(set(rows.tolist())) == 100 and rows.min() >= 0 and rows.max() < 103
+
+
+def test_trainer_uses_the_batch_order(rig):
+    r = rig("adam")
+    order = r.trainer.order
+    ref = BatchOrder(1237, 32, 0)
+    assert order.per_epoch == PER_EPOCH
+    assert np.array_equal(order.block(0, 80), ref.block(0, 80))
+
+
+# -- late reset ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def experiment(tiny_run):
+    from lthmpi.experiment import Experiment
+    from lthmpi.store import RunDir
+
+    exp = Experiment(RunDir(tiny_run).load_config(), tiny_run)
+    exp.train_parent()  # loads the checkpoints written by the run
+    exp.compute_masks()  # loads its masks
+    return exp
+
+
+def test_reset_restores_checkpoint_times_mask(experiment):
+    exp = experiment
+    assert exp.prunable == ["fc1/kernel", "fc2/kernel", "output/kernel"]
+    assert exp.reset_iterations == [0, 10]
+    for task in exp.tasks():
+        if task.control is not None:
+            continue
+        k = exp.reset_iterations[task.reset]
+        ckpt, mask = exp.checkpoints[k], exp.masks[task.mask]
+        weights, used = exp.start_weights(task)
+        assert set(weights) == set(ckpt)
+        for p, w in weights.items():
+            if p in exp.prunable:
+                assert np.array_equal(used[p], mask[p])
+                assert np.array_equal(w, ckpt[p] * mask[p])
+                assert np.count_nonzero(w) == np.count_nonzero(ckpt[p][mask[p]])
+            else:
+                assert np.array_equal(w, ckpt[p])  # biases keep their values at k
+        exp.trainer.set_weights(weights)
+        exp.trainer.set_masks(used)
+        for v in exp.model.variables:
+            assert np.array_equal(v.numpy(), weights[v.path]), v.path  # bit for bit
+    # the checkpoints differ between reset points, so the two resets really are different starts
+    assert not np.array_equal(exp.checkpoints[0]["fc1/kernel"], exp.checkpoints[10]["fc1/kernel"])
+
+
+def test_controls_start_weights(experiment):
+    from lthmpi.experiment import Task
+
+    exp = experiment
+    k = exp.reset_iterations[1]
+    mask = exp.masks[0]
+    w, m = exp.start_weights(Task(0, 1, "random_mask"))
+    for p in exp.prunable:
+        assert int(m[p].sum()) == int(mask[p].sum()) and not np.array_equal(m[p], mask[p])
+        assert np.array_equal(w[p], exp.checkpoints[k][p] * m[p])
+    assert np.array_equal(m["fc1/kernel"], exp.start_weights(Task(0, 1, "random_mask"))[1]["fc1/kernel"])
+    w, m = exp.start_weights(Task(0, 1, "random_reinit"))
+    for p in exp.prunable:
+        assert np.array_equal(m[p], mask[p])  # same mask
+        assert not np.any(w[p][~mask[p]])
+        assert not np.array_equal(w[p], exp.checkpoints[0][p] * mask[p])  # fresh values
+        assert not np.array_equal(w[p], exp.checkpoints[k][p] * mask[p])

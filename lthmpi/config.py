@@ -56,7 +56,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3  # training length T in epochs (ignored when iterations > 0)
+    epochs: int = 2  # training length T in epochs (ignored when iterations > 0)
     iterations: int = 0  # training length T in iterations (0 = use epochs)
     batch_size: int = 60
     optimizer: str = "adam"  # adam | adamw | sgd
@@ -278,6 +278,11 @@ def validate(cfg: Config) -> None:
     if eval_every.value <= 0:
         raise ConfigError("train.eval_every must be > 0 (e.g. \"100it\")")
     del milestones
+    for key, values, what in (("remaining", p.remaining, "a fraction in (0, 1), e.g. 0.2 for 20% kept"),
+                              ("quantiles", p.quantiles, "a number in (0, 100)")):
+        for v in values:  # before remaining_fractions() does arithmetic on them
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"prune.{key} entry {v!r} must be {what}")
     fractions = cfg.remaining_fractions()
     if not fractions:
         raise ConfigError("prune.remaining is empty: give at least one fraction of weights to keep, e.g. [0.2]")

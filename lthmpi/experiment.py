@@ -6,7 +6,6 @@ disk is loaded, not recomputed, so a rerun after any interruption resumes where 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -198,7 +197,3 @@ class Experiment:
 
 def _columns(rows: list, names) -> dict:
     return {n: np.asarray([r[n] for r in rows], dtype=np.float64) for n in names}
-
-
-def nan_to_none(x):
-    return None if isinstance(x, float) and math.isnan(x) else x

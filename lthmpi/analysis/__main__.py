@@ -1,4 +1,5 @@
 """python -m lthmpi.analysis RUN_DIR [RUN_DIR ...] [--out DIR] [--json] [--csv] [--tolerance 0.005] [--weak]
+   python -m lthmpi.analysis model RUN_DIR [...]   (the scaling model, see model_cli.py)
 
 Without --json: prints the key tables, writes the figures and report.md to --out (default
 ./analysis_out/<name of the first run dir>). --json alone prints the JSON summary (one object for one run,
@@ -37,6 +38,10 @@ def fail(msg: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "model":  # the scaling model: python -m lthmpi.analysis model --help
+        from .model_cli import main as model_main
+
+        return model_main(argv[1:])
     args = parser().parse_args(argv)
     if not 0 <= args.tolerance < 1:
         return fail(f"--tolerance {args.tolerance} must be a fraction in [0, 1), e.g. 0.005 for 0.5 percentage points")

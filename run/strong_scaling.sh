@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# Strong scaling: the same experiment (default: the default M x N grid) on P = 1, 2, 4, ... MPI ranks, each in a
+# fresh run directory under one benchmark folder, plus a baseline of the same work as ONE process without
+# mpirun with TensorFlow using all cores. Prints the wall time of every run, then the analysis (speed-up,
+# efficiency, Amdahl / Karp-Flatt) over all runs and the scaling model fitted on the P = 1 run, checked
+# against the other runs.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PROG=strong_scaling.sh
+
+usage() {
+  cat <<EOF
+usage: run/$PROG [options] [--config FILE] [--set KEY=VALUE ...] [-- more lthmpi.main arguments]
+
+Runs the same experiment on P = 1, 2, 4, ... (doubling up to --max-ranks) MPI ranks and once as one
+process without mpirun using all cores; each run in its own fresh run directory under the benchmark folder.
+
+options:
+  --max-ranks N         largest P of the doubling series 1, 2, 4, ... (default 2)
+  --oversubscribe P     also run P ranks even where P x threads exceeds the cores (folder pP-oversubscribed)
+  --threads-per-rank T  TensorFlow threads per rank in the MPI runs (default 1: one rank per core;
+                        0 = automatic, cores // ranks on the host). Equal threads give identical results over P.
+  --out DIR             benchmark folder (default runs/strong-<date>-<time> in the repository)
+  --no-baseline         skip the one-process, all-cores baseline
+  --force               delete run directories that already exist in DIR (default: refuse; a benchmark never resumes)
+  --dry-run             print the commands and exit
+  --config FILE, --set KEY=VALUE
+                        passed to every run (shrink the work with them; do not set parallel.threads here)
+  -h, --help            this text
+
+environment: PYTHON (default .venv/bin/python), MPIRUN (default .venv/bin/mpirun), MPIRUN_ARGS (extra mpirun options)
+
+layout of DIR: p1/, p2/, ..., pP-oversubscribed/, baseline-1proc-<cores>threads/ (run directories),
+  <run>.out (their output), walltimes.tsv, analysis/ (python -m lthmpi.analysis), model.txt (scaling model)
+example (a tiny grid in ~1 min):
+  run/$PROG --out /tmp/strong --set data.dataset=digits --set data.validation=200 --set train.epochs=2 \\
+      --set 'prune.remaining=[0.5,0.2,0.1]' --set 'reset.points=["0ep","10it"]'
+EOF
+}
+
+die() { echo "$PROG: error: $*" >&2; exit 2; }
+
+MAX_RANKS=2 OVERSUB="" THREADS=1 OUT="" BASELINE=1 FORCE=0 DRY=0
+PASS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --max-ranks) [ $# -ge 2 ] || die "--max-ranks needs a value"; MAX_RANKS=$2; shift 2 ;;
+    --oversubscribe) [ $# -ge 2 ] || die "--oversubscribe needs a value"; OVERSUB=$2; shift 2 ;;
+    --threads-per-rank) [ $# -ge 2 ] || die "--threads-per-rank needs a value"; THREADS=$2; shift 2 ;;
+    --out) [ $# -ge 2 ] || die "--out needs a directory"; OUT=$2; shift 2 ;;
+    --no-baseline) BASELINE=0; shift ;;
+    --force) FORCE=1; shift ;;
+    --dry-run) DRY=1; shift ;;
+    --set|--config) [ $# -ge 2 ] || die "$1 needs a value"; PASS+=("$1" "$2"); shift 2 ;;
+    --set=*|--config=*) PASS+=("$1"); shift ;;
+    --) shift; PASS+=("$@"); break ;;
+    *) die "unknown option $1 (see --help)" ;;
+  esac
+done
+
+isint() { [[ $1 =~ ^[0-9]+$ ]]; }
+isint "$MAX_RANKS" && [ "$MAX_RANKS" -ge 1 ] || die "--max-ranks must be an integer >= 1, not '$MAX_RANKS'"
+[ -z "$OVERSUB" ] || { isint "$OVERSUB" && [ "$OVERSUB" -ge 2 ]; } || die "--oversubscribe must be an integer >= 2, not '$OVERSUB'"
+isint "$THREADS" || die "--threads-per-rank must be an integer >= 0, not '$THREADS'"
+
+PY=${PYTHON:-$ROOT/.venv/bin/python}
+MPIRUN=${MPIRUN:-$ROOT/.venv/bin/mpirun}
+read -r -a MPIRUN_EXTRA <<< "${MPIRUN_ARGS:-}"
+[ -x "$PY" ] || command -v "$PY" >/dev/null || die "no Python at $PY (run run/setup.sh, or set PYTHON)"
+[ -x "$MPIRUN" ] || command -v "$MPIRUN" >/dev/null || die "no mpirun at $MPIRUN (run run/setup.sh, or set MPIRUN)"
+CORES=$(nproc)
+# Refuse a wrong --config/--set before any run starts (no TensorFlow import: a second).
+"$PY" - "${PASS[@]}" <<'PYEOF' || die "the experiment's options are refused (above)"
+import sys
+from lthmpi.config import ConfigError, resolve
+from lthmpi.main import parser
+args = parser().parse_args(["--run-dir", "unused", *sys.argv[1:]])
+try:
+    resolve(args.config, args.sets)
+except ConfigError as e:
+    sys.exit(f"lthmpi: error: {e}")
+PYEOF
+OUT=${OUT:-$ROOT/runs/strong-$(date +%Y%m%d-%H%M%S)}
+if [ "$DRY" = 0 ]; then
+  mkdir -p "$OUT" || die "cannot create $OUT"
+  OUT=$(cd "$OUT" && pwd)
+fi
+
+# The runs: name, ranks, threads per rank, launcher (mpi|serial).
+NAMES=() RANKS=() THR=() HOW=()
+add() { NAMES+=("$1"); RANKS+=("$2"); THR+=("$3"); HOW+=("$4"); }
+name_for() {  # p<P>, with -oversubscribed when the ranks' threads exceed the cores
+  local t=$2; [ "$t" -gt 0 ] || t=1
+  if [ $(( $1 * t )) -gt "$CORES" ]; then echo "p$1-oversubscribed"; else echo "p$1"; fi
+}
+p=1
+while [ "$p" -le "$MAX_RANKS" ]; do add "$(name_for "$p" "$THREADS")" "$p" "$THREADS" mpi; p=$((p * 2)); done
+if [ -n "$OVERSUB" ] && ! printf '%s\n' "${RANKS[@]}" | grep -qx "$OVERSUB"; then
+  add "p$OVERSUB-oversubscribed" "$OVERSUB" "$THREADS" mpi
+fi
+[ "$BASELINE" = 1 ] && add "baseline-1proc-${CORES}threads" 1 "$CORES" serial
+
+# A benchmark never resumes: every run directory must be new.
+for n in "${NAMES[@]}"; do
+  if [ -e "$OUT/$n" ]; then
+    if [ "$FORCE" = 1 ]; then
+      [ "$DRY" = 1 ] || rm -rf -- "${OUT:?}/$n"
+    else
+      die "$OUT/$n already exists; a benchmark does not resume: choose another --out or pass --force"
+    fi
+  fi
+done
+
+command_for() {  # prints the command of run $1 (index), one argument per line
+  local i=$1 dir="$OUT/${NAMES[$1]}"
+  if [ "${HOW[$i]}" = mpi ]; then
+    printf '%s\n' "$MPIRUN" "${MPIRUN_EXTRA[@]}" -np "${RANKS[$i]}"
+  fi
+  printf '%s\n' "$PY" -m lthmpi.main --run-dir "$dir" --quiet --set "parallel.threads=${THR[$i]}" "${PASS[@]}"
+}
+
+[ "$DRY" = 1 ] && { for i in "${!NAMES[@]}"; do mapfile -t cmd < <(command_for "$i"); echo "+ $(printf '%q ' "${cmd[@]}")"; done; exit 0; }
+{
+  echo "# strong scaling benchmark, $(date -Is), $(hostname), $CORES cores, git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "# run/$PROG --max-ranks $MAX_RANKS ${OVERSUB:+--oversubscribe $OVERSUB }--threads-per-rank $THREADS $(printf '%q ' "${PASS[@]}")"
+} > "$OUT/benchmark.txt"
+printf 'run\tranks\tthreads_per_rank\twall_seconds\n' > "$OUT/walltimes.tsv"
+
+echo "$PROG: ${#NAMES[@]} runs into $OUT ($CORES cores): ${NAMES[*]}"
+WALL=()
+for i in "${!NAMES[@]}"; do
+  mapfile -t cmd < <(command_for "$i")
+  echo "+ $(printf '%q ' "${cmd[@]}")" | tee -a "$OUT/benchmark.txt"
+  t0=$(date +%s.%N)
+  if ! "${cmd[@]}" > "$OUT/${NAMES[$i]}.out" 2>&1; then
+    tail -n 20 "$OUT/${NAMES[$i]}.out" >&2
+    die "run ${NAMES[$i]} failed (output in $OUT/${NAMES[$i]}.out)"
+  fi
+  t1=$(date +%s.%N)
+  w=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
+  WALL+=("$w")
+  printf '%s\t%s\t%s\t%s\n' "${NAMES[$i]}" "${RANKS[$i]}" "${THR[$i]}" "$w" >> "$OUT/walltimes.tsv"
+  echo "$PROG: ${NAMES[$i]}: P = ${RANKS[$i]}, ${THR[$i]} threads per rank: wall ${w} s"
+done
+echo
+echo "wall time (seconds, launch to exit; speed-up against p1 and against the one-process baseline):"
+ref=${WALL[0]} base=""
+[ "$BASELINE" = 1 ] && base=${WALL[$((${#WALL[@]} - 1))]}
+printf '%-32s %5s %8s %10s %8s %11s\n' run P threads wall_s S_vs_p1 S_vs_base
+for i in "${!NAMES[@]}"; do
+  awk -v n="${NAMES[$i]}" -v p="${RANKS[$i]}" -v t="${THR[$i]}" -v w="${WALL[$i]}" -v r="$ref" -v b="$base" \
+    'BEGIN { printf "%-32s %5d %8d %10.2f %8.2f %11s\n", n, p, t, w, r / w, (b == "" ? "-" : sprintf("%.2f", b / w)) }'
+done
+
+DIRS=() CHECK=()
+for i in "${!NAMES[@]}"; do
+  DIRS+=("$OUT/${NAMES[$i]}")
+  [ "$i" -gt 0 ] && [ "${HOW[$i]}" = mpi ] && CHECK+=("$OUT/${NAMES[$i]}")
+done
+echo
+echo "+ $PY -m lthmpi.analysis ${DIRS[*]} --out $OUT/analysis"
+"$PY" -m lthmpi.analysis "${DIRS[@]}" --out "$OUT/analysis" | tee "$OUT/analysis.txt"
+
+# The model's P: the measured ones, then doubling to 64 (what more ranks would give on this work).
+ranks_list=$(printf '%s\n' "${RANKS[@]}" 1 2 4 8 16 32 64 | sort -n | uniq | paste -sd, -)
+model=("$PY" -m lthmpi.analysis model "$OUT/${NAMES[0]}" --cores "$CORES" --ranks "$ranks_list")
+[ ${#CHECK[@]} -gt 0 ] && model+=(--check "${CHECK[@]}")
+echo
+echo "+ ${model[*]}"
+"${model[@]}" | tee "$OUT/model.txt"
+echo
+echo "$PROG: done: $OUT (walltimes.tsv, analysis/report.md, model.txt)"

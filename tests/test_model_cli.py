@@ -1,0 +1,237 @@
+"""The scaling-model CLI (`python -m lthmpi.analysis model`) on synthetic run directories with known task
+durations: the profile read from results.h5, predicted wall times against hand-computed schedules, the
+prediction error against measured runs (--check), the seed-study what-if, and one-line errors.
+
+No training: run directories are written with lthmpi.store.RunDir and merged with lthmpi.results.merge.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lthmpi.analysis import load_runs
+from lthmpi.analysis.__main__ import main as analysis_main
+from lthmpi.analysis.model_cli import estimate_warmup, parse_ranks, profile_from_results
+from lthmpi.config import from_dict
+from lthmpi.results import merge
+from lthmpi.store import RunDir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The known answer: 5 tasks of 4, 3, 3, 2, 2 s, each its own mask, one reset point, no controls.
+# On 2 ranks LPT places 4 -> r0, 3 -> r1, 3 -> r1 (3 < 4), 2 -> r0 (4 < 6), 2 -> r0 (6 = 6, lowest rank):
+# makespan 8 (the optimum is 7). Static deals masks 0, 2, 4 -> r0 (4 + 3 + 2 = 9), 1, 3 -> r1: 9.
+# Dynamic hands out longest first to the first free rank: 8.
+DURATIONS = [4.0, 3.0, 3.0, 2.0, 2.0]
+PHASES = dict(startup=1.0, parent=2.0, masks=0.5, distribution=0.25, gather=0.25)
+SERIAL = sum(PHASES.values())  # 4.0 s outside the training phase
+
+
+def make_run(path, *, ranks=1, durations=DURATIONS, training=None, total=None, schedule="lpt", seed=0,
+             rank_of=None, iterations=None, parent_seconds=2.0):
+    """A finished run: task i took durations[i] s (its `seconds` and end - start) and iterations
+    (default 100 * durations[i]); tasks of one rank run back to back. Timing: PHASES, training (default:
+    the busiest rank's sum) and total (default: the phases + training). The parent: 1000 iterations in
+    parent_seconds (default 2 s, faster than the tasks' 0.01 s per iteration: no warm-up measured)."""
+    iterations = iterations or [int(100 * d) for d in durations]
+    remaining = [0.8 ** (i + 1) for i in range(len(durations))]
+    cfg = from_dict({"seed": seed, "data": {"dataset": "digits"}, "train": {"iterations": 1000},
+                     "prune": {"remaining": remaining}, "reset": {"points": ["0ep"], "controls": []},
+                     "parallel": {"schedule": schedule}})
+    run = RunDir(str(path))
+    run.create(cfg)
+    run.write_checkpoints({}, {}, {"epochs/test_accuracy": [0.5, 0.9]},
+                          dict(test_accuracy=0.9, early_stop_accuracy=0.9, early_stop_iteration=800, iterations=1000,
+                               seconds=parent_seconds, rank=0, host="h0"))
+    t0 = 1_000_000.0
+    rank_of = rank_of or (lambda i: 0)
+    clock, ids = {}, []
+    for i, secs in enumerate(durations):
+        r = rank_of(i)
+        start = clock.get(r, t0 + 10.0)
+        clock[r] = start + secs
+        tid = f"m{i:03d}_r00_ticket"
+        run.write_task(tid, dict(task_id=tid, mask=i, remaining=remaining[i], target_remaining=remaining[i],
+                                 reset="0ep", reset_iteration=0, control="", final_accuracy=0.9,
+                                 early_stop_iteration=100, early_stop_accuracy=0.9, best_val_loss=0.3,
+                                 iterations=iterations[i], diverged=False, seconds=secs, start_time=start,
+                                 end_time=start + secs, rank=r, host="h0", threads=1),
+                       {"evals": {"iteration": np.arange(3.0), "val_loss": np.ones(3)}})
+        ids.append(tid)
+    busy = {}
+    for i, secs in enumerate(durations):
+        busy[rank_of(i)] = busy.get(rank_of(i), 0.0) + secs
+    training = max(busy.values()) if training is None else training
+    total = SERIAL + training if total is None else total
+    timing = dict(PHASES, training=training, total=total, start_time=t0)
+    prov = dict(ranks=ranks, hosts=["h0"], threads_per_rank=1, mpi_library="none", git_commit="abc", schedule=schedule)
+    merge(run, ids, timing, prov)
+    return str(path)
+
+
+def model(*args, capsys):
+    """Run `python -m lthmpi.analysis model ARGS` in-process; (exit code, stdout, stderr)."""
+    code = analysis_main(["model", *map(str, args)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def p1(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("model") / "p1")
+
+
+def test_profile_from_results(p1):
+    (res,) = load_runs([p1])
+    prof = profile_from_results(res)
+    assert prof.task_durations == DURATIONS
+    assert prof.task_costs == [400.0, 300.0, 300.0, 200.0, 200.0]
+    assert prof.task_groups == [0, 1, 2, 3, 4]
+    assert prof.ranks == 1 and prof.overhead_per_task == 0.0
+    assert prof.phases == pytest.approx(PHASES)
+
+
+def test_known_schedule_lpt_makespan_8(p1, capsys):
+    code, out, err = model(p1, "--ranks", "1,2", "--json", capsys=capsys)
+    assert code == 0, err
+    rows = {(r["P"], r["scheduler"]): r for r in json.loads(out)["predictions"]}
+    assert rows[(2, "lpt")]["makespan"] == pytest.approx(8.0)
+    assert rows[(2, "static")]["makespan"] == pytest.approx(9.0)
+    assert rows[(2, "dynamic")]["makespan"] == pytest.approx(8.0)
+    assert rows[(1, "lpt")]["wall"] == pytest.approx(SERIAL + 14.0)
+    assert rows[(2, "lpt")]["wall"] == pytest.approx(SERIAL + 8.0)  # 12 s
+    assert rows[(2, "lpt")]["speedup"] == pytest.approx(18.0 / 12.0)
+    assert rows[(2, "lpt")]["efficiency"] == pytest.approx(0.75)
+
+
+def test_oversubscribed_cores(p1, capsys):
+    # P = 2 on 1 core: every task and the startup take twice as long: 2 + 2 + 0.5 + 0.25 + 16 + 0.25 = 21
+    code, out, err = model(p1, "--ranks", "2", "--schedulers", "lpt", "--cores", "1", "--json", capsys=capsys)
+    assert code == 0, err
+    (row,) = json.loads(out)["predictions"]
+    assert row["wall"] == pytest.approx(21.0) and row["makespan"] == pytest.approx(16.0)
+
+
+def test_overhead_per_task_from_the_training_phase(tmp_path, capsys):
+    # training phase 15.0 for 14.0 s of task loops -> 0.2 s per task; at P = 2 LPT: 8 + 3 * 0.2 on rank 0
+    run = make_run(tmp_path / "p1", training=15.0)
+    (res,) = load_runs([run])
+    assert profile_from_results(res).overhead_per_task == pytest.approx(0.2)
+    code, out, err = model(run, "--ranks", "2", "--schedulers", "lpt", "--json", capsys=capsys)
+    assert code == 0, err
+    assert json.loads(out)["predictions"][0]["makespan"] == pytest.approx(8.6)
+    code, out, err = model(run, "--ranks", "2", "--schedulers", "lpt", "--overhead", "0", "--json", capsys=capsys)
+    assert json.loads(out)["predictions"][0]["makespan"] == pytest.approx(8.0)
+
+
+def test_warmup_of_other_ranks_from_their_first_task(tmp_path, capsys):
+    # measured at P = 2: rank 1's first task (3 s of work) took 8 s, 5 s of tracing/compiling the step.
+    run = make_run(tmp_path / "w2", ranks=2, durations=[4.0, 8.0, 3.0, 2.0, 2.0],
+                   iterations=[400, 300, 300, 200, 200], rank_of=lambda i: [0, 1, 1, 0, 0][i])
+    (res,) = load_runs([run])
+    warm, cleaned, how = estimate_warmup(res)
+    assert warm == pytest.approx(5.0) and cleaned == {1: pytest.approx(3.0)} and "first tasks" in how
+    assert profile_from_results(res).task_durations == pytest.approx(DURATIONS)
+    code, out, err = model(run, "--ranks", "1,2", "--schedulers", "lpt", "--json", capsys=capsys)
+    assert code == 0, err
+    rows = {r["P"]: r for r in json.loads(out)["predictions"]}
+    assert rows[1]["wall"] == pytest.approx(SERIAL + 14.0) and rows[1]["warmup"] == 0.0
+    assert rows[2]["makespan"] == pytest.approx(8.0 + 5.0) and rows[2]["wall"] == pytest.approx(SERIAL + 13.0)
+    assert rows[2]["speedup"] == pytest.approx(18.0 / 17.0)
+    code, out, err = model(run, "--ranks", "2", "--schedulers", "lpt", "--warmup", "0", "--json", capsys=capsys)
+    assert json.loads(out)["predictions"][0]["wall"] == pytest.approx(SERIAL + 8.0)
+
+
+def test_warmup_at_p1_from_the_parent(tmp_path, capsys):
+    # the parent: 1000 iterations in 15 s; at the tasks' 0.01 s per iteration 10 s: 5 s of warm-up
+    run = make_run(tmp_path / "w1", parent_seconds=15.0)
+    (res,) = load_runs([run])
+    warm, cleaned, how = estimate_warmup(res)
+    assert warm == pytest.approx(5.0) and cleaned == {} and "parent" in how
+    code, out, err = model(run, "--ranks", "2", "--schedulers", "lpt", "--cores", "1", "--json", capsys=capsys)
+    (row,) = json.loads(out)["predictions"]
+    assert row["warmup"] == pytest.approx(10.0)  # twice as long on a shared core
+    assert row["wall"] == pytest.approx(21.0 + 10.0)
+
+
+def test_check_prints_the_error(p1, tmp_path, capsys):
+    # measured at P = 2 with LPT: 13.2 s in all (training 9.2), the model says 12 (training 8)
+    on2 = make_run(tmp_path / "p2", ranks=2, training=9.2, rank_of=lambda i: [0, 1, 1, 0, 0][i])
+    code, out, err = model(p1, "--ranks", "1,2,4", "--check", on2, capsys=capsys)
+    assert code == 0, err
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith(on2))
+    cells = line.split()
+    assert cells[1:3] == ["2", "lpt"]
+    assert cells[3:6] == ["13.20", "12.00", f"{100 * (12 - 13.2) / 13.2:+.1f}%"]  # -9.1%
+    assert cells[8] == f"{100 * (8 - 9.2) / 9.2:+.1f}%"
+    assert "mean |error| 9.1%" in out
+    code, out, err = model(p1, "--check", on2, "--json", capsys=capsys)
+    (row,) = json.loads(out)["check"]
+    assert row["predicted"] == pytest.approx(12.0) and row["error_pct"] == pytest.approx(100 * (12 - 13.2) / 13.2)
+
+
+def test_check_uses_the_runs_scheduler(p1, tmp_path, capsys):
+    on2 = make_run(tmp_path / "p2s", ranks=2, schedule="static", rank_of=lambda i: i % 2)
+    code, out, err = model(p1, "--check", on2, "--json", capsys=capsys)
+    assert code == 0, err
+    (row,) = json.loads(out)["check"]
+    assert row["scheduler"] == "static" and row["predicted_training"] == pytest.approx(9.0)
+    assert row["error_pct"] == pytest.approx(0.0)  # the synthetic measurement is the schedule itself
+
+
+def test_seed_study(capsys):
+    code, out, err = model("--seed-study", "--json", capsys=capsys)
+    assert code == 0, err
+    ss = json.loads(out)["seed_study"]
+    rows = {(r["P"], r["scheduler"]): r for r in ss["rows"]}
+    epoch = 4.5 * 60
+    parent = 350 * epoch
+    one_mask = sum(350 - k for k in (5, 10, 20, 30, 40)) * epoch  # 1645 epochs
+    assert ss["case"]["tasks"] == 100
+    for s in ("static", "lpt", "dynamic"):
+        assert rows[(20, s)]["wall"] == pytest.approx(parent + one_mask)
+    assert rows[(100, "static")]["wall"] == pytest.approx(parent + one_mask)  # whole masks: 80 ranks idle
+    assert rows[(100, "static")]["idle"] == 80
+    assert rows[(100, "lpt")]["wall"] == pytest.approx(parent + 345 * epoch)  # one task per rank
+    code, out, err = model("--seed-study", capsys=capsys)
+    assert code == 0 and "seed study" in out and "52.12" in out and "149.62" in out
+
+
+def test_parse_ranks():
+    assert parse_ranks("1,2,4,...,1000") == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000]
+    assert parse_ranks("1,2,...,8") == [1, 2, 4, 8]
+    assert parse_ranks("3, 1, 2") == [1, 2, 3]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give the measured RUN_DIR"),
+    (["/nonexistent/run"], "no such run directory"),
+    (["{p1}", "--ranks", "0,2"], "every P must be an integer >= 1"),
+    (["{p1}", "--ranks", "a,b"], "give integers"),
+    (["{p1}", "--schedulers", "fifo"], "unknown scheduler fifo"),
+    (["{p1}", "--cores", "0"], "--cores must be >= 1"),
+])
+def test_errors_are_one_line(p1, capsys, args, message):
+    code, out, err = model(*[a.format(p1=p1) for a in args], capsys=capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("lthmpi.analysis model: error: ") and message in err
+
+
+def test_check_refuses_other_work(p1, tmp_path, capsys):
+    other = make_run(tmp_path / "other", seed=1, ranks=2)
+    code, out, err = model(p1, "--check", other, capsys=capsys)
+    assert code == 2 and "is not the same work" in err and err.count("\n") == 1
+
+
+def test_cli_subprocess(p1):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "lthmpi.analysis", "model", p1, "--ranks", "1,2"],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "predicted" in r.stdout and "lpt" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "lthmpi.analysis", "model", "--help"], capture_output=True, text=True,
+                       cwd=REPO, env=env, timeout=120)
+    assert r.returncode == 0 and "--seed-study" in r.stdout

@@ -20,18 +20,21 @@ def _f(v, fmt: str = ".3f") -> str:
 
 def scaling_rows(per_run: list[dict]) -> tuple[list[str], list[list]]:
     """One row per run: ranks, wall time, training phase, imbalance, and speed-up figures where a series exists."""
-    head = ["run", "P", "workers", "total s", "training s", "imbalance", "S(P)", "E(P)", "Karp-Flatt e"]
+    head = ["run", "P", "threads", "workers", "total s", "training s", "imbalance", "S(P)", "E(P)", "Karp-Flatt e"]
     rows = []
     for pr in per_run:
         s = pr.get("series")
         row = next((r for r in (s or {}).get("rows", []) if r["run"] == pr["run"]), None)
         sp = (row.get("scaled_speedup") if s and s["kind"] == "weak" else row.get("speedup")) if row else None
-        rows.append([pr["name"], pr["ranks"], pr["workers"], _f(pr["total_seconds"], ".2f"),
+        base = next((b for b in (s or {}).get("baselines", []) if b["run"] == pr["run"]), None)
+        if base:
+            sp = base["speedup"]
+        rows.append([pr["name"], pr["ranks"], pr.get("threads") or "-", pr["workers"], _f(pr["total_seconds"], ".2f"),
                      _f(pr["phases"].get("training"), ".2f"), _f(pr["imbalance"], ".4f"), _f(sp),
                      _f(row["efficiency"] if row else None),
                      _f(row.get("karp_flatt", row.get("gustafson_serial_fraction")) if row else None)])
     if any(pr.get("series") and pr["series"]["kind"] == "weak" for pr in per_run):
-        head[6], head[8] = "scaled S_w(P)", "Gustafson s(P)"
+        head[7], head[9] = "scaled S_w(P)", "Gustafson s(P)"
     return head, rows
 
 
@@ -51,6 +54,12 @@ def fits(per_run: list[dict]) -> list[str]:
                        f"f = {_f(s['amdahl_serial_fraction'])}, fitted T(1) = {_f(s['amdahl_t1_seconds'], '.2f')} s")
         if s.get("repeats"):
             out.append(f"  (slower repeats at the same P left out: {', '.join(s['repeats'])})")
+        for b in s.get("baselines", []):
+            best = min(s["rows"], key=lambda r: r["seconds"])
+            verdict = "faster" if best["seconds"] < b["seconds"] else "slower"
+            out.append(f"  baseline {b['name']} ({b['ranks']} process x {b['threads']} threads): {_f(b['seconds'], '.2f')} s, "
+                       f"S = {_f(b['speedup'])} vs T(1); P = {best['ranks']} is {verdict} "
+                       f"({_f(b['seconds'] / best['seconds'], '.2f')}x)")
     return out
 
 

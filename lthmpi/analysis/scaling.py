@@ -173,7 +173,9 @@ def profile(res: dict) -> dict:
     busy = rank_busy(mine)
     workers = workers_of(res)
     hosts = _provenance_list(res["provenance"].get("hosts", []))
+    threads = res["provenance"].get("threads_per_rank")
     return dict(run=res.get("path", ""), name=run_name(res.get("path", "")), ranks=ranks_of(res), workers=workers, hosts=hosts,
+                threads=int(threads) if threads is not None else None,
                 total_seconds=float(res["timing"].get("total", math.nan)), phases=phases(res["timing"]),
                 busy_seconds={str(k): v for k, v in busy.items()}, imbalance=imbalance(busy, workers),
                 tasks=len(res["tasks"]), tasks_this_session=len(mine), tasks_from_earlier_run=earlier,
@@ -201,8 +203,17 @@ def series(profiles: list[dict], weak: bool = False) -> dict | None:
     """Speed-up, efficiency, Karp–Flatt and the Amdahl (or Gustafson) fit over runs at several P.
 
     None with fewer than two distinct rank counts. Several runs at the same P: the fastest is kept
-    (the usual convention for timing noise), the others are listed in `repeats`.
+    (the usual convention for timing noise), the others are listed in `repeats`. The series holds the
+    runs at the most common thread count per rank; a run with other threads (e.g. one process letting
+    TF use every core, the baseline a user without MPI would run) is a `baselines` entry, compared
+    with T(1) but never used as T(1).
     """
+    counts: dict = {}
+    for pr in profiles:
+        counts[pr.get("threads")] = counts.get(pr.get("threads"), 0) + 1
+    threads = sorted(counts, key=lambda t: (-counts[t], t if t is not None else 0))[0] if counts else None
+    others = [pr for pr in profiles if pr.get("threads") != threads]
+    profiles = [pr for pr in profiles if pr.get("threads") == threads]
     by_p: dict[int, dict] = {}
     repeats = []
     for pr in profiles:
@@ -232,7 +243,11 @@ def series(profiles: list[dict], weak: bool = False) -> dict | None:
             row.update(speedup=s, efficiency=efficiency(s, p, p0),
                        karp_flatt=karp_flatt(s, p) if p0 == 1 else math.nan)
         rows.append(row)
-    out = dict(kind="weak" if weak else "strong", reference_ranks=p0, rows=rows, repeats=repeats)
+    out = dict(kind="weak" if weak else "strong", reference_ranks=p0, threads_per_rank=threads, rows=rows,
+               repeats=repeats)
+    out["baselines"] = [dict(run=pr["run"], name=pr["name"], ranks=pr["ranks"], threads=pr.get("threads"),
+                             seconds=pr["total_seconds"], speedup=speedup(t0, pr["total_seconds"]))
+                        for pr in others] if not weak else []
     if weak:
         out["gustafson_serial_fraction"] = (gustafson_fit([r["ranks"] for r in rows], [r["scaled_speedup"] for r in rows])
                                             if p0 == 1 else math.nan)

@@ -254,6 +254,16 @@ class MaskedTrainer:
                 m.assign(masks[v.path].astype(np.float32))
                 v.assign(v * m)
 
+    def warm_up(self):
+        """Trace and compile every step function now (one iteration), leaving weights and optimizer as they were.
+
+        Ranks that wait while rank 0 trains the parent do this meanwhile, so their first task does not
+        pay the compilation."""
+        weights, state = self.get_weights(), self.get_optimizer_state()
+        self.fit(0, 1)
+        self.set_weights(weights)
+        self.reset_optimizer(state)
+
     # -- measuring ------------------------------------------------------------------------------
     def evaluate(self, split: str) -> tuple[float, float]:
         x, y = self._x[split], self._y[split]

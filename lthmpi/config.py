@@ -263,10 +263,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.batch_size must be >= 1, not {t.batch_size}")
     if t.optimizer not in OPTIMIZERS:
         raise ConfigError(f"train.optimizer {t.optimizer!r} is unknown (choose one of {', '.join(OPTIMIZERS)})")
-    if not t.lr > 0:
-        raise ConfigError(f"train.lr must be > 0, not {t.lr}")
-    if t.weight_decay < 0 or not 0 <= t.momentum < 1:
-        raise ConfigError("train.weight_decay must be >= 0 and train.momentum in [0, 1)")
+    if not 0 < t.lr < float("inf"):
+        raise ConfigError(f"train.lr must be a finite number > 0, not {t.lr}")
+    if not 0 <= t.weight_decay < float("inf"):
+        raise ConfigError(f"train.weight_decay must be a finite number >= 0, not {t.weight_decay}")
+    if not 0 <= t.momentum < 1:
+        raise ConfigError(f"train.momentum must be in [0, 1), not {t.momentum}")
     if not 0 < t.lr_gamma <= 1:
         raise ConfigError(f"train.lr_gamma must be in (0, 1], not {t.lr_gamma}")
     try:
@@ -320,6 +322,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"parallel.schedule {q.schedule!r} is unknown (choose one of {', '.join(SCHEDULES)})")
     if q.backend not in ("mpi4py", "horovod"):
         raise ConfigError(f"parallel.backend {q.backend!r} must be 'mpi4py' or 'horovod'")
+    if q.backend == "horovod":
+        import importlib.util
+
+        if importlib.util.find_spec("horovod") is None:
+            raise ConfigError("parallel.backend = 'horovod' but Horovod is not installed (it builds only with "
+                              "TF 2.12 + Keras 2; use parallel.backend = 'mpi4py')")
 
 
 def validate_against_data(cfg: Config, iterations_per_epoch: int, n_train: int) -> int:

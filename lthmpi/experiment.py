@@ -14,7 +14,7 @@ import numpy as np
 
 from .config import Config, validate_against_data
 from .pruning import fraction_remaining, magnitude_masks, random_masks
-from .store import RunDir, hostname
+from .store import RunDir, StoreError, hostname
 
 log = logging.getLogger("lthmpi")
 
@@ -39,16 +39,23 @@ class Task:
 class Experiment:
     """Data, model and trainer are built once; parent, masks and tasks are loaded or computed on demand."""
 
-    def __init__(self, cfg: Config, run_dir: str, rank: int = 0):
+    def __init__(self, cfg: Config, run_dir: str, rank: int = 0, threads: int | None = None):
+        """With `threads`, TensorFlow is configured (and imported) only after the data are read and checked
+        against the config, so that a data or config error is reported in a second, not after TF's import."""
         from .data import load_dataset
-        from .models import build_model, prunable_variables
-        from .training import MaskedTrainer
 
         self.cfg, self.rank, self.host = cfg, rank, hostname()
         self.run = RunDir(run_dir)
         self.data = load_dataset(cfg.data, cfg.seed)
         per_epoch = len(self.data.x_train) // cfg.train.batch_size
         self.total = validate_against_data(cfg, per_epoch, len(self.data.x_train))
+        if threads is not None:
+            from .runtime import configure_tensorflow
+
+            configure_tensorflow(threads)
+        from .models import build_model, prunable_variables
+        from .training import MaskedTrainer
+
         self.iterations_per_epoch = per_epoch
         self.reset_iterations = [s.iterations(per_epoch) for s in cfg.reset_steps()]
         self.model = build_model(cfg.model.name, self.data.input_shape, self.data.num_classes, cfg.seed)
@@ -105,7 +112,16 @@ class Experiment:
         needed = {0, self.total, *self.reset_iterations}
         missing = needed - set(self.checkpoints)
         if missing:
-            raise RuntimeError(f"{self.run.parent_path} lacks checkpoints at iterations {sorted(missing)}; delete it to retrain")
+            raise StoreError(f"parent checkpoint file {self.run.parent_path} lacks checkpoints at iterations "
+                             f"{sorted(missing)}; delete it to retrain the parent")
+        model = {v.path: tuple(v.shape) for v in self.model.variables}
+        for it in sorted(needed):
+            for p, shape in model.items():
+                got = self.checkpoints[it].get(p)
+                if got is None or tuple(got.shape) != shape:
+                    found = "missing" if got is None else f"shape {tuple(got.shape)}"
+                    raise StoreError(f"parent checkpoint file {self.run.parent_path} does not match the model "
+                                     f"({p} at iteration {it}: {found}, the model needs {shape}); delete it to retrain the parent")
         return self.parent_info
 
     # -- masks ----------------------------------------------------------------------------------
@@ -122,10 +138,16 @@ class Experiment:
 
     def load_masks(self):
         self.masks, self.remaining = self.run.read_masks()
+        if len(self.masks) != len(self.cfg.remaining_fractions()):
+            raise StoreError(f"mask file {self.run.masks_path} holds {len(self.masks)} masks, the config asks for "
+                             f"{len(self.cfg.remaining_fractions())}; delete it to recompute the masks")
+        shapes = {v.path: tuple(v.shape) for v in self.model.variables}
         for i, m in enumerate(self.masks):
             for p in self.prunable:
-                if p not in m or m[p].shape != self.checkpoints[0][p].shape:
-                    raise RuntimeError(f"{self.run.masks_path}: mask {i} does not match the model at {p}; delete the file")
+                if p not in m or tuple(m[p].shape) != shapes[p]:
+                    found = "missing" if p not in m else f"shape {tuple(m[p].shape)}"
+                    raise StoreError(f"mask file {self.run.masks_path} does not match the model (mask {i}, {p}: "
+                                     f"{found}, the model needs {shapes[p]}); delete it to recompute the masks")
         return self.masks
 
     # -- tasks ----------------------------------------------------------------------------------

@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import os
+import signal
 import sys
 import time
 
@@ -39,6 +39,43 @@ def launched_by_mpi() -> bool:
     return any(v in os.environ for v in MPI_ENV)
 
 
+def mpi_rank_from_env() -> int:
+    """This process's rank as the launcher says it (before MPI is initialised), 0 when not launched so."""
+    for v in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if os.environ.get(v, "").isdigit():
+            return int(os.environ[v])
+    return 0
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT: raised in the main thread so that Python unwinds (atomic writes remove their
+    temporaries) instead of dying where it stands."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def install_signal_handlers():
+    """SIGTERM (a scheduler's time limit, `kill`) and SIGINT (Ctrl-C) raise Interrupted once; while the
+    process unwinds, further ones are ignored (the unwinding is short and bounded)."""
+    def handler(signum, frame):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, handler)
+
+
+def interrupt_code(e: KeyboardInterrupt) -> int:
+    return 128 + getattr(e, "signum", signal.SIGINT)
+
+
+def interrupt_line(e: KeyboardInterrupt) -> str:
+    return f"interrupted by {signal.Signals(getattr(e, 'signum', signal.SIGINT)).name}"
+
+
 def describe(cfg) -> str:
     from .data import KNOWN_SHAPES
     from .models import build_model, describe as describe_model
@@ -56,6 +93,8 @@ def describe(cfg) -> str:
 def main(argv=None) -> int:
     t_start = time.time()
     args = parser().parse_args(argv)
+    if argv is None:  # the command line, not a test calling main() in its own process
+        install_signal_handlers()
     try:
         cfg = resolve(args.config, args.sets)
         if args.describe:
@@ -76,10 +115,13 @@ def main(argv=None) -> int:
             print(format_table(load(path)))
         print(f"results: {path}")
         return 0
-    except KeyboardInterrupt:
-        print("lthmpi: interrupted; finished tasks are on disk, rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"lthmpi: {interrupt_line(e)}; finished tasks are on disk, rerun the same command to resume",
+              file=sys.stderr)
+        return interrupt_code(e)
     except Exception as e:  # noqa: BLE001 - every failure becomes one line and a non-zero exit
+        if launched_by_mpi() and mpi_rank_from_env() != 0:
+            return describe_error(e)[1]  # every rank read the same config: rank 0 says it, once
         return report_error(e)
 
 
@@ -96,21 +138,30 @@ def is_user_error(e: BaseException) -> bool:
     return isinstance(e, tuple(kinds))
 
 
+def describe_error(e: BaseException) -> tuple[str, int, bool]:
+    """(one line after "lthmpi: error: ", exit status, whether it is a bug that deserves a traceback)."""
+    from .store import disk_errno
+
+    if is_user_error(e):
+        return str(e), EXIT_USAGE, False
+    code = disk_errno(e)
+    if code is not None:
+        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+        return (f"{os.strerror(code)}{where}; finished tasks are kept: free space or fix the disk or its "
+                f"permissions and rerun the same command to resume"), EXIT_FAILURE, False
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}", EXIT_FAILURE, True
+
+
 def report_error(e: BaseException) -> int:
     """One clear line for the errors a user can fix; a traceback only for bugs."""
-    if is_user_error(e):
-        print(f"lthmpi: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
-        where = f" writing {e.filename}" if e.filename else ""
-        print(f"lthmpi: error: {os.strerror(e.errno)}{where}; finished tasks are kept, free space or fix "
-              f"permissions and rerun to resume", file=sys.stderr)
-        return EXIT_FAILURE
-    import traceback
+    line, code, bug = describe_error(e)
+    if bug:
+        import traceback
 
-    traceback.print_exc()
-    print(f"lthmpi: error: {type(e).__name__}: {e}", file=sys.stderr)
-    return EXIT_FAILURE
+        traceback.print_exc()
+    print(f"lthmpi: error: {line}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -4,7 +4,13 @@ Rank 0 validates the run directory, trains (or loads) the parent and cuts the ma
 read both from the run directory once. The task list is then split by a scheduler (static, lpt) or
 handed out on request (dynamic); every rank, rank 0 included, trains. With more ranks than units of
 work, ranks form data-parallel subgroups (comm.Split) whose members average gradients with Allreduce.
-Any exception on any rank ends the whole job with MPI Abort after one line naming the rank and error.
+Any exception on any rank ends the whole job with MPI Abort after one line naming the rank and error;
+an error at the start that every rank sees alike (bad data, unknown model) is said once by rank 0 and all
+ranks exit cleanly. SIGTERM or SIGINT (a scheduler's time limit, Ctrl-C; mpirun forwards both) makes
+every rank unwind, dropping its task in flight, and exit 128 + signal number.
+Ranks that wait (for the parent, for the others) sleep between polls instead of spinning in MPI, so that
+the waiting ranks of an oversubscribed host leave its cores to the ranks that train, and a signal is
+handled while waiting.
 """
 from __future__ import annotations
 
@@ -16,13 +22,65 @@ import time
 import numpy as np
 
 from .config import Config
-from .driver import PhaseTimer, progress_bar, setup_logging
+from .driver import PhaseTimer, check_finished, progress_bar, run_one, set_fault, setup_logging
 from .schedule import assign_lpt, assign_static, groups_for
 from .store import RunDir
 
 log = logging.getLogger("lthmpi")
 
 TAG_REQUEST, TAG_TASK = 11, 12
+POLL_S = 0.01  # sleep between tests of a pending barrier or message
+STOP_GRACE_S = 15.0  # interrupted: how long a rank waits for the others to stop before it aborts them
+
+
+def _wait(comm):
+    """A barrier that sleeps while it waits (a blocking MPICH Barrier spins a core and defers signals)."""
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(POLL_S)
+
+
+def _recv(comm, source: int, tag: int):
+    req = comm.irecv(source=source, tag=tag)
+    while True:
+        done, msg = req.test()
+        if done:
+            return msg
+        time.sleep(POLL_S / 2)
+
+
+class _StartupFailed(Exception):
+    """Every rank knows the start failed and rank 0 has said why: exit with `code`, no Abort."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+def _agree(comm, rank: int, host: str, fn):
+    """Run fn() on every rank; if it fails on any, rank 0 prints one line and every rank raises _StartupFailed."""
+    from .main import describe_error
+
+    try:
+        value, failure = fn(), None
+    except Exception as e:  # noqa: BLE001 - reported once, below
+        value = None
+        line, code, bug = describe_error(e)
+        if bug:
+            import traceback
+
+            traceback.print_exc()
+        failure = (rank, host, line, code)
+    _wait(comm)  # sleep, not spin, while the slowest rank finishes
+    failures = [f for f in comm.allgather(failure) if f is not None]
+    if not failures:
+        return value
+    if rank == 0:
+        r, h, line, code = failures[0]
+        same = len(failures) == comm.Get_size() and len({f[2] for f in failures}) == 1
+        print(f"lthmpi: error: {line}" if same else f"lthmpi: error: rank {r} on {h}: {line}", file=sys.stderr,
+              flush=True)
+    raise _StartupFailed(max(f[3] for f in failures))
 
 
 class MpiReducer:
@@ -68,13 +126,44 @@ def make_reducer(cfg: Config, comm):
 
 def _abort(comm, rank: int, host: str, e: BaseException):
     """One line on stderr naming the rank and the error (traceback in the rank's log), then end every rank."""
-    from .main import is_user_error
+    from .main import describe_error
 
     log.error("rank %d failed", rank, exc_info=e)
+    line, code, bug = describe_error(e)
     where = next((h.baseFilename for h in log.handlers if isinstance(h, logging.FileHandler)), None)
-    detail = f"{e}" if is_user_error(e) else f"{type(e).__name__}: {e}" + (f" (traceback in {where})" if where else "")
-    print(f"lthmpi: error: rank {rank} on {host} failed: {detail}", file=sys.stderr, flush=True)
-    comm.Abort(2 if is_user_error(e) else 1)
+    if bug and where:
+        line += f" (traceback in {where})"
+    print(f"lthmpi: error: rank {rank} on {host} failed: {line}", file=sys.stderr, flush=True)
+    time.sleep(1.0)  # let mpirun forward the line: MPI_Abort kills the forwarding proxies at once
+    comm.Abort(code)
+
+
+def _stop(comm, stop_comm, rank: int, e: KeyboardInterrupt):
+    """Interrupted (SIGTERM, SIGINT): this rank has unwound (its task in flight dropped, temporaries removed).
+    If every rank stops within STOP_GRACE_S, exit together; else abort the ranks that did not hear it."""
+    from .main import interrupt_code, interrupt_line
+
+    code = interrupt_code(e)
+    log.warning("rank %d interrupted (%s); its task in flight is dropped", rank, interrupt_line(e))
+    req = stop_comm.Ibarrier()  # its own communicator: cannot match a barrier pending on COMM_WORLD
+    deadline = time.time() + STOP_GRACE_S
+    while not req.Test():
+        if time.time() > deadline:
+            print(f"lthmpi: rank {rank} interrupted, the others did not stop; aborting them", file=sys.stderr,
+                  flush=True)
+            comm.Abort(code)
+        time.sleep(POLL_S)
+    if rank == 0:
+        print(f"lthmpi: {interrupt_line(e)}; finished tasks are on disk, rerun the same command to resume",
+              file=sys.stderr, flush=True)
+    req = stop_comm.Ibarrier()  # no rank exits (which makes mpirun kill the rest) before rank 0 has said it
+    deadline = time.time() + STOP_GRACE_S
+    while not req.Test() and time.time() < deadline:
+        time.sleep(POLL_S)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # not MPI_Finalize: requests interrupted mid-wait are still pending
 
 
 def run_parallel(cfg: Config, run_dir: str, t_start: float, quiet: bool = False) -> int:
@@ -83,23 +172,32 @@ def run_parallel(cfg: Config, run_dir: str, t_start: float, quiet: bool = False)
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     host = MPI.Get_processor_name()
+    stop_comm = comm.Dup()
     try:
         return _run(cfg, run_dir, t_start, quiet, comm, rank, size, host)
+    except _StartupFailed as e:
+        return e.code
+    except KeyboardInterrupt as e:
+        if size == 1:
+            raise
+        _stop(comm, stop_comm, rank, e)
+        return 1
     except BaseException as e:  # noqa: BLE001 - one failing rank must end every rank
         if size == 1:
             raise
         _abort(comm, rank, host, e)
         return 1
+    finally:
+        RunDir(run_dir).unlock()
 
 
 def _run(cfg, run_dir, t_start, quiet, comm, rank, size, host) -> int:
     from mpi4py import MPI
 
     from .results import merge, provenance
-    from .runtime import auto_threads, configure_tensorflow
+    from .runtime import auto_threads
 
-    global _fault
-    _fault = FaultInjection(rank)
+    fault = set_fault(rank)
     t_start = comm.bcast(t_start, root=0)
     timer = PhaseTimer(t_start)
     run = RunDir(run_dir)
@@ -107,23 +205,27 @@ def _run(cfg, run_dir, t_start, quiet, comm, rank, size, host) -> int:
     threads = auto_threads(local.Get_size(), cfg.parallel.threads)
     local.Free()
     with timer.phase("startup"):
-        error = None
-        if rank == 0:
-            try:
-                run.create(cfg)
-            except Exception as e:  # noqa: BLE001 - a user error is reported once, by rank 0
-                error = e
-        error = comm.bcast(error, root=0)
-        if error is not None:
-            if rank == 0:
-                raise error
-            return 2
-        setup_logging(run.path, rank, verbose=(rank == 0 and not quiet))
-        configure_tensorflow(threads)
-        from .experiment import Experiment
+        def refuse_early():  # another experiment's directory, or one in use: before seconds of imports
+            if rank == 0 and os.path.exists(run.config_path):
+                run.check_config(cfg)
+                run.lock()
+                check_finished(run)  # a damaged task file, named now rather than at the merge
 
-        exp = Experiment(cfg, run.path, rank=rank)
-        comm.Barrier()
+        def build():
+            from .experiment import Experiment
+
+            return Experiment(cfg, run.path, rank=rank, threads=threads)
+
+        def create():  # only once the data and model are known good: no config.toml a rerun would trip on
+            if rank == 0:
+                run.create(cfg)
+                setup_logging(run.path, rank, verbose=not quiet)
+
+        _agree(comm, rank, host, refuse_early)
+        exp = _agree(comm, rank, host, build)
+        _agree(comm, rank, host, create)
+        if rank != 0:
+            setup_logging(run.path, rank, verbose=False)
     log.info("%d ranks, %d TF threads per rank, hosts %s", size, threads, sorted(set(comm.allgather(host))))
 
     with timer.phase("parent"):
@@ -133,13 +235,15 @@ def _run(cfg, run_dir, t_start, quiet, comm, rank, size, host) -> int:
             exp.trainer.set_reducer(None)
         elif rank == 0:
             exp.train_parent()
-        comm.Barrier()
+        else:
+            exp.trainer.warm_up()  # compile while rank 0 trains the parent, not in the first task
+        _wait(comm)
         if rank != 0 or exp.checkpoints is None:
             exp.load_parent()
     with timer.phase("masks"):
         if rank == 0:
             exp.compute_masks()
-        comm.Barrier()
+        _wait(comm)
         if rank != 0:
             exp.load_masks()
 
@@ -166,13 +270,19 @@ def _run(cfg, run_dir, t_start, quiet, comm, rank, size, host) -> int:
             plan = comm.bcast(plan, root=0)
             mine = [type(tasks[0])(*x) for x in plan[colors[rank]]] if todo else []
         if rank == 0:
-            idle = n_workers - (len(todo) if schedule == "dynamic" else sum(1 for lst in (plan or []) if lst))
+            if schedule == "dynamic":
+                idle, who = max(0, n_workers - len(todo)), ""
+            else:
+                empty = [leaders[i] for i, lst in enumerate(plan or []) if not lst]
+                idle, who = len(empty), " (ranks " + ", ".join(map(str, empty)) + ")"
             if len(tasks) != len(todo):
                 log.info("resuming: %d of %d tasks already complete on disk", len(tasks) - len(todo), len(tasks))
             groups = (f"data-parallel subgroups of {sorted({colors.count(c) for c in set(colors)})} ranks"
                       if n_workers != size else "one rank each")
             log.info("%s schedule: %d tasks over %d workers (%s)%s", schedule, len(todo), n_workers, groups,
-                     f"; {idle} workers have no task and wait" if idle > 0 else "")
+                     f"; {idle} workers have no task and wait{who}" if idle > 0 else "")
+        if schedule != "dynamic" and is_leader and not mine:
+            log.info("rank %d has no task; it waits for the others", rank)
 
     records = []
     with timer.phase("training"):
@@ -184,16 +294,16 @@ def _run(cfg, run_dir, t_start, quiet, comm, rank, size, host) -> int:
             records = _dynamic(exp, comm, group, rank, colors, leaders, todo, poll)
         else:
             for task in mine:
-                records.append(_run_one(exp, task, is_leader, poll))
+                records.append(run_one(exp, task, is_leader, poll))
+        _wait(comm)
         if watch:
-            comm.Barrier()
             watch.finish(len(tasks))
-        else:
-            comm.Barrier()
         bar.close()
         group.Free()
 
     with timer.phase("gather"):
+        if rank == 0:
+            fault.at("gather")
         gathered = comm.gather(records, root=0)
         hosts = comm.gather(host, root=0)
     if rank != 0:
@@ -206,59 +316,13 @@ def _run(cfg, run_dir, t_start, quiet, comm, rank, size, host) -> int:
     timing = timer.as_attrs()
     prov = provenance(size, hosts, threads, MPI.Get_library_version().splitlines()[0].strip())
     prov.update(schedule=schedule, subgroups=n_workers != size, workers=n_workers)
-    path = merge(run, [t.id for t in tasks], timing, prov)
+    path = merge(run, [t.id for t in tasks], timing, prov, during=lambda: fault.at("merge"))
     if not quiet:
         from .results import format_table, load
 
         print(format_table(load(path)))
     print(f"results: {path}")
     return 0
-
-
-class FaultInjection:
-    """For the fault tests: LTHMPI_FAULT=KIND:RANK:N makes rank RANK fail in its N-th task (1-based),
-    after its first training block; KIND is `raise` (an exception) or `kill` (SIGKILL, as a dead node)."""
-
-    def __init__(self, rank: int):
-        spec = os.environ.get("LTHMPI_FAULT", "")
-        self.kind, self.rank, self.nth, self.count = None, -1, 0, 0
-        if spec:
-            kind, r, n = spec.split(":")
-            if kind not in ("raise", "kill"):
-                raise ValueError(f"LTHMPI_FAULT kind {kind!r} must be raise or kill")
-            self.kind, self.rank, self.nth = kind, int(r), int(n)
-        self.active = self.kind is not None and self.rank == rank
-
-    def task_started(self):
-        self.count += 1
-
-    def check(self):
-        if self.active and self.count == self.nth:
-            if self.kind == "kill":
-                import signal
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"injected fault in task {self.count}")
-
-
-_fault: FaultInjection | None = None
-
-
-def _run_one(exp, task, write: bool, poll) -> dict:
-    t0 = time.time()
-    fault = _fault or FaultInjection(-1)
-    fault.task_started()
-
-    def progress(n):
-        fault.check()
-        if poll:
-            poll()
-
-    attrs = exp.run_task(task, progress=progress, write=write)
-    log.debug("task %s done in %.1f s (early-stop accuracy %.4f)", task.id, time.time() - t0,
-             attrs.get("early_stop_accuracy", float("nan")))
-    if poll:
-        poll()
-    return dict(task_id=task.id, rank=exp.rank, start=t0, end=time.time())
 
 
 def _dynamic(exp, comm, group, rank, colors, leaders, todo, poll) -> list:
@@ -292,7 +356,7 @@ def _dynamic(exp, comm, group, rank, colors, leaders, todo, poll) -> list:
             task = group.bcast(task, root=0) if group.Get_size() > 1 else task
             if task is None:
                 break
-            records.append(_run_one(exp, task, is_leader, serve_and_poll))
+            records.append(run_one(exp, task, is_leader, serve_and_poll))
         while stopped < len(others):
             serve_and_poll()
             time.sleep(0.05)
@@ -300,7 +364,7 @@ def _dynamic(exp, comm, group, rank, colors, leaders, todo, poll) -> list:
     while True:
         if is_leader:
             comm.send(None, dest=0, tag=TAG_REQUEST)
-            got = comm.recv(source=0, tag=TAG_TASK)
+            got = _recv(comm, 0, TAG_TASK)
             task = None if got is None else type(todo[0])(*got)
         else:
             task = None
@@ -308,7 +372,7 @@ def _dynamic(exp, comm, group, rank, colors, leaders, todo, poll) -> list:
             task = group.bcast(task, root=0)
         if task is None:
             return records
-        records.append(_run_one(exp, task, is_leader, None))
+        records.append(run_one(exp, task, is_leader, None))
 
 
 class _DiskProgress:

@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from .config import tomllib
-from .store import RunDir, StoreError, atomic_h5, open_h5, read_arrays
+from .store import DIGEST, RunDir, StoreError, atomic_h5, open_h5, read_arrays
 
 FORMAT = 1
 TASK_COLUMNS = ("task_id", "mask", "remaining", "target_remaining", "reset", "reset_iteration", "control",
@@ -30,16 +30,17 @@ TASK_COLUMNS = ("task_id", "mask", "remaining", "target_remaining", "reset", "re
                 "diverged", "seconds", "start_time", "end_time", "rank", "host", "threads")
 
 
-def merge(run: RunDir, task_ids: list[str], timing: dict, provenance: dict) -> str:
-    """Gather the per-task files named by `task_ids` into results.h5 (written atomically)."""
+def merge(run: RunDir, task_ids: list[str], timing: dict, provenance: dict, during=None) -> str:
+    """Gather the per-task files named by `task_ids` into results.h5 (written atomically; it is derived, so a
+    damaged one is simply rebuilt by the next run). `during()` is called with the file half-written (fault tests)."""
     rows, curves = [], {}
     for tid in task_ids:
         attrs, series = run.read_task(tid)
         rows.append(attrs)
         curves[tid] = series
     with open_h5(run.parent_path, "parent checkpoint file") as f:
-        parent = dict(f.attrs)
-        parent_history = read_arrays(f["history"], run.parent_path) if "history" in f else {}
+        parent = {k: v for k, v in f.attrs.items() if k != DIGEST}
+        parent_history = read_arrays(f["history"], f"parent checkpoint file {run.parent_path}") if "history" in f else {}
     with open(run.config_path) as f:
         config_text = f.read()
     with atomic_h5(run.results_path) as f:
@@ -57,6 +58,8 @@ def merge(run: RunDir, task_ids: list[str], timing: dict, provenance: dict) -> s
                 t.create_dataset(col, data=np.asarray(values, dtype=np.float64 if col not in
                                                         ("mask", "reset_iteration", "early_stop_iteration", "iterations",
                                                          "rank", "threads") else np.int64))
+        if during:
+            during()
         for tid, series in curves.items():
             for name, cols in series.items():
                 for col, values in cols.items():
@@ -73,7 +76,7 @@ def load(path: str) -> dict:
         path = RunDir(path).results_path
     if not os.path.exists(path):
         raise StoreError(f"no results file at {path}: the run has not finished (rerun it to complete and merge)")
-    with open_h5(path, "results file") as f:
+    with open_h5(path, "results file", "rerun the experiment to rebuild it from the task files") as f:
         try:
             config = tomllib.loads(f.attrs["config"])
             parent = {k: _plain(v) for k, v in f["parent"].attrs.items()}

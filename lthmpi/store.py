@@ -2,15 +2,21 @@
 
 Every file is written whole or not at all: it is built under a temporary name in the same directory,
 flushed and fsynced, then renamed, so a killed process leaves either the old state or the new one.
-Arrays carry a sha256 of their bytes, because HDF5 itself does not notice a flipped bit in raw data.
+Arrays carry a sha256 of their bytes, because HDF5 itself does not notice a flipped bit in raw data, and
+every HDF5 file written here carries a sha256 of its whole content (attributes, and the bytes of every
+array that has no checksum of its own) in the root attribute `content_sha256`, checked on opening.
+One run at a time: the process that works in a directory holds an flock on RUN_DIR/lock.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
 import socket
 import tempfile
+import time
 
 import h5py
 import numpy as np
@@ -22,32 +28,104 @@ class StoreError(RuntimeError):
     """A run-directory problem, phrased as one line with what to do about it."""
 
 
+DIGEST = "content_sha256"  # root attribute: sha256 of the file's content (see content_digest)
+DISK_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO)
+_DISK_TEXT = {"no space left on device": errno.ENOSPC, "read-only file system": errno.EROFS,
+              "disk quota exceeded": errno.EDQUOT, "permission denied": errno.EACCES}
+
+
 def sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
+def disk_errno(e: BaseException) -> int | None:
+    """The errno of a full, read-only or forbidden disk behind `e`, else None. h5py raises OSError whose
+    errno may be unset, or RuntimeError, with the C library's text ("errno = 28, error message = 'No space
+    left on device'")."""
+    if not isinstance(e, (OSError, RuntimeError)):  # h5py raises RuntimeError when a flush or close fails
+        return None
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+        return e.errno
+    text = str(e).lower()
+    m = re.search(r"errno = (\d+)", text)
+    if m and int(m.group(1)) in DISK_ERRNOS:
+        return int(m.group(1))
+    return next((code for words, code in _DISK_TEXT.items() if words in text), None)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
-    """Yield a temporary path next to `path`; on success it replaces `path`, on failure it vanishes."""
+    """Yield a temporary path next to `path`; on success it replaces `path`, on failure it vanishes.
+
+    A full, read-only or forbidden disk is reported as OSError(errno, strerror, path), naming `path`."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=directory)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=directory)
+        os.close(fd)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        code = disk_errno(e)
+        if code is not None:
+            raise OSError(code, os.strerror(code), path) from None
         raise
 
 
 @contextlib.contextmanager
 def atomic_h5(path: str):
+    """A new HDF5 file at `path`, written atomically, with its content checksum added on success."""
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             yield f
+            f.attrs[DIGEST] = content_digest(f)
+
+
+def _canon(v) -> str:
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "replace")
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    elif isinstance(v, np.generic):
+        v = v.item()
+    return repr(v)
+
+
+def content_digest(f: h5py.Group) -> str:
+    """sha256 over every attribute and every dataset (its bytes, unless it carries its own sha256 attribute,
+    which is then covered instead and checked when the array is read): HDF5 does not notice a flipped bit
+    in raw data or attributes, this does."""
+    d = hashlib.sha256()
+
+    def attrs(obj):
+        for k in sorted(obj.attrs):
+            if obj.name == "/" and k == DIGEST:
+                continue
+            d.update(f"{obj.name}@{k}={_canon(obj.attrs[k])}\n".encode())
+
+    def walk(g):
+        attrs(g)
+        for k in sorted(g):
+            obj = g[k]
+            if isinstance(obj, h5py.Group):
+                walk(obj)
+                continue
+            attrs(obj)
+            d.update(f"{obj.name}:{obj.dtype.str}:{obj.shape}\n".encode())
+            if "sha256" not in obj.attrs:
+                a = obj[()]
+                if isinstance(a, np.ndarray) and a.dtype.kind != "O":
+                    d.update(np.ascontiguousarray(a).tobytes())
+                else:
+                    d.update(_canon(a).encode())
+
+    walk(f)
+    return d.hexdigest()
 
 
 def write_arrays(group: h5py.Group, arrays: dict, compression: str | None = None):
@@ -66,18 +144,34 @@ def read_arrays(group: h5py.Group, where: str) -> dict:
             a = obj[()]
             expected = obj.attrs.get("sha256")
             if expected is not None and sha256(a) != expected:
-                raise StoreError(f"{where}: array {name} is corrupt (checksum mismatch); delete the file to recompute it")
+                raise StoreError(f"{where} is corrupt (array {name}: checksum mismatch); delete it to recompute it")
             out[name] = a
 
     group.visititems(visit)
     return out
 
 
-def open_h5(path: str, what: str) -> h5py.File:
+def open_h5(path: str, what: str, fix: str = "delete it to recompute it") -> h5py.File:
+    """Open for reading, verifying the content checksum if the file has one; damage is one StoreError line."""
     try:
-        return h5py.File(path, "r")
+        f = h5py.File(path, "r")
     except OSError as e:
-        raise StoreError(f"{what} {path} is unreadable ({str(e).splitlines()[0]}); delete it to recompute it") from None
+        raise StoreError(f"{what} {path} is unreadable ({str(e).splitlines()[0]}); {fix}") from None
+    try:
+        expected = f.attrs.get(DIGEST)
+        if expected is not None and _canon(expected) != repr(content_digest(f)):
+            raise StoreError(f"{what} {path} is corrupt (content checksum mismatch); {fix}")
+    except StoreError:
+        f.close()
+        raise
+    except Exception as e:  # noqa: BLE001 - damaged metadata fails in many ways inside h5py
+        f.close()
+        raise StoreError(f"{what} {path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         f"{fix}") from None
+    return f
+
+
+_HELD_LOCKS: dict[str, int] = {}  # run directory -> fd of its lock file, for the run(s) of this process
 
 
 class RunDir:
@@ -91,12 +185,14 @@ class RunDir:
         self.tasks_dir = os.path.join(self.path, "tasks")
         self.logs_dir = os.path.join(self.path, "logs")
         self.results_path = os.path.join(self.path, "results.h5")
+        self.lock_path = os.path.join(self.path, "lock")
 
     def task_path(self, task_id: str) -> str:
         return os.path.join(self.tasks_dir, f"{task_id}.h5")
 
     def create(self, cfg: Config):
-        """Make the directory and save the config; refuse a directory that holds another experiment."""
+        """Make the directory, take its lock and save the config; refuse a directory that holds another
+        experiment or that another run is using. Temporaries of a killed run are removed (under the lock)."""
         try:
             os.makedirs(self.tasks_dir, exist_ok=True)
             os.makedirs(self.logs_dir, exist_ok=True)
@@ -104,6 +200,7 @@ class RunDir:
             raise StoreError(f"cannot create run directory {self.path}: {e.strerror}; choose another --run-dir") from None
         if not os.access(self.path, os.W_OK):
             raise StoreError(f"run directory {self.path} is not writable; choose another --run-dir")
+        self.lock()
         if os.path.exists(self.config_path):
             self.check_config(cfg)
             self.remove_stale_temporaries()
@@ -114,8 +211,47 @@ class RunDir:
         except OSError as e:
             raise StoreError(f"cannot write {self.config_path}: {e.strerror}") from None
 
+    # -- one run at a time ------------------------------------------------------------------------
+    def lock(self):
+        """Hold an exclusive flock on RUN_DIR/lock until unlock() or the end of the process (the kernel drops
+        it when the holder dies, so a killed run's lock is never stale). Refuses with who holds it."""
+        if self.path in _HELD_LOCKS:
+            return
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreError(f"cannot open {self.lock_path}: {e.strerror}; choose another --run-dir") from None
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = ""
+            with contextlib.suppress(OSError):
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StoreError(f"run directory {self.path} is in use by another lthmpi run "
+                                 f"({holder or 'holder unknown'}); wait for it to end or use another --run-dir") from None
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                _HELD_LOCKS[self.path] = -1  # a filesystem without locks (some cluster mounts): run unguarded
+                return
+            raise StoreError(f"cannot lock {self.lock_path}: {e.strerror}") from None
+        with contextlib.suppress(OSError):  # who holds it, for the message a second run prints
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{hostname()}:{os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        _HELD_LOCKS[self.path] = fd
+
+    def unlock(self):
+        fd = _HELD_LOCKS.pop(self.path, None)
+        if fd is not None and fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def remove_stale_temporaries(self):
-        """Temporary files a killed run left behind (never complete results; safe under the run lock)."""
+        """Temporary files a killed run left behind (never complete results); only under the run lock."""
+        if self.path not in _HELD_LOCKS:
+            return
         for d in (self.path, self.tasks_dir):
             for name in os.listdir(d):
                 if name.startswith(".tmp-"):
@@ -157,14 +293,19 @@ class RunDir:
             f.attrs.update(attrs)
 
     def read_checkpoints(self) -> tuple[dict, dict, dict]:
+        what = f"parent checkpoint file {self.parent_path}"
         with open_h5(self.parent_path, "parent checkpoint file") as f:
-            ckpts, opts = {}, {}
-            for it, g in f["checkpoints"].items():
-                ckpts[int(it)] = read_arrays(g["weights"], self.parent_path)
-                if "optimizer" in g:
-                    opts[int(it)] = read_arrays(g["optimizer"], self.parent_path)
-            attrs = dict(f.attrs)
-            attrs["history"] = read_arrays(f["history"], self.parent_path)
+            try:
+                ckpts, opts = {}, {}
+                for it, g in f["checkpoints"].items():
+                    ckpts[int(it)] = read_arrays(g["weights"], what)
+                    if "optimizer" in g:
+                        opts[int(it)] = read_arrays(g["optimizer"], what)
+                attrs = {k: v for k, v in f.attrs.items() if k != DIGEST}
+                attrs["history"] = read_arrays(f["history"], what)
+            except (KeyError, ValueError, OSError) as e:
+                raise StoreError(f"parent checkpoint file {self.parent_path} is corrupt ({e}); "
+                                 f"delete it to recompute it") from None
         return ckpts, opts, attrs
 
     def write_masks(self, masks: list[dict], remaining: list[float], targets: list[float]):
@@ -177,9 +318,12 @@ class RunDir:
 
     def read_masks(self) -> tuple[list[dict], list[float]]:
         with open_h5(self.masks_path, "mask file") as f:
-            n = len(f["masks"])
-            masks = [read_arrays(f[f"masks/{i}"], self.masks_path) for i in range(n)]
-            remaining = [float(f[f"masks/{i}"].attrs["remaining"]) for i in range(n)]
+            try:
+                n = len(f["masks"])
+                masks = [read_arrays(f[f"masks/{i}"], f"mask file {self.masks_path}") for i in range(n)]
+                remaining = [float(f[f"masks/{i}"].attrs["remaining"]) for i in range(n)]
+            except (KeyError, ValueError, OSError) as e:
+                raise StoreError(f"mask file {self.masks_path} is corrupt ({e}); delete it to recompute it") from None
         return masks, remaining
 
     # -- task results -----------------------------------------------------------------------------
@@ -193,10 +337,14 @@ class RunDir:
                     g.create_dataset(col, data=np.asarray(values))
 
     def read_task(self, task_id: str) -> tuple[dict, dict]:
+        """A finished task's measurements, checksum verified (a damaged file is a StoreError naming it)."""
         path = self.task_path(task_id)
-        with open_h5(path, "task result") as f:
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
-            series = {name: {c: g[c][()] for c in g} for name, g in f.items()}
+        with open_h5(path, "task result", "delete it to recompute that task") as f:
+            try:
+                attrs = {k: _plain(v) for k, v in f.attrs.items() if k != DIGEST}
+                series = {name: {c: g[c][()] for c in g} for name, g in f.items()}
+            except (KeyError, ValueError, OSError, TypeError) as e:
+                raise StoreError(f"task result {path} is corrupt ({e}); delete it to recompute that task") from None
         return attrs, series
 
 

@@ -1,0 +1,578 @@
+"""Faults and bad input, through the real CLI and the real mpirun on the tiny digits experiment: a dead rank,
+SIGTERM and Ctrl-C, rank 0 dying in the gather or the merge, a full or read-only disk, corrupt files and
+data, two runs on one directory, a diverging retraining. Each case ends the job by itself with a clear line,
+leaves nothing half-written, and the rerun of the same command finishes the work with the results of an
+uninterrupted run, redoing no finished task. Slow variants run in run/fault_battery.sh (marked `battery`)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from faultkit import (N_TASKS, PY, ROOT, assert_every_h5_readable, assert_same_results, battery, can_mount,
+                      clean_env, done_counts, error_lines, finish, free_bytes, launch, log_has, lthmpi_lines, note,
+                      records, start, task_files, temporaries, tmpfs, wait_for)
+
+WAITING = "injected fault: waiting"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run (serial, one TF thread): what every interrupted-then-resumed run must equal."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    r = launch(run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(task_files(run)) == N_TASKS
+    return run
+
+
+def copy_run(reference, dest) -> Path:
+    """A finished run's files (not its logs or lock), to damage or resume."""
+    dest = Path(dest)
+    shutil.copytree(reference, dest, ignore=shutil.ignore_patterns("logs", "lock"))
+    return dest
+
+
+def assert_resumed_cleanly(run, reference, before: dict | None = None):
+    """After the rerun: complete, equal to the uninterrupted run, every task trained exactly once over all
+    runs, finished files untouched, nothing temporary left."""
+    counts = done_counts(run)
+    assert sorted(counts) == sorted(task_files(reference)), counts
+    assert set(counts.values()) == {1}, f"a finished task was redone: {counts}"
+    assert temporaries(run) == []
+    assert_every_h5_readable(run)
+    assert_same_results(run, reference)
+    for name, mtime in (before or {}).items():
+        assert (Path(run) / "tasks" / name).stat().st_mtime_ns == mtime, f"{name} was rewritten"
+
+
+def mtimes(run) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in (Path(run) / "tasks").glob("*.h5")}
+
+
+# -- units: the pieces the end-to-end cases rely on ------------------------------------------------------
+
+def test_disk_errors_are_recognised_with_or_without_errno():
+    from lthmpi.main import describe_error
+    from lthmpi.store import disk_errno
+
+    h5_text = ("Can't synchronously write data (file write failed: time = Tue Nov 24 08:48:06 2026\n, filename = "
+               "'a.h5', file descriptor = 3, errno = 28, error message = 'No space left on device', buf = 0x1)")
+    assert disk_errno(OSError(28, "No space left on device")) == 28
+    assert disk_errno(OSError(h5_text)) == 28  # h5py: errno unset, the C library's text
+    assert disk_errno(RuntimeError("Disable slist on flush dest failure failed (file write failed: errno = 28, "
+                                   "error message = 'No space left on device')")) == 28
+    assert disk_errno(OSError(None, "Unable to create file (unable to open file: name = 'x', errno = 30, "
+                                    "error message = 'Read-only file system')")) == 30
+    assert disk_errno(OSError(2, "No such file")) is None and disk_errno(ValueError("errno = 28")) is None
+    line, code, bug = describe_error(OSError(28, os.strerror(28), "/r/tasks/m000_r00_ticket.h5"))
+    assert line.startswith("No space left on device writing /r/tasks/m000_r00_ticket.h5; finished tasks are kept")
+    assert code == 1 and not bug and "\n" not in line
+    line, _, bug = describe_error(RuntimeError("boom\nsecond line"))
+    assert bug and line == "RuntimeError: boom"
+
+
+@pytest.mark.skipif(not can_mount(), reason="needs root to mount a tmpfs")
+def test_full_disk_write_names_the_file_and_leaves_nothing(tmp_path):
+    from lthmpi.store import atomic_h5
+
+    with tmpfs(tmp_path / "small", "1m") as d:
+        target = d / "big.h5"
+        with pytest.raises(OSError) as e:
+            with atomic_h5(str(target)) as f:
+                f.create_dataset("x", data=np.zeros(400_000))
+        assert e.value.errno == 28 and e.value.filename == str(target)
+        assert os.listdir(d) == []
+
+
+def test_fault_spec_is_checked():
+    from lthmpi.driver import FaultInjection
+
+    f = FaultInjection(1, "kill:1:gather")
+    assert f.active and f.kind == "kill" and f.where == "gather"
+    assert not FaultInjection(0, "kill:1:2").active
+    for bad in ("kill:1", "explode:0:1", "raise:0:lunch", "raise:x:1", "nan:0:merge"):
+        with pytest.raises(ValueError, match="LTHMPI_FAULT"):
+            FaultInjection(0, bad)
+
+
+def flip_bit(path, offset: int, bit: int = 0):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ (1 << bit)]))
+
+
+def flip_float_attr(path, value: float):
+    """Flip the lowest mantissa bit of a float64 attribute, found by its bytes (attributes live in headers)."""
+    raw = Path(path).read_bytes()
+    at = raw.find(struct.pack("<d", value))
+    assert at >= 0 and raw.find(struct.pack("<d", value), at + 1) < 0, "value not found once in the file"
+    flip_bit(path, at)
+
+
+def flip_in_dataset(path, name: str, byte: int = 0):
+    with h5py.File(path, "r") as f:
+        offset = f[name].id.get_offset()
+    assert offset is not None, f"{name} is not stored contiguously"
+    flip_bit(path, offset + byte)
+
+
+def test_task_file_bit_flips_are_detected(tmp_path, tiny_config):
+    from lthmpi.store import RunDir, StoreError
+
+    run = RunDir(str(tmp_path / "r"))
+    run.create(tiny_config)
+    attrs = dict(task_id="m000_r00_ticket", final_accuracy=0.8583333333333333, diverged=False, control="",
+                 rank=0, remaining=0.5123)
+    series = {"evals": {"iteration": np.arange(5.0), "val_loss": np.linspace(1.0, 0.5, 5)}}
+    run.write_task("m000_r00_ticket", attrs, series)
+    good = Path(run.task_path("m000_r00_ticket")).read_bytes()
+    got, _ = run.read_task("m000_r00_ticket")
+    assert {k: got[k] for k in attrs} == attrs
+    for damage in (lambda p: flip_float_attr(p, 0.8583333333333333),   # an attribute (HDF5 would not notice)
+                   lambda p: flip_in_dataset(p, "evals/val_loss", 3),    # raw data (HDF5 would not notice)
+                   lambda p: Path(p).write_bytes(good[: len(good) // 2])):  # truncated
+        Path(run.task_path("m000_r00_ticket")).write_bytes(good)
+        damage(run.task_path("m000_r00_ticket"))
+        with pytest.raises(StoreError) as e:
+            run.read_task("m000_r00_ticket")
+        msg = str(e.value)
+        assert "\n" not in msg and run.task_path("m000_r00_ticket") in msg and "delete it" in msg
+        assert "corrupt" in msg or "unreadable" in msg
+    run.unlock()
+
+
+def test_run_directory_lock_names_the_holder_and_dies_with_it(tmp_path, tiny_config):
+    """One run per directory: a second is refused naming the first (host:pid); the kernel drops the flock when
+    the holder dies, so a killed run's lock is never stale."""
+    from lthmpi.store import RunDir, StoreError, hostname
+
+    path = str(tmp_path / "r")
+    RunDir(path).create(tiny_config)
+    RunDir(path).unlock()
+    holder = subprocess.Popen([PY, "-c", f"from lthmpi.store import RunDir; import sys, time; RunDir({path!r}).lock(); "
+                               "print('locked', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True,
+                              env=clean_env(), cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreError) as e:
+            RunDir(path).create(tiny_config)
+        assert f"{hostname()}:{holder.pid}" in str(e.value) and "in use by another lthmpi run" in str(e.value)
+        open(os.path.join(path, ".tmp-results.h5.x"), "w").close()
+        RunDir(path).remove_stale_temporaries()  # not under the lock: must not touch another run's temporaries
+        assert os.path.exists(os.path.join(path, ".tmp-results.h5.x"))
+    finally:
+        holder.kill()
+        holder.wait()
+    run = RunDir(path)
+    run.create(tiny_config)  # taken over; the dead run's temporaries are removed under the lock
+    assert not os.path.exists(os.path.join(path, ".tmp-results.h5.x"))
+    run.unlock()
+
+
+# -- a rank dies --------------------------------------------------------------------------------------------
+
+def test_rank_sigkilled_mid_task(reference, tmp_path):
+    """P = 3, rank 1 SIGKILLed in its second task (a dead node): the job ends by itself, non-zero; the rerun
+    finishes the work, equal to an uninterrupted run, redoing no finished task."""
+    run = tmp_path / "run"
+    p = start(run, 3, env={"LTHMPI_FAULT": "kill:1:2"})
+    wait_for(lambda: task_files(run), p, what="the first task file")
+    t = time.time()
+    rc, _, err = finish(p, timeout=120)
+    ended_in = time.time() - t
+    assert rc != 0 and ended_in < 60, (rc, ended_in, err[-2000:])
+    finished = task_files(run)
+    assert 0 < len(finished) < N_TASKS
+    assert set(done_counts(run)) == finished
+    assert_every_h5_readable(run)
+    assert not (run / "results.h5").exists()
+    before = mtimes(run)
+    r = launch(run, 2)  # resumed with another number of ranks: the directory does not care
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_resumed_cleanly(run, reference, before)
+    note("rank 1 SIGKILLed mid-task (P=3)", f"job ended by itself in {ended_in:.1f} s, rc {rc}; "
+         f"{len(finished)}/{N_TASKS} tasks kept; rerun (P=2) rc 0, none redone, results equal")
+
+
+# -- SIGTERM / SIGINT ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig, np_", [
+    pytest.param(signal.SIGTERM, 3, id="SIGTERM-mpirun"),
+    pytest.param(signal.SIGINT, None, id="SIGINT-serial"),
+    pytest.param(signal.SIGINT, 3, id="SIGINT-mpirun", marks=battery),
+    pytest.param(signal.SIGTERM, None, id="SIGTERM-serial", marks=battery),
+])
+def test_signal_stops_cleanly_and_rerun_resumes(reference, tmp_path, sig, np_):
+    """A scheduler's time limit (SIGTERM) or Ctrl-C (SIGINT) while a task is in flight: every rank unwinds,
+    the task in flight is dropped, nothing half-written, exit 128 + signal; the rerun resumes."""
+    run = tmp_path / "run"
+    rank = 1 if np_ else 0
+    p = start(run, np_, env={"LTHMPI_FAULT": f"wait:{rank}:2"})
+    wait_for(lambda: log_has(run, WAITING, rank), p, what="a task in flight")
+    t = time.time()
+    os.kill(p.pid, sig)  # mpirun forwards it to every rank
+    rc, out, err = finish(p, timeout=60)
+    ended_in = time.time() - t
+    assert rc == 128 + sig, (rc, err[-3000:])
+    lines = lthmpi_lines(err)
+    assert lines == [f"lthmpi: interrupted by {sig.name}; finished tasks are on disk, rerun the same command "
+                     f"to resume"], err[-3000:]
+    assert "Traceback" not in err and "results:" not in out
+    assert temporaries(run) == [], "nothing half-written"
+    assert_every_h5_readable(run)
+    finished = task_files(run)
+    assert set(done_counts(run)) == finished and len(finished) < N_TASKS, "the task in flight is dropped"
+    assert log_has(run, "interrupted", rank) if np_ else True
+    before = mtimes(run)
+    r = launch(run)  # resumed without mpirun: a run directory does not care how many ranks made it
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_resumed_cleanly(run, reference, before)
+    note(f"{sig.name} to {'mpirun -np 3' if np_ else 'serial run'} mid-task",
+         f"rc {rc} in {ended_in:.1f} s, one line, no temporaries, {len(finished)}/{N_TASKS} kept; rerun rc 0, equal")
+
+
+# -- rank 0 dies in the gather or the merge -----------------------------------------------------------------
+
+@pytest.mark.parametrize("point", ["merge", pytest.param("gather", marks=battery)])
+def test_rank0_killed_in_gather_or_merge(reference, tmp_path, point):
+    run = tmp_path / "run"
+    r = launch(run, 2, env={"LTHMPI_FAULT": f"kill:0:{point}"})
+    rc = r.returncode
+    assert rc != 0
+    assert task_files(run) == task_files(reference), "every task was on disk before the gather"
+    assert not (run / "results.h5").exists()
+    files = assert_every_h5_readable(run)  # a half-written merge is a .tmp- file, never results.h5
+    left = temporaries(run)
+    assert (point == "merge") == bool(left), left
+    before = mtimes(run)
+    r = launch(run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_resumed_cleanly(run, reference, before)
+    note(f"rank 0 SIGKILLed in the {point} (P=2)", f"rc {rc}; {len(files)} .h5 files "
+         f"all readable, {len(left)} temporaries; rerun rebuilt results.h5 from the task files, none redone")
+
+
+# -- disk full, read-only ---------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not can_mount(), reason="needs root to mount a tmpfs")
+@pytest.mark.parametrize("np_", [2, pytest.param(None, marks=battery)])
+def test_disk_full_mid_run(reference, tmp_path, np_):
+    """The run directory on a tmpfs that holds the parent, the masks and two tasks, with room for about two
+    more: the rank that hits ENOSPC says so in one line and ends the job; what was written is intact."""
+    with tmpfs(tmp_path / "disk", "3m") as disk:
+        run = disk / "run"
+        (run / "tasks").mkdir(parents=True)
+        for name in ("config.toml", "parent.h5", "masks.h5"):
+            shutil.copy(reference / name, run / name)
+        kept = sorted(task_files(reference))[:2]
+        for tid in kept:
+            shutil.copy(reference / "tasks" / f"{tid}.h5", run / "tasks" / f"{tid}.h5")
+        (disk / "filler").write_bytes(b"\0" * (free_bytes(disk) - 40 * 1024))
+        r = launch(run, np_)
+        assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
+        lines = error_lines(r.stderr)
+        assert lines and all("No space left on device writing " in ln and "finished tasks are kept" in ln
+                             for ln in lines), r.stderr[-3000:]
+        assert "Traceback" not in r.stderr and "Logging error" not in r.stderr
+        assert len(lines) <= (np_ or 1)
+        written = task_files(run)
+        assert set(kept) <= written
+        assert len(written) < N_TASKS
+        assert_every_h5_readable(run)
+        for tid in kept:
+            assert (run / "tasks" / f"{tid}.h5").read_bytes() == (reference / "tasks" / f"{tid}.h5").read_bytes()
+        (disk / "filler").unlink()
+        r2 = launch(run)
+        assert r2.returncode == 0, r2.stderr[-3000:]
+        assert_every_h5_readable(run)
+        assert_same_results(run, reference)
+        assert temporaries(run) == []
+    note(f"disk full (ENOSPC) mid-run{' under mpirun -np 2' if np_ else ', serial'}",
+         f"rc 1, '{lines[0][:70]}...'; {len(written)} task files intact; rerun after freeing space rc 0, equal")
+
+
+@pytest.mark.skipif(not can_mount(), reason="needs root for a read-only bind mount")
+@pytest.mark.parametrize("np_", [None, pytest.param(2, marks=battery)])
+def test_read_only_run_directory_mid_run(reference, tmp_path, np_):
+    """tasks/ becomes read-only (a bind mount remounted ro) while a task trains: one EROFS line, job ends."""
+    run = copy_run(reference, tmp_path / "run")
+    for tid in sorted(task_files(reference))[2:]:
+        (run / "tasks" / f"{tid}.h5").unlink()
+    (run / "results.h5").unlink()
+    kept = task_files(run)
+    p = start(run, np_, env={"LTHMPI_FAULT": "wait:0:1"})
+    tasks = str(run / "tasks")
+    mounted = False
+    try:
+        wait_for(lambda: log_has(run, WAITING, 0), p, what="a task in flight")
+        assert subprocess.run(["mount", "--bind", tasks, tasks]).returncode == 0
+        mounted = True
+        assert subprocess.run(["mount", "-o", "remount,bind,ro", tasks]).returncode == 0
+        os.kill(p.pid, signal.SIGUSR1)  # resume: the task ends and its result cannot be written
+        rc, _out, err = finish(p, timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        if mounted:
+            subprocess.run(["umount", tasks])
+    assert rc == 1, (rc, err[-3000:])
+    lines = error_lines(err)
+    assert lines and all("Read-only file system writing " + tasks in ln for ln in lines), err[-3000:]
+    assert "Traceback" not in err
+    assert task_files(run) == kept if np_ is None else kept <= task_files(run)
+    assert_every_h5_readable(run)
+    r = launch(run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_results(run, reference)
+    note(f"read-only tasks/ mid-run{' under mpirun -np 2' if np_ else ', serial'}",
+         f"rc 1, '{lines[0][:60]}...'; finished intact; rerun rc 0, equal")
+
+
+# -- corrupt inputs -------------------------------------------------------------------------------------------
+
+def write_idx(path, magic: int, dims, values=None):
+    n = int(np.prod(dims))
+    body = bytes(values if values is not None else (i % 10 for i in range(n)))
+    Path(path).write_bytes(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in dims) + body)
+
+
+def idx_dir(base, *, image_magic=0x803, labels=None):
+    d = Path(base) / "idx"
+    d.mkdir()
+    write_idx(d / "train-images-idx3-ubyte", image_magic, (20, 28, 28))
+    write_idx(d / "train-labels-idx1-ubyte", 0x801, (20,), labels)
+    write_idx(d / "t10k-images-idx3-ubyte", 0x803, (5, 28, 28))
+    write_idx(d / "t10k-labels-idx1-ubyte", 0x801, (5,))
+    return d
+
+
+def npz_file(base, bad):
+    x = np.random.default_rng(0).random((30, 8, 8, 1)).astype(np.float32)
+    x[3, 2, 2, 0] = bad
+    path = Path(base) / "data.npz"
+    np.savez(path, x_train=x, y_train=np.arange(30) % 3, x_test=x[:6], y_test=np.arange(6) % 3)
+    return path
+
+
+def prepared_file(base):
+    path = Path(base) / "digits.h5"
+    r = subprocess.run([PY, "-m", "lthmpi.data", "prepare", "--dataset", "digits", "--validation", "200",
+                        "--out", str(path)], capture_output=True, text=True, env=clean_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    return path
+
+
+def make_corrupt_case(name, reference, base: Path):
+    """(run dir, extra --set items, words the one error line must hold; None = the rerun must succeed)."""
+    run = base / "run"
+    sets: list[str] = []
+    if name.startswith(("task_", "results_", "parent_", "masks_")):
+        copy_run(reference, run)
+    tid = sorted(task_files(reference))[1]
+    task = run / "tasks" / f"{tid}.h5"
+    if name == "task_bitflip":
+        with h5py.File(task, "r") as f:
+            value = float(f.attrs["end_time"])
+        flip_float_attr(task, value)
+        words = ["task result", str(task), "corrupt", "delete it"]
+    elif name == "task_curve_bitflip":
+        flip_in_dataset(task, "evals/val_loss", 5)
+        words = ["task result", str(task), "corrupt", "delete it"]
+    elif name == "task_truncated":
+        task.write_bytes(task.read_bytes()[:3000])
+        words = ["task result", str(task), "unreadable", "delete it"]
+    elif name == "results_truncated":
+        p = run / "results.h5"
+        p.write_bytes(p.read_bytes()[:5000])
+        words = None
+    elif name == "results_bitflip":
+        flip_in_dataset(run / "results.h5", "tasks/final_accuracy", 9)
+        words = None
+    elif name == "parent_truncated":
+        p = run / "parent.h5"
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+        words = ["parent checkpoint file", str(p), "delete it"]
+    elif name == "parent_bitflip":
+        flip_in_dataset(run / "parent.h5", "checkpoints/10/weights/fc2/kernel", 1001)
+        words = ["parent checkpoint file", str(run / "parent.h5"), "corrupt", "delete it"]
+    elif name == "masks_bitflip":
+        flip_in_dataset(run / "masks.h5", "masks/1/output/kernel", 17)
+        words = ["mask file", str(run / "masks.h5"), "corrupt", "delete it"]
+    elif name == "masks_wrong_shape":
+        from lthmpi.store import RunDir
+
+        (run / "masks.h5").unlink()
+        bad = {p: np.ones((3, 3), bool) for p in ("fc1/kernel", "fc2/kernel", "output/kernel")}
+        RunDir(str(run)).write_masks([bad, bad], [0.5, 0.2], [0.5, 0.2])
+        words = ["mask file", "does not match the model", "fc1/kernel", "delete it"]
+    elif name == "prepared_truncated":
+        p = prepared_file(base)
+        p.write_bytes(p.read_bytes()[:20000])
+        sets, words = [f"data.prepared={p}"], ["prepared file", str(p), "corrupt"]
+    elif name == "prepared_bitflip":
+        p = prepared_file(base)
+        flip_in_dataset(p, "x_train", 4001)
+        sets, words = [f"data.prepared={p}"], ["prepared file", str(p), "corrupt", "checksum"]
+    elif name == "idx_wrong_magic":
+        d = idx_dir(base, image_magic=0x802)
+        sets = ["data.dataset=fashion_mnist", f"data.dir={d}", "data.validation=5"]
+        words = ["train-images-idx3-ubyte", "magic number 0x00000802"]
+    elif name == "labels_out_of_range":
+        d = idx_dir(base, labels=[3] * 19 + [12])
+        sets = ["data.dataset=fashion_mnist", f"data.dir={d}", "data.validation=5"]
+        words = ["train-labels-idx1-ubyte", "label 12 is out of range"]
+    elif name in ("nan_in_data", "inf_in_data"):
+        p = npz_file(base, np.nan if name == "nan_in_data" else np.inf)
+        sets = ["data.dataset=npz", f"data.dir={p}", "data.validation=5"]
+        words = [str(p), "NaN or Inf"]
+    else:  # pragma: no cover
+        raise KeyError(name)
+    return run, sets, words
+
+
+CORRUPT = ["task_bitflip", "task_curve_bitflip", "task_truncated", "results_truncated", "results_bitflip",
+           "parent_truncated", "parent_bitflip", "masks_bitflip", "masks_wrong_shape", "prepared_truncated",
+           "prepared_bitflip", "idx_wrong_magic", "labels_out_of_range", "nan_in_data", "inf_in_data"]
+
+
+@pytest.fixture(scope="module")
+def corrupt_runs(reference, tmp_path_factory):
+    """Every corrupt-input case rerun through the CLI, two at a time."""
+    cases = {name: make_corrupt_case(name, reference, tmp_path_factory.mktemp(name)) for name in CORRUPT}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(launch, run, None, sets) for name, (run, sets, _) in cases.items()}
+        return {name: (futures[name].result(), *cases[name]) for name in CORRUPT}
+
+
+@pytest.mark.parametrize("name", CORRUPT)
+def test_corrupt_input_is_named_in_one_line(corrupt_runs, reference, name):
+    proc, run, sets, words = corrupt_runs[name]
+    if words is None:  # results.h5 is derived: a damaged one is rebuilt from the task files
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert_every_h5_readable(run)
+        assert_same_results(run, reference)
+        note(f"corrupt input: {name}", "rerun rc 0: results.h5 rebuilt from the task files, equal")
+        return
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("lthmpi: error: "), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    if not name.startswith(("task_", "parent_", "masks_")):
+        assert not run.exists(), "a failed start leaves no run directory"
+    note(f"corrupt input: {name}", f"rc 2, {lines[0][:110]}")
+
+
+def test_rerun_after_deleting_a_corrupt_task_recomputes_only_it(corrupt_runs, reference):
+    _, run, _, words = corrupt_runs["task_bitflip"]
+    damaged = Path(words[1])
+    damaged.unlink()
+    before = mtimes(run)
+    r = launch(run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert done_counts(run) == {damaged.stem: 1}, "only the deleted task is trained again"
+    assert_same_results(run, reference)
+    for name, mtime in before.items():
+        assert (run / "tasks" / name).stat().st_mtime_ns == mtime
+
+
+def test_analysis_refuses_a_corrupt_results_file(reference, tmp_path):
+    run = copy_run(reference, tmp_path / "run")
+    flip_in_dataset(run / "results.h5", "tasks/early_stop_accuracy", 2)
+    r = subprocess.run([PY, "-m", "lthmpi.analysis", str(run), "--json"], capture_output=True, text=True,
+                       env=clean_env(), cwd=tmp_path)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "corrupt" in lines[0] and "rebuild" in lines[0] and str(run / "results.h5") in lines[0]
+
+
+# -- two runs, one directory ------------------------------------------------------------------------------------
+
+def test_second_run_on_the_same_directory_is_refused(reference, tmp_path):
+    run = tmp_path / "run"
+    first = start(run, env={"LTHMPI_FAULT": "wait:0:1"})
+    wait_for(lambda: log_has(run, WAITING, 0), first, what="the first run in its first task")
+    t = time.time()
+    second = launch(run, 2)
+    refused_in = time.time() - t
+    try:
+        lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
+        assert second.returncode == 2 and len(lines) == 1, second.stderr[-3000:]
+        assert "in use by another lthmpi run" in lines[0] and f":{first.pid} since" in lines[0], lines[0]
+    finally:
+        os.kill(first.pid, signal.SIGUSR1)
+    rc, _, err = finish(first)
+    assert rc == 0, err[-3000:]  # the first is unharmed
+    assert_resumed_cleanly(run, reference)
+    note("second run on a directory in use (mpirun -np 2 while a serial run works)",
+         f"refused in {refused_in:.1f} s, rc 2, one line naming host:pid; the first finished rc 0, equal")
+
+
+@battery  # also shown by every SIGKILL case above (rank 0 held the lock) and in-process by the lock unit test
+def test_stale_lock_of_a_killed_run_is_taken_over(reference, tmp_path):
+    run = tmp_path / "run"
+    p = start(run, env={"LTHMPI_FAULT": "wait:0:3"})
+    wait_for(lambda: log_has(run, WAITING, 0), p, what="the run in its third task")
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert f":{p.pid} since" in (run / "lock").read_text()
+    before = mtimes(run)
+    r = launch(run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f":{p.pid} since" not in (run / "lock").read_text()
+    assert_resumed_cleanly(run, reference, before)
+    note("stale lock of a SIGKILLed run", "rerun took the lock over, rc 0, equal, none redone")
+
+
+# -- divergence ------------------------------------------------------------------------------------------------
+
+def test_diverged_retraining_is_recorded_not_a_crash(reference, tmp_path):
+    run = tmp_path / "run"
+    r = launch(run, env={"LTHMPI_FAULT": "nan:0:2"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = records(run)
+    assert len(recs) == N_TASKS
+    diverged = sorted(t for t, v in recs.items() if v["diverged"])
+    assert len(diverged) == 1, diverged
+    ref = records(reference)
+    for tid, v in recs.items():  # the sweep went on: every other task is exactly the uninterrupted one
+        if tid not in diverged:
+            assert v["early_stop_accuracy"] == ref[tid]["early_stop_accuracy"]
+    assert log_has(run, f"task {diverged[0]} diverged", 0)
+    a = subprocess.run([PY, "-m", "lthmpi.analysis", str(run), "--json"], capture_output=True, text=True,
+                       env=clean_env(), cwd=tmp_path)
+    assert a.returncode == 0, a.stderr[-3000:]
+    s = json.loads(a.stdout)
+    flags = [t["diverged"] for t in s["tasks"]]
+    assert flags.count(True) == 1 and flags.count(False) == N_TASKS - 1
+    note("retraining diverges (NaN weights injected)", f"rc 0, {diverged[0]} recorded diverged=True, the other "
+         f"{N_TASKS - 1} equal the uninterrupted run; analysis --json shows diverged: true")
+
+
+# -- more ranks than tasks without subgroups --------------------------------------------------------------------
+
+def test_idle_ranks_without_subgroups_run_and_are_logged(tmp_path):
+    run = tmp_path / "run"
+    r = launch(run, 3, ["prune.remaining=[0.5]", "reset.controls=[]", "parallel.subgroups=false"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(records(run)) == 2
+    text = (run / "logs" / "rank0.log").read_text()
+    m = re.search(r"1 workers have no task and wait \(ranks (\d)\)", text)
+    assert m, text
+    assert log_has(run, f"rank {m.group(1)} has no task", int(m.group(1)))
+    note("3 ranks, 2 tasks, parallel.subgroups=false", "rc 0; rank 0's log: 1 workers have no task and wait (ranks 2)")

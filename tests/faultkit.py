@@ -30,8 +30,8 @@ MEASURED = ("final_accuracy", "early_stop_iteration", "early_stop_accuracy", "be
 MPI_ENV = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMIX_RANK",
            "MPI_LOCALNRANKS", "HYDI_CONTROL_FD", "LTHMPI_FAULT", "LTHMPI_DATA_DIR")
 
-battery = pytest.mark.skipif(not os.environ.get("LTHMPI_FAULT_BATTERY"),
-                             reason="slow case: run/fault_battery.sh runs it (LTHMPI_FAULT_BATTERY=1)")
+# Slow variants: deselected from the default suite (setup.cfg), run by run/fault_battery.sh.
+battery = pytest.mark.battery
 
 
 def clean_env(extra: dict | None = None) -> dict:

@@ -13,6 +13,8 @@ import h5py
 import numpy as np
 import pytest
 
+from faultkit import curves, records as task_records
+
 from lthmpi import results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,21 +33,6 @@ def launch(run_dir, np_=None, extra=(), env=None, timeout=300):
         cmd = [str(MPIRUN), "-np", str(np_), *cmd]
     e = dict(os.environ, **(env or {}))
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e)
-
-
-def task_records(run_dir):
-    res = results.load(str(run_dir))
-    return {t["task_id"]: t for t in res["tasks"]}
-
-
-def curves(run_dir):
-    out = {}
-    with h5py.File(Path(run_dir) / "results.h5", "r") as f:
-        for tid in f["curves"]:
-            for name in f["curves"][tid]:
-                for col in f["curves"][tid][name]:
-                    out[(tid, name, col)] = f["curves"][tid][name][col][()]
-    return out
 
 
 def done_lines(run_dir):

@@ -17,11 +17,13 @@ import platform
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import h5py
 import numpy as np
 
 from .config import tomllib
+from .runtime import available_cores
 from .store import DIGEST, RunDir, StoreError, atomic_h5, open_h5, read_arrays
 
 FORMAT = 1
@@ -110,6 +112,7 @@ def provenance(ranks: int, hosts: list[str], threads: int, mpi_library: str = "n
     return dict(python=sys.version.split()[0], tensorflow=tf.__version__, keras=keras.__version__,
                 numpy=np.__version__, h5py=h5py.__version__, platform=platform.platform(),
                 mpi_library=mpi_library, ranks=ranks, hosts=sorted(set(hosts)), threads_per_rank=threads,
+                ranks_per_host=max(Counter(hosts).values()) if hosts else 1, cores_per_host=available_cores(),
                 git_commit=git_commit())
 
 

@@ -43,7 +43,7 @@ def accuracy(mask, reset, control):
 
 
 def make_run(path, *, seed=0, ranks=1, total=100.0, acc=accuracy, durations=None, masks=REMAINING,
-             parent_iterations=1000, workers=None):
+             parent_iterations=1000, workers=None, prov_extra=None):
     """A finished run directory: config, parent attrs, one task file per retraining, merged results.h5.
 
     durations(i, task) -> (rank, seconds[, start relative to launch]); by default tasks on one rank run
@@ -87,6 +87,7 @@ def make_run(path, *, seed=0, ranks=1, total=100.0, acc=accuracy, durations=None
     prov = dict(ranks=ranks, hosts=["h0"], threads_per_rank=1, mpi_library="none", git_commit="abc123")
     if workers is not None:
         prov["workers"] = workers
+    prov.update(prov_extra or {})
     merge(run, ids, timing, prov)
     return str(path)
 
@@ -212,6 +213,22 @@ def test_speedup_series_from_runs(tmp_path):
     assert os.path.basename(done["files"][-2]) == "speedup.png"
     assert_png(done["files"][-2])
     assert "3.226" in done["text"] and "0.806" in done["text"] and "0.080" in done["text"]
+
+
+def test_oversubscribed_and_other_thread_runs_are_not_fitted(tmp_path):
+    """4 ranks on 2 cores and one process on 2 threads sit beside the series, never in the fit or as T(1)."""
+    box = {"cores_per_host": 2}
+    one = make_run(tmp_path / "p1", ranks=1, total=100.0, prov_extra={**box, "ranks_per_host": 1})
+    two = make_run(tmp_path / "p2", ranks=2, total=52.0, prov_extra={**box, "ranks_per_host": 2})
+    four = make_run(tmp_path / "p4", ranks=4, total=60.0, prov_extra={**box, "ranks_per_host": 4})
+    base = make_run(tmp_path / "base", ranks=1, total=64.0, prov_extra={**box, "ranks_per_host": 1,
+                                                                     "threads_per_rank": 2})
+    s = scaling.series([scaling.profile(r) for r in load_runs([one, two, four, base])])
+    assert [r["ranks"] for r in s["rows"]] == [1, 2]
+    assert round(s["rows"][1]["speedup"], 4) == round(100 / 52, 4)
+    assert s["amdahl_serial_fraction"] == pytest.approx(2 * 52 / 100 - 1)
+    beside = {b["name"]: (b["oversubscribed"], round(b["speedup"], 4)) for b in s["baselines"]}
+    assert beside == {"p4": (True, round(100 / 60, 4)), "base": (False, round(100 / 64, 4))}
 
 
 def test_weak_scaling(tmp_path):

@@ -57,7 +57,8 @@ def fits(per_run: list[dict]) -> list[str]:
         for b in s.get("baselines", []):
             best = min(s["rows"], key=lambda r: r["seconds"])
             verdict = "faster" if best["seconds"] < b["seconds"] else "slower"
-            out.append(f"  baseline {b['name']} ({b['ranks']} process x {b['threads']} threads): {_f(b['seconds'], '.2f')} s, "
+            what = "oversubscribed" if b.get("oversubscribed") else "baseline"
+            out.append(f"  {what} {b['name']} ({b['ranks']} ranks x {b['threads']} threads): {_f(b['seconds'], '.2f')} s, "
                        f"S = {_f(b['speedup'])} vs T(1); P = {best['ranks']} is {verdict} "
                        f"({_f(b['seconds'] / best['seconds'], '.2f')}x)")
     return out

@@ -174,8 +174,10 @@ def profile(res: dict) -> dict:
     workers = workers_of(res)
     hosts = _provenance_list(res["provenance"].get("hosts", []))
     threads = res["provenance"].get("threads_per_rank")
+    cores, per_host = res["provenance"].get("cores_per_host"), res["provenance"].get("ranks_per_host")
+    oversubscribed = bool(cores and per_host and int(per_host) * int(threads or 1) > int(cores))
     return dict(run=res.get("path", ""), name=run_name(res.get("path", "")), ranks=ranks_of(res), workers=workers, hosts=hosts,
-                threads=int(threads) if threads is not None else None,
+                threads=int(threads) if threads is not None else None, oversubscribed=oversubscribed,
                 total_seconds=float(res["timing"].get("total", math.nan)), phases=phases(res["timing"]),
                 busy_seconds={str(k): v for k, v in busy.items()}, imbalance=imbalance(busy, workers),
                 tasks=len(res["tasks"]), tasks_this_session=len(mine), tasks_from_earlier_run=earlier,
@@ -212,8 +214,9 @@ def series(profiles: list[dict], weak: bool = False) -> dict | None:
     for pr in profiles:
         counts[pr.get("threads")] = counts.get(pr.get("threads"), 0) + 1
     threads = sorted(counts, key=lambda t: (-counts[t], t if t is not None else 0))[0] if counts else None
-    others = [pr for pr in profiles if pr.get("threads") != threads]
-    profiles = [pr for pr in profiles if pr.get("threads") == threads]
+    # more ranks x threads than cores on a host is not strong scaling: shown beside the series, not fitted
+    others = [pr for pr in profiles if pr.get("threads") != threads or pr.get("oversubscribed")]
+    profiles = [pr for pr in profiles if pr.get("threads") == threads and not pr.get("oversubscribed")]
     by_p: dict[int, dict] = {}
     repeats = []
     for pr in profiles:
@@ -246,6 +249,7 @@ def series(profiles: list[dict], weak: bool = False) -> dict | None:
     out = dict(kind="weak" if weak else "strong", reference_ranks=p0, threads_per_rank=threads, rows=rows,
                repeats=repeats)
     out["baselines"] = [dict(run=pr["run"], name=pr["name"], ranks=pr["ranks"], threads=pr.get("threads"),
+                             oversubscribed=bool(pr.get("oversubscribed")),
                              seconds=pr["total_seconds"], speedup=speedup(t0, pr["total_seconds"]))
                         for pr in others] if not weak else []
     if weak:

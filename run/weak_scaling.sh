@@ -39,6 +39,8 @@ EOF
 }
 
 die() { echo "$PROG: error: $*" >&2; exit 2; }
+# shellcheck source=run/lib/bench.sh
+source "$ROOT/run/lib/bench.sh"
 
 K=2 MAX_RANKS=2 OVERSUB="" THREADS=1 OUT="" FORCE=0 DRY=0
 PASS=()
@@ -142,14 +144,8 @@ echo "$PROG: ${#NAMES[@]} runs into $OUT ($CORES cores, $K masks per rank): ${NA
 WALL=()
 for i in "${!NAMES[@]}"; do
   mapfile -t cmd < <(command_for "$i")
-  echo "+ $(printf '%q ' "${cmd[@]}")" | tee -a "$OUT/benchmark.txt"
-  t0=$(date +%s.%N)
-  if ! "${cmd[@]}" > "$OUT/${NAMES[$i]}.out" 2>&1; then
-    tail -n 20 "$OUT/${NAMES[$i]}.out" >&2
-    die "run ${NAMES[$i]} failed (output in $OUT/${NAMES[$i]}.out)"
-  fi
-  t1=$(date +%s.%N)
-  w=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
+  bench_run "${NAMES[$i]}" "${cmd[@]}"
+  w=$BENCH_WALL
   WALL+=("$w")
   printf '%s\t%s\t%s\t%s\t%s\n' "${NAMES[$i]}" "${RANKS[$i]}" $((K * RANKS[i])) "$THREADS" "$w" >> "$OUT/walltimes.tsv"
   echo "$PROG: ${NAMES[$i]}: P = ${RANKS[$i]}, M = $((K * RANKS[i])) masks: wall ${w} s"

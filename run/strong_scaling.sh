@@ -67,28 +67,9 @@ isint "$MAX_RANKS" && [ "$MAX_RANKS" -ge 1 ] || die "--max-ranks must be an inte
 [ -z "$OVERSUB" ] || { isint "$OVERSUB" && [ "$OVERSUB" -ge 2 ]; } || die "--oversubscribe must be an integer >= 2, not '$OVERSUB'"
 isint "$THREADS" || die "--threads-per-rank must be an integer >= 0, not '$THREADS'"
 
-PY=${PYTHON:-$ROOT/.venv/bin/python}
-MPIRUN=${MPIRUN:-$ROOT/.venv/bin/mpirun}
-read -r -a MPIRUN_EXTRA <<< "${MPIRUN_ARGS:-}"
-[ -x "$PY" ] || command -v "$PY" >/dev/null || die "no Python at $PY (run run/setup.sh, or set PYTHON)"
-[ -x "$MPIRUN" ] || command -v "$MPIRUN" >/dev/null || die "no mpirun at $MPIRUN (run run/setup.sh, or set MPIRUN)"
-CORES=$(nproc)
-# Refuse a wrong --config/--set before any run starts (no TensorFlow import: a second).
-"$PY" - "${PASS[@]}" <<'PYEOF' || die "the experiment's options are refused (above)"
-import sys
-from lthmpi.config import ConfigError, resolve
-from lthmpi.main import parser
-args = parser().parse_args(["--run-dir", "unused", *sys.argv[1:]])
-try:
-    resolve(args.config, args.sets)
-except ConfigError as e:
-    sys.exit(f"lthmpi: error: {e}")
-PYEOF
-OUT=${OUT:-$ROOT/runs/strong-$(date +%Y%m%d-%H%M%S)}
-if [ "$DRY" = 0 ]; then
-  mkdir -p "$OUT" || die "cannot create $OUT"
-  OUT=$(cd "$OUT" && pwd)
-fi
+bench_setup
+bench_check_config "${PASS[@]}" > /dev/null || exit 2
+bench_out strong
 
 # The runs: name, ranks, threads per rank, launcher (mpi|serial).
 NAMES=() RANKS=() THR=() HOW=()

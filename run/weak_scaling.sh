@@ -73,30 +73,10 @@ for a in "${PASS[@]}"; do
   esac
 done
 
-PY=${PYTHON:-$ROOT/.venv/bin/python}
-MPIRUN=${MPIRUN:-$ROOT/.venv/bin/mpirun}
-read -r -a MPIRUN_EXTRA <<< "${MPIRUN_ARGS:-}"
-[ -x "$PY" ] || command -v "$PY" >/dev/null || die "no Python at $PY (run run/setup.sh, or set PYTHON)"
-[ -x "$MPIRUN" ] || command -v "$MPIRUN" >/dev/null || die "no mpirun at $MPIRUN (run run/setup.sh, or set MPIRUN)"
-CORES=$(nproc)
-# Refuse a wrong --config/--set before any run starts (no TensorFlow import: a second).
-"$PY" - "${PASS[@]}" <<'PYEOF' || die "the experiment's options are refused (above)"
-import sys
-from lthmpi.config import ConfigError, resolve
-from lthmpi.main import parser
-args = parser().parse_args(["--run-dir", "unused", *sys.argv[1:]])
-try:
-    cfg = resolve(args.config, args.sets)
-except ConfigError as e:
-    sys.exit(f"lthmpi: error: {e}")
-if cfg.prune.quantiles:
-    sys.exit("lthmpi: error: the config sets prune.quantiles; weak scaling sets the masks through prune.remaining")
-PYEOF
-OUT=${OUT:-$ROOT/runs/weak-$(date +%Y%m%d-%H%M%S)}
-if [ "$DRY" = 0 ]; then
-  mkdir -p "$OUT" || die "cannot create $OUT"
-  OUT=$(cd "$OUT" && pwd)
-fi
+bench_setup
+quantiles=$(bench_check_config "${PASS[@]}") || exit 2
+[ "$quantiles" != quantiles ] || die "the config sets prune.quantiles; weak scaling sets the masks through prune.remaining"
+bench_out weak
 
 remaining() {  # TOML array 0.8^1 ... 0.8^n
   awk -v n="$1" 'BEGIN { s = "["; for (k = 1; k <= n; k++) s = s (k > 1 ? ", " : "") sprintf("%.10g", 0.8 ^ k); print s "]" }'

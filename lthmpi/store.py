@@ -53,6 +53,12 @@ def disk_errno(e: BaseException) -> int | None:
     return next((code for words, code in _DISK_TEXT.items() if words in text), None)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
     """Yield a temporary path next to `path`; on success it replaces `path`, on failure it vanishes.
@@ -64,6 +70,7 @@ def atomic_path(path: str):
         fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=directory)
         os.close(fd)
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are for the whole group to read
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -296,3 +296,20 @@ def test_atomic_path_keeps_old_file_on_interrupt(tmp_path):
     with h5py.File(path, "r") as f:
         assert f.attrs["v"] == 1
     assert os.listdir(tmp_path) == ["x.h5"]
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """Temporary files are private (mkstemp: 0600) but finished results are readable as umask allows."""
+    import os
+    import stat
+
+    from lthmpi.store import atomic_path
+
+    old = os.umask(0o022)
+    try:
+        target = tmp_path / "x.txt"
+        with atomic_path(str(target)) as tmp, open(tmp, "w") as f:
+            f.write("done")
+        assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    finally:
+        os.umask(old)

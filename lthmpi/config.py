@@ -244,6 +244,11 @@ def resolve(config_file: str | None = None, sets: list[str] | None = None) -> Co
     return cfg
 
 
+def _one_of(key: str, value, options) -> None:
+    if value not in options:
+        raise ConfigError(f"{key} {value!r} is unknown (choose one of {', '.join(options)})")
+
+
 def validate(cfg: Config) -> None:
     """Every check that needs no data: fail before any work starts."""
     t, p, r, d = cfg.train, cfg.prune, cfg.reset, cfg.data
@@ -253,16 +258,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.subset must be >= 0 (0 = all), not {d.subset}")
     if d.validation < 1:
         raise ConfigError(f"data.validation must be >= 1 (early stopping needs a validation set), not {d.validation}")
-    if d.normalize not in NORMALIZATIONS:
-        raise ConfigError(f"data.normalize {d.normalize!r} is unknown (choose one of {', '.join(NORMALIZATIONS)})")
+    _one_of("data.normalize", d.normalize, NORMALIZATIONS)
     if t.epochs < 1 and t.iterations < 1:
         raise ConfigError("train.epochs must be >= 1 (or set train.iterations >= 1)")
     if t.iterations < 0:
         raise ConfigError(f"train.iterations must be >= 0, not {t.iterations}")
     if t.batch_size < 1:
         raise ConfigError(f"train.batch_size must be >= 1, not {t.batch_size}")
-    if t.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"train.optimizer {t.optimizer!r} is unknown (choose one of {', '.join(OPTIMIZERS)})")
+    _one_of("train.optimizer", t.optimizer, OPTIMIZERS)
     if not 0 < t.lr < float("inf"):
         raise ConfigError(f"train.lr must be a finite number > 0, not {t.lr}")
     if not 0 <= t.weight_decay < float("inf"):
@@ -297,8 +300,7 @@ def validate(cfg: Config) -> None:
     if len(set(fractions)) != len(fractions):
         dup = sorted({f for f in fractions if fractions.count(f) > 1})
         raise ConfigError(f"prune thresholds contain duplicates {dup}: each mask must be distinct")
-    if p.scope not in SCOPES:
-        raise ConfigError(f"prune.scope {p.scope!r} is unknown (choose one of {', '.join(SCOPES)})")
+    _one_of("prune.scope", p.scope, SCOPES)
     for name, mult in p.layer_rates.items():
         if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not 0 <= mult <= 1 / max(1e-9, 1 - min(fractions)):
             raise ConfigError(f"prune.layer_rates.{name} = {mult!r} must be a number >= 0 that keeps the rate <= 1")
@@ -318,8 +320,7 @@ def validate(cfg: Config) -> None:
     q = cfg.parallel
     if q.threads < 0:
         raise ConfigError(f"parallel.threads must be >= 0 (0 = automatic), not {q.threads}")
-    if q.schedule not in SCHEDULES:
-        raise ConfigError(f"parallel.schedule {q.schedule!r} is unknown (choose one of {', '.join(SCHEDULES)})")
+    _one_of("parallel.schedule", q.schedule, SCHEDULES)
     if q.backend not in ("mpi4py", "horovod"):
         raise ConfigError(f"parallel.backend {q.backend!r} must be 'mpi4py' or 'horovod'")
     if q.backend == "horovod":

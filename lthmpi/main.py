@@ -90,21 +90,28 @@ def describe(cfg) -> str:
     return f"{cfg.model.name} on {cfg.data.dataset} {shape}, {classes} classes\n" + describe_model(model)
 
 
+def default_run_dir(cfg) -> str:
+    return os.path.join("runs", cfg.default_run_name())
+
+
 def main(argv=None) -> int:
     t_start = time.time()
     args = parser().parse_args(argv)
     if argv is None:  # the command line, not a test calling main() in its own process
         install_signal_handlers()
     try:
+        if launched_by_mpi() and not args.describe:
+            from .parallel import run_parallel
+
+            # Every rank reads the config inside the MPI start-up, so a rank that cannot (a file missing
+            # on its host) is named by rank 0 instead of ending the job in silence.
+            return run_parallel(lambda: resolve(args.config, args.sets), args.run_dir, t_start=t_start,
+                                quiet=args.quiet)
         cfg = resolve(args.config, args.sets)
         if args.describe:
             print(describe(cfg))
             return 0
-        run_dir = args.run_dir or os.path.join("runs", cfg.default_run_name())
-        if launched_by_mpi():
-            from .parallel import run_parallel
-
-            return run_parallel(cfg, run_dir, t_start=t_start, quiet=args.quiet)
+        run_dir = args.run_dir or default_run_dir(cfg)
         from .driver import run_serial
         from .runtime import auto_threads
 

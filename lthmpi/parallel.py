@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from .config import Config
+from .config import Config, ConfigError
 from .driver import PhaseTimer, check_finished, progress_bar, run_one, set_fault, setup_logging
 from .schedule import assign_lpt, assign_static, groups_for
 from .store import RunDir
@@ -166,14 +166,33 @@ def _stop(comm, stop_comm, rank: int, e: KeyboardInterrupt):
     os._exit(code)  # not MPI_Finalize: requests interrupted mid-wait are still pending
 
 
-def run_parallel(cfg: Config, run_dir: str, t_start: float, quiet: bool = False) -> int:
+def _same_config(comm, rank: int, host: str, resolve):
+    """The config every rank resolved itself; a rank that cannot read it, or reads another one, is named."""
+    cfg = _agree(comm, rank, host, resolve)
+    texts = comm.allgather(cfg.to_toml())
+
+    def compare():
+        if texts[rank] != texts[0]:
+            raise ConfigError(f"this rank resolved another config than rank 0 (a config file that differs "
+                              f"between hosts?): give every rank the same --config and --set")
+
+    _agree(comm, rank, host, compare)
+    return cfg
+
+
+def run_parallel(resolve, run_dir: str | None, t_start: float, quiet: bool = False) -> int:
+    """The MPI entry point: `resolve()` gives the Config (every rank calls it); run_dir None = the default."""
     from mpi4py import MPI
+
+    from .main import default_run_dir
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     host = MPI.Get_processor_name()
     stop_comm = comm.Dup()
     try:
+        cfg = _same_config(comm, rank, host, resolve)
+        run_dir = run_dir or default_run_dir(cfg)
         return _run(cfg, run_dir, t_start, quiet, comm, rank, size, host)
     except _StartupFailed as e:
         return e.code
@@ -188,7 +207,8 @@ def run_parallel(cfg: Config, run_dir: str, t_start: float, quiet: bool = False)
         _abort(comm, rank, host, e)
         return 1
     finally:
-        RunDir(run_dir).unlock()
+        if run_dir:
+            RunDir(run_dir).unlock()
 
 
 def _run(cfg, run_dir, t_start, quiet, comm, rank, size, host) -> int:

@@ -135,3 +135,31 @@ def test_failing_rank_aborts_job_and_rerun_resumes(reference, tmp_path):
     assert all(after[n] == t for n, t in before.items())
     got, want = task_records(run), task_records(reference)
     assert {k: v["early_stop_accuracy"] for k, v in got.items()} == {k: v["early_stop_accuracy"] for k, v in want.items()}
+
+
+def mpmd(run_dir, per_rank_extra, timeout=120):
+    """One mpirun, rank r started with TINY plus per_rank_extra[r] (MPICH's `A : B` form)."""
+    cmd = [str(MPIRUN)]
+    for i, extra in enumerate(per_rank_extra):
+        cmd += ([":"] if i else []) + ["-np", "1", sys.executable, "-m", "lthmpi.main", "--run-dir", str(run_dir),
+                                       *TINY, *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_config_unreadable_on_one_rank_is_named_by_rank_0(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text("seed = 3\n")
+    r = mpmd(tmp_path / "run", [["--config", str(good)], ["--config", str(tmp_path / "absent.toml")]])
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("lthmpi: error:")]
+    assert len(lines) == 1, r.stderr
+    assert "rank 1 on" in lines[0] and "absent.toml does not exist" in lines[0], lines[0]
+    assert not (tmp_path / "run").exists(), "nothing written for a job that never started"
+
+
+def test_ranks_with_different_configs_are_refused(tmp_path):
+    r = mpmd(tmp_path / "run", [["--set", "seed=1"], ["--set", "seed=2"]])
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("lthmpi: error:")]
+    assert len(lines) == 1 and "rank 1 on" in lines[0] and "another config than rank 0" in lines[0], r.stderr
+    assert not (tmp_path / "run").exists()

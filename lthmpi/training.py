@@ -212,7 +212,25 @@ class MaskedTrainer:
             summed = red.allreduce_sum(flat)
             self._apply_flat(tf.constant(summed), step)
             total += float(summed[-1])
+        self._average_statistics()
         return total
+
+    def _average_statistics(self):
+        """Average the non-trainable statistics (batch-norm moving mean and variance) over the subgroup.
+
+        Each replica normalises with its own shard's batch statistics, so their moving averages drift
+        apart; the update is linear, so averaging them once per block equals averaging every step. Every
+        replica then evaluates, and early-stops, on the same model."""
+        stats = [v for v in self.model.non_trainable_variables if "float" in str(v.dtype)]
+        if not stats:
+            return
+        flat = np.concatenate([np.ravel(v.numpy()) for v in stats]).astype(np.float32)
+        mean = self.reducer.allreduce_sum(flat) / np.float32(self.reducer.size)
+        offset = 0
+        for v in stats:
+            n = int(np.prod(v.shape))
+            v.assign(mean[offset:offset + n].reshape(v.shape))
+            offset += n
 
     # -- state ---------------------------------------------------------------------------------
     def get_weights(self) -> dict:

@@ -163,3 +163,16 @@ def test_ranks_with_different_configs_are_refused(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("lthmpi: error:")]
     assert len(lines) == 1 and "rank 1 on" in lines[0] and "another config than rank 0" in lines[0], r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_batch_norm_statistics_agree_across_data_parallel_replicas(tmp_path):
+    """ResNet-20 (batch norm) on a subgroup of 2: each replica normalises its own half of the batch, so
+    without averaging, the moving statistics, and with them evaluation and early stopping, differ."""
+    run = tmp_path / "run"
+    r = launch(run, 2, ["--set", "model.name=resnet20", "--set", "train.epochs=1", "--set", "prune.remaining=[0.5]",
+                        "--set", 'reset.points=["0ep"]', "--set", "reset.controls=[]"])
+    assert r.returncode == 0, r.stderr
+    (tid,) = task_records(run)
+    with h5py.File(run / "tasks" / f"{tid}.h5", "r") as f:
+        assert int(f.attrs["replicas"]) == 2
+        assert bool(f.attrs["replicas_identical"]), "replicas' models differ after training"

@@ -43,29 +43,19 @@ die() { echo "$PROG: error: $*" >&2; exit 2; }
 # shellcheck source=run/lib/bench.sh
 source "$ROOT/run/lib/bench.sh"
 
-MAX_RANKS=2 OVERSUB="" THREADS=1 OUT="" BASELINE=1 FORCE=0 DRY=0
-PASS=()
+bench_defaults
+BASELINE=1
 while [ $# -gt 0 ]; do
+  bench_option "$@"
+  if [ "$SHIFT" -gt 0 ]; then shift "$SHIFT"; continue; fi
   case "$1" in
     -h|--help) usage; exit 0 ;;
-    --max-ranks) [ $# -ge 2 ] || die "--max-ranks needs a value"; MAX_RANKS=$2; shift 2 ;;
-    --oversubscribe) [ $# -ge 2 ] || die "--oversubscribe needs a value"; OVERSUB=$2; shift 2 ;;
-    --threads-per-rank) [ $# -ge 2 ] || die "--threads-per-rank needs a value"; THREADS=$2; shift 2 ;;
-    --out) [ $# -ge 2 ] || die "--out needs a directory"; OUT=$2; shift 2 ;;
     --no-baseline) BASELINE=0; shift ;;
-    --force) FORCE=1; shift ;;
-    --dry-run) DRY=1; shift ;;
-    --set|--config) [ $# -ge 2 ] || die "$1 needs a value"; PASS+=("$1" "$2"); shift 2 ;;
-    --set=*|--config=*) PASS+=("$1"); shift ;;
     --) shift; PASS+=("$@"); break ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
-
-isint() { [[ $1 =~ ^[0-9]+$ ]]; }
-isint "$MAX_RANKS" && [ "$MAX_RANKS" -ge 1 ] || die "--max-ranks must be an integer >= 1, not '$MAX_RANKS'"
-[ -z "$OVERSUB" ] || { isint "$OVERSUB" && [ "$OVERSUB" -ge 2 ]; } || die "--oversubscribe must be an integer >= 2, not '$OVERSUB'"
-isint "$THREADS" || die "--threads-per-rank must be an integer >= 0, not '$THREADS'"
+bench_check_options
 
 bench_setup
 bench_check_config "${PASS[@]}" > /dev/null || exit 2
@@ -74,27 +64,14 @@ bench_out strong
 # The runs: name, ranks, threads per rank, launcher (mpi|serial).
 NAMES=() RANKS=() THR=() HOW=()
 add() { NAMES+=("$1"); RANKS+=("$2"); THR+=("$3"); HOW+=("$4"); }
-name_for() {  # p<P>, with -oversubscribed when the ranks' threads exceed the cores
-  local t=$2; [ "$t" -gt 0 ] || t=1
-  if [ $(( $1 * t )) -gt "$CORES" ]; then echo "p$1-oversubscribed"; else echo "p$1"; fi
-}
 p=1
-while [ "$p" -le "$MAX_RANKS" ]; do add "$(name_for "$p" "$THREADS")" "$p" "$THREADS" mpi; p=$((p * 2)); done
+while [ "$p" -le "$MAX_RANKS" ]; do add "$(bench_name "$p" "$THREADS")" "$p" "$THREADS" mpi; p=$((p * 2)); done
 if [ -n "$OVERSUB" ] && ! printf '%s\n' "${RANKS[@]}" | grep -qx "$OVERSUB"; then
   add "p$OVERSUB-oversubscribed" "$OVERSUB" "$THREADS" mpi
 fi
 [ "$BASELINE" = 1 ] && add "baseline-1proc-${CORES}threads" 1 "$CORES" serial
 
-# A benchmark never resumes: every run directory must be new.
-for n in "${NAMES[@]}"; do
-  if [ -e "$OUT/$n" ]; then
-    if [ "$FORCE" = 1 ]; then
-      [ "$DRY" = 1 ] || rm -rf -- "${OUT:?}/$n"
-    else
-      die "$OUT/$n already exists; a benchmark does not resume: choose another --out or pass --force"
-    fi
-  fi
-done
+bench_fresh
 
 command_for() {  # prints the command of run $1 (index), one argument per line
   local i=$1 dir="$OUT/${NAMES[$1]}"
@@ -104,23 +81,9 @@ command_for() {  # prints the command of run $1 (index), one argument per line
   printf '%s\n' "$PY" -m lthmpi.main --run-dir "$dir" --quiet --set "parallel.threads=${THR[$i]}" "${PASS[@]}"
 }
 
-[ "$DRY" = 1 ] && { for i in "${!NAMES[@]}"; do mapfile -t cmd < <(command_for "$i"); echo "+ $(printf '%q ' "${cmd[@]}")"; done; exit 0; }
-{
-  echo "# strong scaling benchmark, $(date -Is), $(hostname), $CORES cores, git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
-  echo "# run/$PROG --max-ranks $MAX_RANKS ${OVERSUB:+--oversubscribe $OVERSUB }--threads-per-rank $THREADS $(printf '%q ' "${PASS[@]}")"
-} > "$OUT/benchmark.txt"
-printf 'run\tranks\tthreads_per_rank\twall_seconds\n' > "$OUT/walltimes.tsv"
-
-echo "$PROG: ${#NAMES[@]} runs into $OUT ($CORES cores): ${NAMES[*]}"
-WALL=()
-for i in "${!NAMES[@]}"; do
-  mapfile -t cmd < <(command_for "$i")
-  bench_run "${NAMES[$i]}" "${cmd[@]}"
-  w=$BENCH_WALL
-  WALL+=("$w")
-  printf '%s\t%s\t%s\t%s\n' "${NAMES[$i]}" "${RANKS[$i]}" "${THR[$i]}" "$w" >> "$OUT/walltimes.tsv"
-  echo "$PROG: ${NAMES[$i]}: P = ${RANKS[$i]}, ${THR[$i]} threads per rank: wall ${w} s"
-done
+walltime_row() { printf '%s\t%s\t%s\t%s\n' "${NAMES[$1]}" "${RANKS[$1]}" "${THR[$1]}" "$2"; }
+bench_all strong "--max-ranks $MAX_RANKS ${OVERSUB:+--oversubscribe $OVERSUB }--threads-per-rank $THREADS" \
+  "$(printf 'run\tranks\tthreads_per_rank\twall_seconds')"
 echo
 echo "wall time (seconds, launch to exit; speed-up against p1 and against the one-process baseline):"
 ref=${WALL[0]} base=""

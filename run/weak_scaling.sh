@@ -42,30 +42,20 @@ die() { echo "$PROG: error: $*" >&2; exit 2; }
 # shellcheck source=run/lib/bench.sh
 source "$ROOT/run/lib/bench.sh"
 
-K=2 MAX_RANKS=2 OVERSUB="" THREADS=1 OUT="" FORCE=0 DRY=0
-PASS=()
+bench_defaults
+K=2
 while [ $# -gt 0 ]; do
+  bench_option "$@"
+  if [ "$SHIFT" -gt 0 ]; then shift "$SHIFT"; continue; fi
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --masks-per-rank) [ $# -ge 2 ] || die "--masks-per-rank needs a value"; K=$2; shift 2 ;;
-    --max-ranks) [ $# -ge 2 ] || die "--max-ranks needs a value"; MAX_RANKS=$2; shift 2 ;;
-    --oversubscribe) [ $# -ge 2 ] || die "--oversubscribe needs a value"; OVERSUB=$2; shift 2 ;;
-    --threads-per-rank) [ $# -ge 2 ] || die "--threads-per-rank needs a value"; THREADS=$2; shift 2 ;;
-    --out) [ $# -ge 2 ] || die "--out needs a directory"; OUT=$2; shift 2 ;;
-    --force) FORCE=1; shift ;;
-    --dry-run) DRY=1; shift ;;
-    --set|--config) [ $# -ge 2 ] || die "$1 needs a value"; PASS+=("$1" "$2"); shift 2 ;;
-    --set=*|--config=*) PASS+=("$1"); shift ;;
     --) shift; PASS+=("$@"); break ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
-
-isint() { [[ $1 =~ ^[0-9]+$ ]]; }
 isint "$K" && [ "$K" -ge 1 ] || die "--masks-per-rank must be an integer >= 1, not '$K'"
-isint "$MAX_RANKS" && [ "$MAX_RANKS" -ge 1 ] || die "--max-ranks must be an integer >= 1, not '$MAX_RANKS'"
-[ -z "$OVERSUB" ] || { isint "$OVERSUB" && [ "$OVERSUB" -ge 2 ]; } || die "--oversubscribe must be an integer >= 2, not '$OVERSUB'"
-isint "$THREADS" || die "--threads-per-rank must be an integer >= 0, not '$THREADS'"
+bench_check_options
 for a in "${PASS[@]}"; do
   case "$a" in
     prune.remaining=*|prune.quantiles=*|--set=prune.remaining=*|--set=prune.quantiles=*)
@@ -83,25 +73,13 @@ remaining() {  # TOML array 0.8^1 ... 0.8^n
 }
 
 NAMES=() RANKS=()
-name_for() {
-  local t=$THREADS; [ "$t" -gt 0 ] || t=1
-  if [ $(( $1 * t )) -gt "$CORES" ]; then echo "p$1-oversubscribed"; else echo "p$1"; fi
-}
 p=1
-while [ "$p" -le "$MAX_RANKS" ]; do NAMES+=("$(name_for "$p")"); RANKS+=("$p"); p=$((p * 2)); done
+while [ "$p" -le "$MAX_RANKS" ]; do NAMES+=("$(bench_name "$p" "$THREADS")"); RANKS+=("$p"); p=$((p * 2)); done
 if [ -n "$OVERSUB" ] && ! printf '%s\n' "${RANKS[@]}" | grep -qx "$OVERSUB"; then
   NAMES+=("p$OVERSUB-oversubscribed"); RANKS+=("$OVERSUB")
 fi
 
-for n in "${NAMES[@]}"; do
-  if [ -e "$OUT/$n" ]; then
-    if [ "$FORCE" = 1 ]; then
-      [ "$DRY" = 1 ] || rm -rf -- "${OUT:?}/$n"
-    else
-      die "$OUT/$n already exists; a benchmark does not resume: choose another --out or pass --force"
-    fi
-  fi
-done
+bench_fresh
 
 command_for() {  # the command of run $1 (index), one argument per line
   local i=$1
@@ -110,27 +88,9 @@ command_for() {  # the command of run $1 (index), one argument per line
     --set "prune.remaining=$(remaining $((K * RANKS[$i])))" "${PASS[@]}"
 }
 
-if [ "$DRY" = 1 ]; then
-  for i in "${!NAMES[@]}"; do mapfile -t cmd < <(command_for "$i"); echo "+ $(printf '%q ' "${cmd[@]}")"; done
-  exit 0
-fi
-{
-  echo "# weak scaling benchmark, $(date -Is), $(hostname), $CORES cores, git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
-  echo "# run/$PROG --masks-per-rank $K --max-ranks $MAX_RANKS ${OVERSUB:+--oversubscribe $OVERSUB }--threads-per-rank $THREADS $(printf '%q ' "${PASS[@]}")"
-} > "$OUT/benchmark.txt"
-printf 'run\tranks\tmasks\tthreads_per_rank\twall_seconds\n' > "$OUT/walltimes.tsv"
-
-echo "$PROG: ${#NAMES[@]} runs into $OUT ($CORES cores, $K masks per rank): ${NAMES[*]}"
-WALL=()
-for i in "${!NAMES[@]}"; do
-  mapfile -t cmd < <(command_for "$i")
-  bench_run "${NAMES[$i]}" "${cmd[@]}"
-  w=$BENCH_WALL
-  WALL+=("$w")
-  printf '%s\t%s\t%s\t%s\t%s\n' "${NAMES[$i]}" "${RANKS[$i]}" $((K * RANKS[i])) "$THREADS" "$w" >> "$OUT/walltimes.tsv"
-  echo "$PROG: ${NAMES[$i]}: P = ${RANKS[$i]}, M = $((K * RANKS[i])) masks: wall ${w} s"
-done
-
+walltime_row() { printf '%s\t%s\t%s\t%s\t%s\n' "${NAMES[$1]}" "${RANKS[$1]}" $((K * RANKS[$1])) "$THREADS" "$2"; }
+bench_all weak "--masks-per-rank $K --max-ranks $MAX_RANKS ${OVERSUB:+--oversubscribe $OVERSUB }--threads-per-rank $THREADS" \
+  "$(printf 'run\tranks\tmasks\tthreads_per_rank\twall_seconds')"
 echo
 echo "wall time (seconds, launch to exit; weak efficiency T(1) / T(P): 1.00 is perfect weak scaling):"
 printf '%-28s %5s %6s %10s %8s\n' run P masks wall_s T1/TP

@@ -1,4 +1,4 @@
-# Shared by run/strong_scaling.sh and run/weak_scaling.sh (sourced; expects OUT and die()).
+# Shared by run/strong_scaling.sh and run/weak_scaling.sh (sourced; expects ROOT, PROG and die()).
 
 # bench_run NAME CMD...: run one benchmark run, output to $OUT/NAME.out, command logged to benchmark.txt;
 # sets BENCH_WALL to its wall time in seconds (launch to exit). A failing run ends the benchmark.
@@ -48,4 +48,75 @@ bench_out() {
     mkdir -p "$OUT" || die "cannot create $OUT"
     OUT=$(cd "$OUT" && pwd)
   fi
+}
+
+# Options both scripts take. bench_defaults sets them; bench_option "$@" consumes one from the front of
+# the arguments and sets SHIFT to the words it used (0: not one of these, the script handles it).
+bench_defaults() { MAX_RANKS=2 OVERSUB="" THREADS=1 OUT="" FORCE=0 DRY=0; PASS=(); }
+bench_option() {
+  SHIFT=0
+  case "$1" in
+    --max-ranks|--oversubscribe|--threads-per-rank|--out|--set|--config)
+      [ $# -ge 2 ] || die "$1 needs a $([ "$1" = --out ] && echo directory || echo value)" ;;
+  esac
+  case "$1" in
+    --max-ranks) MAX_RANKS=$2; SHIFT=2 ;;
+    --oversubscribe) OVERSUB=$2; SHIFT=2 ;;
+    --threads-per-rank) THREADS=$2; SHIFT=2 ;;
+    --out) OUT=$2; SHIFT=2 ;;
+    --force) FORCE=1; SHIFT=1 ;;
+    --dry-run) DRY=1; SHIFT=1 ;;
+    --set|--config) PASS+=("$1" "$2"); SHIFT=2 ;;
+    --set=*|--config=*) PASS+=("$1"); SHIFT=1 ;;
+  esac
+}
+
+isint() { [[ $1 =~ ^[0-9]+$ ]]; }
+
+# bench_check_options: the shared options are numbers in range.
+bench_check_options() {
+  isint "$MAX_RANKS" && [ "$MAX_RANKS" -ge 1 ] || die "--max-ranks must be an integer >= 1, not '$MAX_RANKS'"
+  [ -z "$OVERSUB" ] || { isint "$OVERSUB" && [ "$OVERSUB" -ge 2 ]; } ||
+    die "--oversubscribe must be an integer >= 2, not '$OVERSUB'"
+  isint "$THREADS" || die "--threads-per-rank must be an integer >= 0, not '$THREADS'"
+}
+
+# bench_name P T: p<P>, with -oversubscribed when P ranks of T threads exceed the cores.
+bench_name() {
+  local t=$2; [ "$t" -gt 0 ] || t=1
+  if [ $(( $1 * t )) -gt "$CORES" ]; then echo "p$1-oversubscribed"; else echo "p$1"; fi
+}
+
+# bench_fresh: a benchmark never resumes, so every run directory in NAMES must be new (or go, with --force).
+bench_fresh() {
+  local n
+  for n in "${NAMES[@]}"; do
+    [ -e "$OUT/$n" ] || continue
+    [ "$FORCE" = 1 ] || die "$OUT/$n already exists; a benchmark does not resume: choose another --out or pass --force"
+    [ "$DRY" = 1 ] || rm -rf -- "${OUT:?}/$n"
+  done
+}
+
+# bench_all KIND OPTIONS TSV_HEADER: print the commands and exit in a dry run; else run NAMES[i] with
+# command_for i (the script's), appending walltime_row i WALL to walltimes.tsv; fills WALL.
+bench_all() {
+  local i cmd
+  if [ "$DRY" = 1 ]; then
+    for i in "${!NAMES[@]}"; do mapfile -t cmd < <(command_for "$i"); echo "+ $(printf '%q ' "${cmd[@]}")"; done
+    exit 0
+  fi
+  {
+    echo "# $1 scaling benchmark, $(date -Is), $(hostname), $CORES cores, git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo "# run/$PROG $2${PASS[*]:+ $(printf '%q ' "${PASS[@]}")}"
+  } > "$OUT/benchmark.txt"
+  printf '%s\n' "$3" > "$OUT/walltimes.tsv"
+  echo "$PROG: ${#NAMES[@]} runs into $OUT ($CORES cores): ${NAMES[*]}"
+  WALL=()
+  for i in "${!NAMES[@]}"; do
+    mapfile -t cmd < <(command_for "$i")
+    bench_run "${NAMES[$i]}" "${cmd[@]}"
+    WALL+=("$BENCH_WALL")
+    walltime_row "$i" "$BENCH_WALL" >> "$OUT/walltimes.tsv"
+    echo "$PROG: ${NAMES[$i]}: P = ${RANKS[$i]}: wall $BENCH_WALL s"
+  done
 }

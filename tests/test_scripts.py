@@ -1,0 +1,79 @@
+"""The scaling scripts' options, checks and planned commands (dry runs: no training)."""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--set", "data.dataset=digits", "--set", "train.epochs=2"]
+
+
+def script(name, *args):
+    env = dict(os.environ, PYTHON=sys.executable, MPIRUN=str(Path(sys.executable).parent / "mpirun"))
+    return subprocess.run(["bash", str(ROOT / "run" / name), *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def planned(r):
+    """The commands a dry run prints, as argument lists."""
+    assert r.returncode == 0, r.stderr
+    return [shlex.split(line[2:]) for line in r.stdout.splitlines() if line.startswith("+ ")]
+
+
+def value_of(cmd, key):
+    (v,) = [cmd[i + 1].split("=", 1)[1] for i, a in enumerate(cmd[:-1]) if a == "--set" and cmd[i + 1].startswith(key + "=")]
+    return v
+
+
+def test_strong_plans_the_doubling_series_and_the_baseline(tmp_path):
+    cmds = planned(script("strong_scaling.sh", "--dry-run", "--out", str(tmp_path), "--max-ranks", "2", *TINY))
+    assert len(cmds) == 3
+    (p1, p2, base) = cmds
+    assert p1[p1.index("-np") + 1] == "1" and p2[p2.index("-np") + 1] == "2"
+    assert "-np" not in base and base[0] == sys.executable, "the baseline is one process without mpirun"
+    cores = len(os.sched_getaffinity(0))  # what nproc says
+    names = ["p1", "p2" if cores >= 2 else "p2-oversubscribed", f"baseline-1proc-{cores}threads"]
+    assert [c[c.index("--run-dir") + 1] for c in cmds] == [str(tmp_path / n) for n in names]
+    assert [value_of(c, "parallel.threads") for c in cmds] == ["1", "1", str(cores)]
+    assert all(value_of(c, "data.dataset") == "digits" for c in cmds)
+    assert not any(tmp_path.iterdir()), "a dry run writes nothing"
+
+
+def test_weak_gives_every_rank_the_same_number_of_masks(tmp_path):
+    cmds = planned(script("weak_scaling.sh", "--dry-run", "--out", str(tmp_path), "--masks-per-rank", "3",
+                          "--max-ranks", "4", "--set", "seed=1", *TINY))
+    assert [c[c.index("-np") + 1] for c in cmds] == ["1", "2", "4"]
+    masks = [value_of(c, "prune.remaining").strip("[]").split(",") for c in cmds]
+    assert [len(m) for m in masks] == [3, 6, 12]
+    assert float(masks[2][-1]) == pytest.approx(0.8 ** 12)
+
+
+@pytest.mark.parametrize("name,args,message", [
+    ("strong_scaling.sh", ["--max-ranks", "0"], "--max-ranks must be an integer >= 1, not '0'"),
+    ("strong_scaling.sh", ["--oversubscribe", "1"], "--oversubscribe must be an integer >= 2, not '1'"),
+    ("strong_scaling.sh", ["--threads-per-rank", "x"], "--threads-per-rank must be an integer >= 0, not 'x'"),
+    ("strong_scaling.sh", ["--out"], "--out needs a directory"),
+    ("strong_scaling.sh", ["--bogus"], "unknown option --bogus"),
+    ("strong_scaling.sh", ["--set", "train.optimizer=\"nope\""], "the experiment's options are refused"),
+    ("weak_scaling.sh", ["--masks-per-rank", "0"], "--masks-per-rank must be an integer >= 1, not '0'"),
+    ("weak_scaling.sh", ["--set", "prune.remaining=[0.5]"], "do not pass prune.remaining"),
+    ("weak_scaling.sh", ["--no-baseline"], "unknown option --no-baseline"),
+])
+def test_bad_options_are_refused_before_anything_runs(tmp_path, name, args, message):
+    r = script(name, "--dry-run", "--out", str(tmp_path / "out"), *args)
+    assert r.returncode == 2
+    assert f"{name}: error: {message}" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_run_directory_is_refused_unless_forced(tmp_path):
+    (tmp_path / "p1").mkdir()
+    r = script("weak_scaling.sh", "--dry-run", "--out", str(tmp_path), *TINY)
+    assert r.returncode == 2 and "p1 already exists; a benchmark does not resume" in r.stderr
+    assert len(planned(script("weak_scaling.sh", "--dry-run", "--force", "--out", str(tmp_path), *TINY))) == 2
+    assert (tmp_path / "p1").is_dir(), "a dry run deletes nothing, even with --force"

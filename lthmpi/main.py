@@ -109,7 +109,8 @@ def main(argv=None) -> int:
                                 quiet=args.quiet)
         cfg = resolve(args.config, args.sets)
         if args.describe:
-            print(describe(cfg))
+            if not (launched_by_mpi() and mpi_rank_from_env() != 0):  # under mpirun, once
+                print(describe(cfg))
             return 0
         run_dir = args.run_dir or default_run_dir(cfg)
         from .driver import run_serial

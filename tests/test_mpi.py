@@ -176,3 +176,10 @@ def test_batch_norm_statistics_agree_across_data_parallel_replicas(tmp_path):
     with h5py.File(run / "tasks" / f"{tid}.h5", "r") as f:
         assert int(f.attrs["replicas"]) == 2
         assert bool(f.attrs["replicas_identical"]), "replicas' models differ after training"
+
+
+def test_describe_under_mpirun_prints_once():
+    r = subprocess.run([str(MPIRUN), "-np", "2", sys.executable, "-m", "lthmpi.main", "--describe"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("lenet300_100 on fashion_mnist") == 1, r.stdout

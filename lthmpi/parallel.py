@@ -241,9 +241,14 @@ def _run(cfg, run_dir, t_start, quiet, comm, rank, size, host) -> int:
                 run.create(cfg)
                 setup_logging(run.path, rank, verbose=not quiet)
 
+        def shared():  # the others read what rank 0 writes there
+            if rank != 0:
+                run.check_seen(cfg)
+
         _agree(comm, rank, host, refuse_early)
         exp = _agree(comm, rank, host, build)
         _agree(comm, rank, host, create)
+        _agree(comm, rank, host, shared)
         if rank != 0:
             setup_logging(run.path, rank, verbose=False)
     log.info("%d ranks, %d TF threads per rank, hosts %s", size, threads, sorted(set(comm.allgather(host))))

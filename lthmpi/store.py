@@ -275,6 +275,18 @@ class RunDir:
             raise StoreError(f"run directory {self.path} holds a different experiment ({diff}); "
                              f"use another --run-dir or the same config")
 
+    def check_seen(self, cfg: Config):
+        """On a rank other than 0, once rank 0 has created the directory: it must be the same directory,
+        since the ranks read the parent and masks that rank 0 writes there."""
+        try:
+            seen = from_dict(load_toml(self.config_path)).identity() == cfg.identity()
+        except ConfigError:
+            seen = False
+        if not seen:
+            raise StoreError(f"this rank does not see the run directory {self.path} that rank 0 created (no "
+                             f"config.toml of this experiment there): put --run-dir on a filesystem that every "
+                             f"rank sees under the same path, not on node-local storage")
+
     def load_config(self) -> Config:
         if not os.path.exists(self.config_path):
             raise StoreError(f"{self.path} is not an lthmpi run directory (no config.toml)")

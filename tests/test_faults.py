@@ -20,8 +20,8 @@ import h5py
 import numpy as np
 import pytest
 
-from faultkit import (N_TASKS, PY, ROOT, assert_every_h5_readable, assert_same_results, battery, can_mount,
-                      clean_env, done_counts, error_lines, finish, free_bytes, launch, log_has, lthmpi_lines, note,
+from faultkit import (MPIRUN, N_TASKS, PY, ROOT, assert_every_h5_readable, assert_same_results, battery,
+                      can_mount, clean_env, command, done_counts, error_lines, finish, free_bytes, launch, log_has, lthmpi_lines, note,
                       records, start, task_files, temporaries, tmpfs, wait_for)
 
 WAITING = "injected fault: waiting"
@@ -576,3 +576,20 @@ def test_idle_ranks_without_subgroups_run_and_are_logged(tmp_path):
     assert m, text
     assert log_has(run, f"rank {m.group(1)} has no task", int(m.group(1)))
     note("3 ranks, 2 tasks, parallel.subgroups=false", "rc 0; rank 0's log: 1 workers have no task and wait (ranks 2)")
+
+
+@pytest.mark.skipif(not can_mount() or shutil.which("unshare") is None, reason="needs root and unshare for a private mount")
+def test_run_dir_not_shared_with_a_rank_is_named_before_training(tmp_path):
+    """Rank 1 gets its own empty tmpfs over the run directory's parent, as node-local /tmp on another host:
+    it is told at start-up that it does not see rank 0's run directory, not later that parent.h5 is bad."""
+    shared = tmp_path / "scratch"
+    shared.mkdir()
+    cmd = command(shared / "run")
+    local = ["unshare", "-m", "sh", "-c", f"mount -t tmpfs none {shared} && exec \"$@\"", "sh", *cmd]
+    r = subprocess.run([str(MPIRUN), "-np", "1", *cmd, ":", "-np", "1", *local], cwd=ROOT, capture_output=True,
+                       text=True, timeout=180, env=clean_env())
+    assert r.returncode != 0
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1, r.stderr
+    assert "rank 1 on" in lines[0] and "does not see the run directory" in lines[0] and "every rank sees" in lines[0]
+    assert not (shared / "run" / "parent.h5").exists(), "stopped before rank 0 trained anything"

@@ -1,62 +1,87 @@
 """Benchmark: seconds per epoch of a masked LeNet-300-100 retraining against plain Keras `fit`.
 
-Same model, data (Fashion-MNIST, 55k training examples), batch 60, one TF thread, in one process.
-The masked trainer also evaluates the 5k validation set every 100 iterations (early stopping), which
-`fit` does not; it is timed both with that evaluation and without it.
+Same model, data (Fashion-MNIST, 55k training examples), batch 60, one TF thread. The masked trainer
+(20% of weights left) also evaluates the 5k validation set every 100 iterations (early stopping) and
+the test set at epoch ends, which `fit` does not; it is timed with that evaluation and with validation
+once per epoch. Each variant runs in its own process (fit's tf.data threads outlive it and would slow
+what follows), the variants alternate over --rounds, and the medians are compared. Then the masked
+epoch is split into training and evaluation, with the arithmetic each needs.
 
-    .venv/bin/python run/bench_trainer.py [--epochs 4] [--threads 1]
+    .venv/bin/python run/bench_trainer.py [--rounds 3] [--epochs 4] [--threads 1]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
+
+VARIANTS = {"fit": "keras fit (no validation)", "100it": "masked, eval every 100 it",
+            "1ep": "masked, eval once per epoch"}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=4, help="epochs timed per variant (after one warm-up epoch)")
+    ap.add_argument("--rounds", type=int, default=3, help="times each variant runs, alternating (default 3)")
+    ap.add_argument("--epochs", type=int, default=4, help="epochs timed per run, after one warm-up epoch")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--dataset", default="fashion_mnist")
+    ap.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # one run, in a child
     args = ap.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+    if args.rounds < 1 or args.epochs < 1:
+        ap.error("--rounds and --epochs must be >= 1")
 
+    runs = {v: [] for v in VARIANTS}
+    for r in range(args.rounds):
+        for v in VARIANTS:
+            cmd = [sys.executable, __file__, "--variant", v, "--epochs", str(args.epochs),
+                   "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit(f"bench_trainer: the {v} run failed:\n{out.stderr[-2000:]}")
+            runs[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  round {r + 1}/{args.rounds}: {VARIANTS[v]:30s} {runs[v][-1]['s']:6.2f} s/epoch", flush=True)
+
+    per = {v: [x["s"] for x in rs] for v, rs in runs.items()}
+    fit_s = statistics.median(per["fit"])
+    print(f"\nLeNet-300-100, fashion_mnist, batch 60, {args.threads} thread(s); {args.rounds} runs of each, "
+          f"{args.epochs} epochs timed per run (median; range over runs)")
+    for v, label in VARIANTS.items():
+        s = statistics.median(per[v])
+        ratio = ""
+        if v != "fit":
+            rounds = [a / b for a, b in zip(per[v], per["fit"])]
+            ratio = f"   ratio to fit {s / fit_s:.2f} (per round {min(rounds):.2f} to {max(rounds):.2f})"
+        print(f"  {label:30s} {s:6.2f} s/epoch  ({min(per[v]):.2f} to {max(per[v]):.2f}){ratio}")
+    parts = min(runs["100it"], key=lambda x: abs(x["s"] - statistics.median(per["100it"])))["parts"]
+    print(breakdown(parts, fit_s))
+
+
+def run_variant(args) -> dict:
+    """One timed run of one variant in this process: seconds per epoch (and, masked, where they go)."""
     from lthmpi.runtime import configure_tensorflow
-    configure_tensorflow(args.threads)
-    import keras
-    import numpy as np
 
+    configure_tensorflow(args.threads)
     from lthmpi.config import Config
     from lthmpi.data import load_dataset
-    from lthmpi.models import build_model, prunable_variables
-    from lthmpi.pruning import magnitude_masks
-    from lthmpi.training import MaskedTrainer
+    from lthmpi.models import build_model
 
-    cfg = Config()
-    cfg.data.dataset = args.dataset
+    cfg = Config()  # the default: Fashion-MNIST, 5k validation
     data = load_dataset(cfg.data, cfg.seed)
-    epochs = args.epochs + 1
-
-    # the masked trainer, 20% of weights left
-    results, breakdown = {}, None
-    for label, eval_every in (("masked, eval every 100 it", "100it"), ("masked, eval once per epoch", "1ep")):
-        tcfg = SimpleNamespace(**{**vars(cfg.train), "eval_every": eval_every})
-        model = build_model("lenet300_100", data.input_shape, data.num_classes, 0)
-        tr = MaskedTrainer(model, data, tcfg, 0, prunable_variables(model))
-        weights = {v.path: v.numpy() for v in prunable_variables(model)}
-        tr.set_masks(magnitude_masks(weights, 0.2, "global", {"output": 0.5}))
-        tr.fit(0, tr.per_epoch)  # compile and warm up
-        t = time.perf_counter()
-        h = tr.fit(tr.per_epoch, epochs * tr.per_epoch)  # one retraining of several epochs, as a task runs
-        results[label] = (time.perf_counter() - t) / (epochs - 1)
-        if breakdown is None:
-            breakdown = where_the_time_goes(tr, h, results[label], epochs - 1)
-        zero = all(np.all(v.numpy()[~m.astype(bool)] == 0) for v, m in
-                   ((v, tr._masked[i][1].numpy()) for i, (v, _) in enumerate(tr._masked)))
-        assert zero, "pruned weights revived"
-
-    # plain Keras fit, last: its tf.data pipeline keeps threads alive that would slow what follows
     model = build_model("lenet300_100", data.input_shape, data.num_classes, 0)
+    if args.variant == "fit":
+        return {"s": time_fit(model, data, args.epochs)}
+    return time_masked(model, data, cfg, args.variant, args.epochs)
+
+
+def time_fit(model, data, epochs: int) -> float:
+    import keras
+
     model.compile(keras.optimizers.Adam(1.2e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
     class Timer(keras.callbacks.Callback):
@@ -71,36 +96,45 @@ def main():
             self.times.append(time.perf_counter() - self.t)
 
     timer = Timer()
-    model.fit(data.x_train, data.y_train, batch_size=60, epochs=epochs, verbose=0, callbacks=[timer], shuffle=True)
-    fit_times = timer.times[1:]
-    fit_s = statistics.median(fit_times)
+    model.fit(data.x_train, data.y_train, batch_size=60, epochs=epochs + 1, verbose=0, callbacks=[timer],
+              shuffle=True)
+    return statistics.median(timer.times[1:])
 
-    print(f"LeNet-300-100, {args.dataset}, {len(data.x_train)} training examples, batch 60, "
-          f"{args.threads} thread(s), {args.epochs} epochs timed (fit: median epoch)")
-    print(f"  keras fit (no validation)      {fit_s:6.2f} s/epoch   (epochs {min(fit_times):.2f} to "
-          f"{max(fit_times):.2f} s; jit_compile={model.jit_compile})")
-    for label, s in results.items():
-        print(f"  {label:30s} {s:6.2f} s/epoch   ratio to fit {s / fit_s:.2f}")
-    lines, floor = breakdown
-    print("\n".join(lines))
-    print(f"  arithmetic alone at the validation pass's rate: {floor:.2f} s/epoch = {floor / fit_s:.2f} x fit")
+
+def time_masked(model, data, cfg, eval_every: str, epochs: int) -> dict:
+    import numpy as np
+
+    from lthmpi.models import prunable_variables
+    from lthmpi.pruning import magnitude_masks
+    from lthmpi.training import MaskedTrainer
+
+    tcfg = SimpleNamespace(**{**vars(cfg.train), "eval_every": eval_every})
+    tr = MaskedTrainer(model, data, tcfg, 0, prunable_variables(model))
+    weights = {v.path: v.numpy() for v in prunable_variables(model)}
+    tr.set_masks(magnitude_masks(weights, 0.2, "global", {"output": 0.5}))
+    tr.fit(0, tr.per_epoch)  # compile and warm up
+    t = time.perf_counter()
+    h = tr.fit(tr.per_epoch, (epochs + 1) * tr.per_epoch)  # one retraining of several epochs, as a task runs
+    s = (time.perf_counter() - t) / epochs
+    for v, m in tr._masked:
+        if np.any(v.numpy()[m.numpy() == 0] != 0):
+            raise AssertionError("pruned weights revived")
+    return {"s": s, "parts": where_the_time_goes(tr, h, s, epochs)}
 
 
 def dense_macs(model) -> tuple[int, int]:
     """Multiply-adds per example of the Dense kernels: (forward, of which the first layer)."""
-    kernels = [v for v in model.trainable_variables if len(v.shape) == 2]
-    sizes = [int(v.shape[0]) * int(v.shape[1]) for v in kernels]
+    sizes = [int(v.shape[0]) * int(v.shape[1]) for v in model.trainable_variables if len(v.shape) == 2]
     return sum(sizes), sizes[0]
 
 
-def where_the_time_goes(tr, h, epoch_s: float, epochs: int) -> tuple[list[str], float]:
+def where_the_time_goes(tr, h, epoch_s: float, epochs: int) -> dict:
     """Split an epoch into training and evaluation, with the arithmetic each needs (the dense floor).
 
     Training costs forward + weight gradient for every layer + input gradient for all but the first
     (nobody needs the gradient of the images); an evaluation pass costs one forward."""
     fwd, first = dense_macs(tr.model)
-    n_val, n_test = (int(tr._x[s].shape[0]) for s in ("val", "test"))
-    per_epoch_examples = tr.per_epoch * tr.cfg.batch_size
+    n = {s: int(tr._x[s].shape[0]) for s in ("val", "test")}
     timed = {}
     for split in ("val", "test"):
         tr.evaluate(split)
@@ -110,23 +144,30 @@ def where_the_time_goes(tr, h, epoch_s: float, epochs: int) -> tuple[list[str], 
             tr.evaluate(split)
             runs.append(time.perf_counter() - t)
         timed[split] = statistics.median(runs)
-    val_passes = len(h.evals) / epochs
-    test_passes = (len(h.epochs) + 1) / epochs  # each epoch end, and once at the early-stopping weights
-    eval_s = val_passes * timed["val"] + test_passes * timed["test"]
-    train_s = epoch_s - eval_s
-    gflop = {"train": 2 * per_epoch_examples * (3 * fwd - first) / 1e9,
-             "val": val_passes * 2 * n_val * fwd / 1e9, "test": test_passes * 2 * n_test * fwd / 1e9}
-    rate = gflop["val"] / (val_passes * timed["val"])  # one large GEMM per pass: this core's dense rate
-    floor = sum(gflop.values()) / rate
-    lines = ["where an epoch of 'masked, eval every 100 it' goes (dense arithmetic: the mask zeroes weights, "
-             "the kernels still multiply them):",
-             f"  training steps   {per_epoch_examples:6d} examples  {gflop['train']:5.1f} GFLOP  {train_s:5.2f} s  "
-             f"({gflop['train'] / train_s:4.0f} GFLOP/s, optimizer and re-masking included)",
-             f"  validation  {val_passes:4.1f} x {n_val:6d} examples  {gflop['val']:5.1f} GFLOP  "
-             f"{val_passes * timed['val']:5.2f} s  ({rate:4.0f} GFLOP/s)",
-             f"  test        {test_passes:4.2f} x {n_test:6d} examples  {gflop['test']:5.1f} GFLOP  "
-             f"{test_passes * timed['test']:5.2f} s"]
-    return lines, floor
+    passes = {"val": len(h.evals) / epochs,
+              "test": (len(h.epochs) + 1) / epochs}  # each epoch end, and once at the early-stopping weights
+    examples = tr.per_epoch * tr.cfg.batch_size
+    return {"examples": examples, "n": n, "passes": passes,
+            "seconds": {"train": epoch_s - sum(passes[s] * timed[s] for s in timed),
+                        **{s: passes[s] * timed[s] for s in timed}},
+            "gflop": {"train": 2 * examples * (3 * fwd - first) / 1e9,
+                      **{s: passes[s] * 2 * n[s] * fwd / 1e9 for s in timed}}}
+
+
+def breakdown(p: dict, fit_s: float) -> str:
+    g, s = p["gflop"], p["seconds"]
+    rate = g["val"] / s["val"]  # one large GEMM per pass: this core's dense rate
+    floor = sum(g.values()) / rate
+    return "\n".join([
+        "where an epoch of 'masked, eval every 100 it' goes (dense arithmetic: the mask zeroes weights, "
+        "the kernels still multiply them):",
+        f"  training steps   {p['examples']:6d} examples  {g['train']:5.1f} GFLOP  {s['train']:5.2f} s  "
+        f"({g['train'] / s['train']:4.0f} GFLOP/s, optimizer and re-masking included)",
+        f"  validation  {p['passes']['val']:4.1f} x {p['n']['val']:6d} examples  {g['val']:5.1f} GFLOP  "
+        f"{s['val']:5.2f} s  ({rate:4.0f} GFLOP/s)",
+        f"  test        {p['passes']['test']:4.2f} x {p['n']['test']:6d} examples  {g['test']:5.1f} GFLOP  "
+        f"{s['test']:5.2f} s",
+        f"  arithmetic alone at the validation pass's rate: {floor:.2f} s/epoch = {floor / fit_s:.2f} x fit"])
 
 
 if __name__ == "__main__":

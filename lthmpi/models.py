@@ -13,6 +13,8 @@ when it is given the seed the model was built with.
 Small inputs (e.g. the 8x8 digits used in tests): every 2x2 max pool uses ``padding="same"``, so a
 spatial size n becomes ceil(n / 2) and never 0 (1 stays 1); at the paper shapes (32x32) this is exactly
 the usual "valid" pooling. Strided ResNet convolutions use "same" padding for the same reason.
+The pool is :class:`MaxPool2x2`, not Keras' ``MaxPooling2D``: with op determinism on, XLA has no
+deterministic gradient for ``MaxPool`` and refuses to compile the training step.
 MobileNetV2 needs at least 32x32: smaller inputs are first upsampled by a ``Resizing`` layer named
 ``"resize"`` to at least 32 in each spatial dimension.
 
@@ -48,6 +50,31 @@ __all__ = [
 
 class ModelError(ValueError):
     """A model that cannot be built as asked (unknown name, unusable shape, ...); one-line message."""
+
+
+# --------------------------------------------------------------------------------------------------
+# layers
+
+
+@keras.saving.register_keras_serializable(package="lthmpi")
+class MaxPool2x2(layers.Layer):
+    """A 2x2, stride 2, 'same' max pool written as a max over a reshape.
+
+    Why: under `enable_op_determinism` XLA rejects the gradient of MaxPool ("no deterministic XLA
+    implementation"), so a conv net with MaxPooling2D could not be trained by the compiled step at all;
+    reduce_max's gradient is deterministic. Its forward equals MaxPooling2D(2, padding="same"); at an
+    exact tie inside a window the gradient is shared among the tied inputs instead of given to one."""
+
+    def call(self, x):
+        h, w = x.shape[1], x.shape[2]
+        if h % 2 or w % 2:  # 'same': one row / column of -inf at the bottom / right
+            x = keras.ops.pad(x, [[0, 0], [0, h % 2], [0, w % 2], [0, 0]], constant_values=float("-inf"))
+        x = keras.ops.reshape(x, (-1, (h + 1) // 2, 2, (w + 1) // 2, 2, x.shape[3]))
+        return keras.ops.max(x, axis=(2, 4))
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, c = input_shape
+        return (b, (h + 1) // 2, (w + 1) // 2, c)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,7 +145,7 @@ def _conv_n(n_conv: int):
             x = layers.Conv2D(filters, 3, padding="same", activation="relu",
                               kernel_initializer=_glorot(seed, lname), name=lname)(x)
             if i % 2 == 1:
-                x = layers.MaxPooling2D(2, padding="same", name=f"pool{i // 2 + 1}")(x)
+                x = MaxPool2x2(name=f"pool{i // 2 + 1}")(x)
         x = layers.Flatten(name="flatten")(x)
         x = layers.Dense(256, activation="relu", kernel_initializer=_glorot(seed, "fc1"), name="fc1")(x)
         x = layers.Dense(256, activation="relu", kernel_initializer=_glorot(seed, "fc2"), name="fc2")(x)
@@ -188,7 +215,7 @@ def _vgg16(input_shape, num_classes, seed):
     for item in _VGG16_PLAN:
         if item == "M":
             pool_i += 1
-            x = layers.MaxPooling2D(2, padding="same", name=f"pool{pool_i}")(x)
+            x = MaxPool2x2(name=f"pool{pool_i}")(x)
             continue
         conv_i += 1
         x = layers.Conv2D(item, 3, padding="same", kernel_initializer=_he(seed, f"conv{conv_i}"),

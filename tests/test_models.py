@@ -330,3 +330,43 @@ def test_build_leaves_python_random_state_alone():
     random.seed(123)
     build_model("mobilenetv2", TINY["mobilenetv2"], CLASSES, 0)
     assert random.random() == expected
+
+
+# ---------------------------------------------------------------------------------------------------
+# the engine's compiled step trains every model (XLA with op determinism, as in every run)
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 4), (5, 7, 3), (1, 1, 2)])
+def test_max_pool_equals_keras_same_pooling(tf_runtime, shape):
+    from lthmpi.models import MaxPool2x2
+
+    x = np.random.default_rng(0).normal(size=(3, *shape)).astype(np.float32)
+    want = keras.layers.MaxPooling2D(2, padding="same")(x)
+    got = MaxPool2x2()(x)
+    assert tuple(got.shape) == tuple(want.shape)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), keras.ops.convert_to_numpy(want))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_masked_trainer_trains_every_model(tf_runtime, name):
+    """Two compiled training steps: MaxPooling2D's gradient, for one, has no deterministic XLA kernel."""
+    from types import SimpleNamespace
+
+    from lthmpi.config import TrainConfig
+    from lthmpi.training import MaskedTrainer
+
+    shape = TINY[name]
+    x, y = tiny_batch(shape, n=64)
+    data = SimpleNamespace(x_train=x, y_train=y, x_val=x[:16], y_val=y[:16], x_test=x[:16], y_test=y[:16])
+    model = build_model(name, shape, CLASSES, seed=0)
+    cfg = TrainConfig(batch_size=16, eval_every="2it")
+    tr = MaskedTrainer(model, data, cfg, 0, prunable_variables(model))
+    masks = {v.path: (np.random.default_rng(1).random(tuple(v.shape)) < 0.5) for v in prunable_variables(model)}
+    tr.set_masks(masks)
+    before = {v.path: v.numpy().copy() for v in prunable_variables(model)}
+    h = tr.fit(0, 2)
+    assert not h.diverged and np.isfinite(h.evals[-1]["train_loss"])
+    for v in prunable_variables(model):
+        now, m = v.numpy(), masks[v.path]
+        assert np.all(now[~m] == 0.0), v.path
+        assert np.any(now[m] != before[v.path][m]), f"{v.path} did not train"

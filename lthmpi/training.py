@@ -66,6 +66,18 @@ class BatchOrder:
         return np.concatenate(parts) if parts else np.zeros((0, self.batch), np.int32)
 
 
+def has_convolutions(model) -> bool:
+    import keras
+
+    def walk(layers):
+        for layer in layers:
+            yield layer
+            if hasattr(layer, "layers"):
+                yield from walk(layer.layers)
+
+    return any(isinstance(layer, keras.layers.Conv2D | keras.layers.DepthwiseConv2D) for layer in walk(model.layers))
+
+
 def make_optimizer(train_cfg):
     import keras
 
@@ -111,6 +123,10 @@ class MaskedTrainer:
         elems = int(np.prod(data.x_train.shape[1:]))
         self.eval_batch = max(1, (1 << 25) // max(1, elems * 4))  # 32 MiB of inputs per call
         self.reducer = None
+        # XLA:CPU runs a convolution inside a while loop ~100x slower than in a compiled step of its own
+        # (Conv-2, batch 60: 31 s against 0.31 s per step), so conv nets take one compiled call per step;
+        # their steps are long enough that the call costs nothing. Dense-only nets run whole blocks.
+        self.fused = not has_convolutions(model)
         self._build(jit, augment)
 
     # -- compiled functions --------------------------------------------------------------------
@@ -128,30 +144,35 @@ class MaskedTrainer:
         def loss_fn(y, logits):
             return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
 
+        def one_step(x, y, rows, t):
+            drops = tf.reduce_sum(tf.cast(t >= milestones, tf.float32))
+            opt.learning_rate.assign(base_lr * tf.pow(gamma, drops))
+            xb, yb = tf.gather(x, rows), tf.gather(y, rows)
+            if augment_batch is not None:
+                xb = augment_batch(xb, tf.stack([tf.constant(seed, tf.int64), t]))
+            with tf.GradientTape() as tape:
+                loss = loss_fn(yb, model(xb, training=True))
+            grads = tape.gradient(loss, trainable)
+            mask_of = {id(v): m for v, m in masked}
+            grads = [g * mask_of[id(v)] if id(v) in mask_of else g for g, v in zip(grads, trainable)]
+            opt.apply_gradients(zip(grads, trainable))
+            for v, m in masked:
+                v.assign(v * m)
+            return loss
+
         @tf.function(jit_compile=jit)
         def train_block(x, y, idx, n, start):
             # An explicit while_loop on `i < n`: with `for i in tf.range(n)` XLA takes n as a
             # compile-time constant and recompiles (~0.8 s) for every new length of a partial block.
             def step(i, total):
-                t = start + tf.cast(i, tf.int64)
-                drops = tf.reduce_sum(tf.cast(t >= milestones, tf.float32))
-                opt.learning_rate.assign(base_lr * tf.pow(gamma, drops))
-                rows = tf.gather(idx, i)
-                xb, yb = tf.gather(x, rows), tf.gather(y, rows)
-                if augment_batch is not None:
-                    xb = augment_batch(xb, tf.stack([tf.constant(seed, tf.int64), t]))
-                with tf.GradientTape() as tape:
-                    loss = loss_fn(yb, model(xb, training=True))
-                grads = tape.gradient(loss, trainable)
-                mask_of = {id(v): m for v, m in masked}
-                grads = [g * mask_of[id(v)] if id(v) in mask_of else g for g, v in zip(grads, trainable)]
-                opt.apply_gradients(zip(grads, trainable))
-                for v, m in masked:
-                    v.assign(v * m)
-                return i + 1, total + loss
+                return i + 1, total + one_step(x, y, tf.gather(idx, i), start + tf.cast(i, tf.int64))
 
             _, total = tf.while_loop(lambda i, total: i < n, step, (tf.constant(0, tf.int32), tf.constant(0.0)))
             return total
+
+        @tf.function(jit_compile=jit)
+        def train_step(x, y, rows, t):
+            return one_step(x, y, rows, t)
 
         @tf.function(jit_compile=jit)
         def eval_block(x, y):
@@ -165,7 +186,8 @@ class MaskedTrainer:
             for b, v in zip(self._best, model.variables):
                 b.assign(v)
 
-        self._train_block, self._eval_block, self._snapshot = train_block, eval_block, snapshot
+        self._train_block, self._train_step = train_block, train_step
+        self._eval_block, self._snapshot = eval_block, snapshot
 
         # Data-parallel path: one step per call, gradients summed across the subgroup between the two halves.
         sizes = [int(np.prod(v.shape)) for v in trainable]
@@ -314,11 +336,16 @@ class MaskedTrainer:
                 n = min(b - t, every)
                 if self.reducer is not None:
                     loss = self._train_steps_parallel(t, n)
-                else:
+                elif self.fused:
                     block = np.zeros((every, self.cfg.batch_size), np.int32)
                     block[:n] = self.order.block(t, t + n)
                     loss = float(self._train_block(self._x["train"], self._y["train"], tf.constant(block),
                                                    tf.constant(n, tf.int32), tf.constant(t, tf.int64)))
+                else:
+                    block = self.order.block(t, t + n)
+                    losses = [self._train_step(self._x["train"], self._y["train"], tf.constant(block[i]),
+                                               tf.constant(t + i, tf.int64)) for i in range(n)]
+                    loss = float(sum(float(v) for v in losses))
                 t += n
                 seg_loss += loss
                 seg_n += n

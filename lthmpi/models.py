@@ -45,6 +45,8 @@ __all__ = [
     "prunable_variables",
     "fresh_init",
     "describe",
+    "has_convolutions",
+    "MaxPool2x2",
 ]
 
 
@@ -287,6 +289,10 @@ def build_model(name: str, input_shape: tuple, num_classes: int, seed: int) -> k
 
 
 _PRUNABLE_TYPES = (layers.Dense, layers.Conv2D, layers.DepthwiseConv2D)
+
+
+def has_convolutions(model) -> bool:
+    return any(isinstance(layer, (layers.Conv2D, layers.DepthwiseConv2D)) for layer in _leaf_layers(model))
 
 
 def _leaf_layers(model):

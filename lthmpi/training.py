@@ -66,18 +66,6 @@ class BatchOrder:
         return np.concatenate(parts) if parts else np.zeros((0, self.batch), np.int32)
 
 
-def has_convolutions(model) -> bool:
-    import keras
-
-    def walk(layers):
-        for layer in layers:
-            yield layer
-            if hasattr(layer, "layers"):
-                yield from walk(layer.layers)
-
-    return any(isinstance(layer, keras.layers.Conv2D | keras.layers.DepthwiseConv2D) for layer in walk(model.layers))
-
-
 def make_optimizer(train_cfg):
     import keras
 
@@ -126,6 +114,8 @@ class MaskedTrainer:
         # XLA:CPU runs a convolution inside a while loop ~100x slower than in a compiled step of its own
         # (Conv-2, batch 60: 31 s against 0.31 s per step), so conv nets take one compiled call per step;
         # their steps are long enough that the call costs nothing. Dense-only nets run whole blocks.
+        from .models import has_convolutions
+
         self.fused = not has_convolutions(model)
         self._build(jit, augment)
 
@@ -345,7 +335,7 @@ class MaskedTrainer:
                     block = self.order.block(t, t + n)
                     losses = [self._train_step(self._x["train"], self._y["train"], tf.constant(block[i]),
                                                tf.constant(t + i, tf.int64)) for i in range(n)]
-                    loss = float(sum(float(v) for v in losses))
+                    loss = sum(float(v) for v in losses)
                 t += n
                 seg_loss += loss
                 seg_n += n

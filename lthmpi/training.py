@@ -134,20 +134,24 @@ class MaskedTrainer:
         def loss_fn(y, logits):
             return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
 
-        def one_step(x, y, rows, t):
+        mask_of = {id(v): m for v, m in masked}
+
+        def masked_update(grads, t):
+            """The learning rate of iteration t, then the optimizer step on masked gradients, then re-mask."""
             drops = tf.reduce_sum(tf.cast(t >= milestones, tf.float32))
             opt.learning_rate.assign(base_lr * tf.pow(gamma, drops))
+            grads = [g * mask_of[id(v)] if id(v) in mask_of else g for g, v in zip(grads, trainable)]
+            opt.apply_gradients(zip(grads, trainable))
+            for v, m in masked:
+                v.assign(v * m)
+
+        def one_step(x, y, rows, t):
             xb, yb = tf.gather(x, rows), tf.gather(y, rows)
             if augment_batch is not None:
                 xb = augment_batch(xb, tf.stack([tf.constant(seed, tf.int64), t]))
             with tf.GradientTape() as tape:
                 loss = loss_fn(yb, model(xb, training=True))
-            grads = tape.gradient(loss, trainable)
-            mask_of = {id(v): m for v, m in masked}
-            grads = [g * mask_of[id(v)] if id(v) in mask_of else g for g, v in zip(grads, trainable)]
-            opt.apply_gradients(zip(grads, trainable))
-            for v, m in masked:
-                v.assign(v * m)
+            masked_update(tape.gradient(loss, trainable), t)
             return loss
 
         @tf.function(jit_compile=jit)
@@ -196,15 +200,8 @@ class MaskedTrainer:
 
         @tf.function(jit_compile=jit)
         def apply_flat(flat, t):
-            drops = tf.reduce_sum(tf.cast(t >= milestones, tf.float32))
-            opt.learning_rate.assign(base_lr * tf.pow(gamma, drops))
             parts = tf.split(flat[:-1], sizes)
-            mask_of = {id(v): m for v, m in masked}
-            grads = [tf.reshape(g, v.shape) * mask_of[id(v)] if id(v) in mask_of else tf.reshape(g, v.shape)
-                     for g, v in zip(parts, trainable)]
-            opt.apply_gradients(zip(grads, trainable))
-            for v, m in masked:
-                v.assign(v * m)
+            masked_update([tf.reshape(g, v.shape) for g, v in zip(parts, trainable)], t)
 
         self._shard_gradients, self._apply_flat = shard_gradients, apply_flat
 

@@ -88,7 +88,7 @@ class ResetConfig:
 class ParallelConfig:
     threads: int = 0  # TF intra-op threads per rank; 0 = max(1, cores // ranks on this host)
     schedule: str = "lpt"  # static | lpt | dynamic
-    subgroups: bool = True  # more ranks than masks: data-parallel subgroups
+    subgroups: bool | str = "auto"  # more ranks than work: data-parallel subgroups (auto: for conv nets)
     parent_data_parallel: bool = False  # train the parent data-parallel over all ranks
     backend: str = "mpi4py"  # gradient averaging in subgroups: mpi4py | horovod
 
@@ -321,6 +321,8 @@ def validate(cfg: Config) -> None:
     if q.threads < 0:
         raise ConfigError(f"parallel.threads must be >= 0 (0 = automatic), not {q.threads}")
     _one_of("parallel.schedule", q.schedule, SCHEDULES)
+    if q.subgroups not in (True, False, "auto") or not isinstance(q.subgroups, (bool, str)):
+        raise ConfigError(f"parallel.subgroups must be true, false or \"auto\", not {q.subgroups!r}")
     if q.backend not in ("mpi4py", "horovod"):
         raise ConfigError(f"parallel.backend {q.backend!r} must be 'mpi4py' or 'horovod'")
     if q.backend == "horovod":

@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import Config, ConfigError
 from .driver import PhaseTimer, check_finished, progress_bar, run_one, set_fault, setup_logging
-from .schedule import assign_lpt, assign_static, groups_for
+from .schedule import assign_lpt, assign_static, groups_for, use_subgroups
 from .store import RunDir
 
 log = logging.getLogger("lthmpi")
@@ -277,7 +277,10 @@ def _run(cfg, run_dir, t_start, quiet, comm, rank, size, host) -> int:
         todo = [t for t in tasks if not exp.is_done(t)]
         schedule = cfg.parallel.schedule
         units = len(cfg.remaining_fractions()) if schedule == "static" else len(todo)
-        colors = groups_for(size, max(1, units)) if cfg.parallel.subgroups else list(range(size))
+        from .models import has_convolutions
+
+        split = size > units and use_subgroups(cfg.parallel.subgroups, has_convolutions(exp.trainer.model))
+        colors = groups_for(size, max(1, units)) if split else list(range(size))
         group = comm.Split(colors[rank], rank)
         leaders = [r for r in range(size) if colors[r] != (colors[r - 1] if r else -1)]
         is_leader = group.Get_rank() == 0
@@ -306,6 +309,9 @@ def _run(cfg, run_dir, t_start, quiet, comm, rank, size, host) -> int:
                       if n_workers != size else "one rank each")
             log.info("%s schedule: %d tasks over %d workers (%s)%s", schedule, len(todo), n_workers, groups,
                      f"; {idle} workers have no task and wait{who}" if idle > 0 else "")
+            if size > units and not split and cfg.parallel.subgroups == "auto":
+                log.info("parallel.subgroups = auto: no data-parallel subgroups for a model without convolutions "
+                         "(its ~1 ms steps are shorter than a subgroup's Allreduce); set it to true to force them")
         if schedule != "dynamic" and is_leader and not mine:
             log.info("rank %d has no task; it waits for the others", rank)
 

@@ -180,3 +180,12 @@ def groups_for(n_ranks: int, n_units: int) -> list[int]:
     for g in range(n_units):
         colors += [g] * (base + (1 if g < extra else 0))
     return colors
+
+
+def use_subgroups(setting: bool | str, has_convolutions: bool) -> bool:
+    """Whether ranks beyond the units of work form data-parallel subgroups; `auto` says yes for conv nets.
+
+    A data-parallel step is one Python call and one Allreduce (4-8 ms here), while a Dense-only net's
+    fused step takes ~1 ms: a subgroup of 2 trained a LeNet-300-100 task 4x slower than one rank alone,
+    and Conv-2 (0.3 s steps) 1.14x faster (README, "Running on several ranks")."""
+    return has_convolutions if setting == "auto" else bool(setting)

@@ -94,10 +94,11 @@ def test_p2_mpirun_and_phase_timings(reference, tmp_path):
 
 
 def test_more_ranks_than_tasks_forms_data_parallel_subgroups(tmp_path):
-    """2 tasks on 3 ranks: one subgroup of 2 ranks averaging gradients, one rank alone."""
+    """2 tasks on 3 ranks: one subgroup of 2 ranks averaging gradients, one rank alone (forced: `auto`
+    keeps a Dense-only net out of subgroups)."""
     run = tmp_path / "run"
     r = launch(run, 3, ["--set", "prune.remaining=[0.5, 0.2]", "--set", 'reset.points=["0ep"]',
-                        "--set", "reset.controls=[]"])
+                        "--set", "reset.controls=[]", "--set", "parallel.subgroups=true"])
     assert r.returncode == 0, r.stderr
     recs = task_records(run)
     assert len(recs) == 2
@@ -166,8 +167,9 @@ def test_ranks_with_different_configs_are_refused(tmp_path):
 
 
 def test_batch_norm_statistics_agree_across_data_parallel_replicas(tmp_path):
-    """ResNet-20 (batch norm) on a subgroup of 2: each replica normalises its own half of the batch, so
-    without averaging, the moving statistics, and with them evaluation and early stopping, differ."""
+    """ResNet-20 (batch norm) on a subgroup of 2 (formed by the default `auto`: it has convolutions): each
+    replica normalises its own half of the batch, so without averaging, the moving statistics, and with
+    them evaluation and early stopping, differ."""
     run = tmp_path / "run"
     r = launch(run, 2, ["--set", "model.name=resnet20", "--set", "train.epochs=1", "--set", "prune.remaining=[0.5]",
                         "--set", 'reset.points=["0ep"]', "--set", "reset.controls=[]"])

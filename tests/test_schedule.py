@@ -6,7 +6,7 @@ from collections import namedtuple
 import pytest
 
 from lthmpi.schedule import (SCHEDULERS, Schedule, assign_lpt, assign_static, groups_for, imbalance,
-                             simulate)
+                             simulate, use_subgroups)
 from lthmpi.scaling_model import (RunProfile, amdahl_fit, extrapolate_durations, fit_log, gustafson,
                                   karp_flatt, predict, predict_many, synthetic_profile)
 
@@ -196,6 +196,11 @@ def test_speedup_saturates_at_task_count(scheduler):
         r = predict(prof, p, scheduler)
         assert r["speedup"] == pytest.approx(5)
         assert r["idle"] == p - 5
+
+
+def test_subgroups_auto_only_for_conv_nets():
+    assert use_subgroups("auto", has_convolutions=True) and not use_subgroups("auto", has_convolutions=False)
+    assert use_subgroups(True, has_convolutions=False) and not use_subgroups(False, has_convolutions=True)
 
 
 def test_data_parallel_subgroups():

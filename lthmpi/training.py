@@ -4,8 +4,8 @@ One trainer per process is built once and reused for every task: a late reset is
 weights, masks and optimizer state, never a new model or a new trace. The data stay in memory and are
 passed as arguments to one XLA-compiled call that runs up to `eval_every` steps, gathering each batch
 from a (K, B) block of the epoch's shuffled indices (DESIGN.md §6: a Python call per step costs more
-than the step). Inside the call the gradients are multiplied by the mask and the weights are re-masked
-after every update, so Adam moments, momentum and weight decay can never revive a pruned weight.
+than the step). Inside the call the weights are re-masked after every optimizer update, so Adam moments,
+momentum and weight decay can never revive a pruned weight.
 """
 from __future__ import annotations
 
@@ -87,7 +87,8 @@ def make_optimizer(train_cfg):
 class MaskedTrainer:
     """Trains one model under a mask; weights, masks and optimizer state are swapped in per task."""
 
-    def __init__(self, model, data, train_cfg, seed: int, prunable, augment: bool = False, jit: bool = True):
+    def __init__(self, model, data, train_cfg, seed: int, prunable, augment: bool = False, jit: bool = True,
+                 eval_chunk: int = 500):
         self.threads = configured_threads() or 1
         self.tf = tf = configure_tensorflow(self.threads)
         self.model, self.data, self.cfg, self.seed = model, data, train_cfg, seed
@@ -109,7 +110,8 @@ class MaskedTrainer:
         self._x = {s: tf.convert_to_tensor(getattr(data, f"x_{s}")) for s in ("train", "val", "test")}
         self._y = {s: tf.convert_to_tensor(getattr(data, f"y_{s}").astype(np.int32)) for s in ("train", "val", "test")}
         elems = int(np.prod(data.x_train.shape[1:]))
-        self.eval_batch = max(1, (1 << 25) // max(1, elems * 4))  # 32 MiB of inputs per call
+        self.eval_batch = max(1, (1 << 25) // max(1, elems * 4))  # 32 MiB of inputs per call (conv nets)
+        self.eval_chunk = eval_chunk  # rows per matmul inside one evaluation call (Dense nets)
         self.reducer = None
         # XLA:CPU runs a convolution inside a while loop ~100x slower than in a compiled step of its own
         # (Conv-2, batch 60: 31 s against 0.31 s per step), so conv nets take one compiled call per step;
@@ -134,13 +136,16 @@ class MaskedTrainer:
         def loss_fn(y, logits):
             return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
 
-        mask_of = {id(v): m for v, m in masked}
-
         def masked_update(grads, t):
-            """The learning rate of iteration t, then the optimizer step on masked gradients, then re-mask."""
+            """The learning rate of iteration t, then the optimizer step, then re-mask the weights.
+
+            The gradients go to the optimizer unmasked: every optimizer here (Adam, AdamW, SGD with
+            momentum and weight decay) updates each weight from its own gradient and slots alone, so a
+            kept weight gets bit for bit the update it would get from a masked gradient, and the
+            re-mask holds every pruned weight at exactly zero whatever its slots hold. Not masking
+            them spares each slot update a pass over the mask (README, "The masked trainer")."""
             drops = tf.reduce_sum(tf.cast(t >= milestones, tf.float32))
             opt.learning_rate.assign(base_lr * tf.pow(gamma, drops))
-            grads = [g * mask_of[id(v)] if id(v) in mask_of else g for g, v in zip(grads, trainable)]
             opt.apply_gradients(zip(grads, trainable))
             for v, m in masked:
                 v.assign(v * m)
@@ -168,12 +173,36 @@ class MaskedTrainer:
         def train_step(x, y, rows, t):
             return one_step(x, y, rows, t)
 
-        @tf.function(jit_compile=jit)
-        def eval_block(x, y):
+        def eval_sums(x, y):
             logits = model(x, training=False)
             losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
             correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y), tf.float32)
             return tf.reduce_sum(losses), tf.reduce_sum(correct)
+
+        chunk = self.eval_chunk
+
+        @tf.function(jit_compile=jit)
+        def eval_block(x, y):
+            if not self.fused:
+                return eval_sums(x, y)
+            # A Dense net evaluates a whole split in one call, `chunk` rows at a time: XLA's CPU matmul
+            # runs 5000x784x300 at ~70 GFLOP/s and 500-row slices of it at ~85 (README, "The masked trainer").
+            n = int(x.shape[0])
+            full = n // chunk
+            zeros = [0] * (len(x.shape) - 1)
+            loss = correct = tf.constant(0.0)
+
+            def body(i, loss, correct):
+                rows = tf.slice(x, tf.stack([i * chunk, *zeros]), [chunk, *x.shape[1:]])
+                dl, dc = eval_sums(rows, tf.slice(y, tf.reshape(i * chunk, [1]), [chunk]))
+                return i + 1, loss + dl, correct + dc
+
+            if full:
+                _, loss, correct = tf.while_loop(lambda i, *_: i < full, body, (tf.constant(0), loss, correct))
+            if full * chunk < n:
+                dl, dc = eval_sums(x[full * chunk:], y[full * chunk:])
+                loss, correct = loss + dl, correct + dc
+            return loss, correct
 
         @tf.function
         def snapshot():
@@ -297,10 +326,12 @@ class MaskedTrainer:
     # -- measuring ------------------------------------------------------------------------------
     def evaluate(self, split: str) -> tuple[float, float]:
         x, y = self._x[split], self._y[split]
-        n, step = int(x.shape[0]), self.eval_batch
+        n = int(x.shape[0])
+        step = n if self.fused else self.eval_batch  # a Dense net takes the whole split in one call
         loss = correct = 0.0
         for i in range(0, n, step):
-            lsum, csum = self._eval_block(x[i:i + step], y[i:i + step])
+            rows = slice(i, i + step)
+            lsum, csum = self._eval_block(x, y) if step >= n else self._eval_block(x[rows], y[rows])
             loss += float(lsum)
             correct += float(csum)
         return loss / n, correct / n

@@ -137,6 +137,39 @@ def test_dense_training_learns(rig):
     assert [e["iteration"] for e in r.history.epochs] == [38, 40]
 
 
+def _numpy_loss_and_accuracy(w, x, y):
+    """LeNet-300-100's forward pass in float64 numpy: the reference for the compiled evaluation."""
+    h = x.reshape(len(x), -1).astype(np.float64)
+    for name in ("fc1", "fc2"):
+        h = np.maximum(h @ w[f"{name}/kernel"] + w[f"{name}/bias"], 0)
+    logits = h @ w["output/kernel"] + w["output/bias"]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return -log_p[np.arange(len(y)), y].mean(), np.mean(logits.argmax(axis=1) == y)
+
+
+def test_evaluation_in_chunks_matches_a_plain_forward_pass(rig, data):
+    """A Dense net is evaluated `eval_chunk` rows at a time inside one call; whole chunks and the tail
+    that is left over must all count, once: 200 validation rows are 3 chunks of 64 and a tail of 8."""
+    from lthmpi.models import build_model, prunable_variables
+    from lthmpi.training import MaskedTrainer
+
+    r = rig("adam")
+    model = build_model("lenet300_100", data.input_shape, data.num_classes, 0)
+    chunked = MaskedTrainer(model, data, r.cfg.train, 0, prunable_variables(model), eval_chunk=64)
+    chunked.set_weights(r.dense)
+    r.trainer.set_weights(r.dense)
+    for split in ("val", "test"):
+        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        assert len(x) % 64 and len(x) > 64, "the split must leave whole chunks and a tail"
+        loss, acc = chunked.evaluate(split)
+        ref_loss, ref_acc = _numpy_loss_and_accuracy(r.dense, x, y)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        assert acc == ref_acc
+        whole = r.trainer.evaluate(split)  # the default chunk is larger than these splits: one piece
+        assert whole[0] == pytest.approx(loss, rel=1e-6) and whole[1] == acc
+
+
 # -- learning-rate schedule -------------------------------------------------------------------------
 
 def test_lr_milestones_lower_the_lr(rig):

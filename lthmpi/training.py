@@ -141,14 +141,15 @@ class MaskedTrainer:
 
             The gradients go to the optimizer unmasked: every optimizer here (Adam, AdamW, SGD with
             momentum and weight decay) updates each weight from its own gradient and slots alone, so a
-            kept weight gets bit for bit the update it would get from a masked gradient, and the
-            re-mask holds every pruned weight at exactly zero whatever its slots hold. Not masking
-            them spares each slot update a pass over the mask (README, "The masked trainer")."""
+            kept weight gets the update a masked gradient would give it (the gradient there is the same
+            number), and the re-mask holds every pruned weight at exactly zero whatever its slots hold,
+            even inf or NaN (a select, not a product: NaN * 0 is NaN). Not masking the gradients
+            spares each slot update a pass over the mask (README, "The masked trainer")."""
             drops = tf.reduce_sum(tf.cast(t >= milestones, tf.float32))
             opt.learning_rate.assign(base_lr * tf.pow(gamma, drops))
             opt.apply_gradients(zip(grads, trainable))
             for v, m in masked:
-                v.assign(v * m)
+                v.assign(tf.where(m != 0, v, tf.zeros_like(v)))
 
         def one_step(x, y, rows, t):
             xb, yb = tf.gather(x, rows), tf.gather(y, rows)

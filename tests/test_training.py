@@ -105,6 +105,27 @@ def test_pruned_weights_stay_exactly_zero(rig, name, state):
         assert np.array_equal(v.numpy(), after[v.path])
 
 
+def test_pruned_weights_stay_zero_whatever_the_optimizer_slots_hold(rig):
+    """The optimizer gets unmasked gradients, so its slots at pruned weights hold anything; even inf and
+    NaN there must neither revive a pruned weight nor reach a kept one."""
+    r = rig("adam")
+    tr = r.trainer
+    tr.set_weights(r.dense)
+    tr.set_masks(r.masks)
+    state = {k: a.copy() for k, a in r.dense_state.items()}
+    for p in r.prunable:
+        momentum, velocity = sorted(r.moment_keys(p))
+        state[momentum][~r.masks[p]] = np.nan
+        state[velocity][~r.masks[p]] = np.inf
+    tr.reset_optimizer(state)
+    h = tr.fit(DENSE_END, DENSE_END + 12)
+    assert not h.diverged
+    after = tr.get_weights()
+    for p in r.prunable:
+        assert np.all(after[p][~r.masks[p]] == 0), f"pruned weights of {p} revived"
+        assert np.all(np.isfinite(after[p][r.masks[p]])), f"kept weights of {p} went non-finite"
+
+
 def test_fresh_optimizer_is_zero(rig):
     r = rig("adam")
     r.trainer.reset_optimizer(None)

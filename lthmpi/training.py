@@ -327,12 +327,14 @@ class MaskedTrainer:
     # -- measuring ------------------------------------------------------------------------------
     def evaluate(self, split: str) -> tuple[float, float]:
         x, y = self._x[split], self._y[split]
-        n = int(x.shape[0])
-        step = n if self.fused else self.eval_batch  # a Dense net takes the whole split in one call
+        n, step = int(x.shape[0]), self.eval_batch
+        if self.fused or n <= step:  # one call: a Dense net slices the split inside it
+            pieces = [(x, y)]
+        else:
+            pieces = [(x[i:i + step], y[i:i + step]) for i in range(0, n, step)]
         loss = correct = 0.0
-        for i in range(0, n, step):
-            rows = slice(i, i + step)
-            lsum, csum = self._eval_block(x, y) if step >= n else self._eval_block(x[rows], y[rows])
+        for xs, ys in pieces:
+            lsum, csum = self._eval_block(xs, ys)
             loss += float(lsum)
             correct += float(csum)
         return loss / n, correct / n

@@ -10,8 +10,8 @@ Every variant runs in its own process pinned to the same core (the last one: the
 interrupts and shells), so "one core" holds for `fit`'s tf.data threads too. `fit` is at the mercy of
 the host (Python and tf.data per step): on this VM it runs ~2.6 s per epoch for stretches of minutes and
 ~5 s for others, while the masked trainer stays within a few percent; so the variants alternate over
---rounds, and the ratio is given per round as well as of the medians. Then the masked epoch is split
-into training and evaluation, with the arithmetic each needs.
+--rounds; the target is judged against `fit`'s fastest run, and the ratios per round and of the medians
+are printed too. Then the masked epoch is split into training and evaluation, with the arithmetic each needs.
 
     .venv/bin/python run/bench_trainer.py [--rounds 3] [--epochs 4] [--threads 1] [--validation 5000]
 """
@@ -71,11 +71,15 @@ def main():
             ratio = "   x fit {:.2f}, x fit-xla {:.2f}".format(med[v] / med["fit"], med[v] / med["fit-xla"])
         print(f"  {label:30s} {med[v]:6.2f} s/epoch  ({min(per[v]):.2f} to {max(per[v]):.2f}){ratio}")
     rounds = [a / b for a, b in zip(per["100it"], per["fit"])]
-    ratio = med["100it"] / med["fit"]
-    print(f"target (masked, eval every 100 it) <= {TARGET} x plain fit: {ratio:.2f} "
-          f"(per round {min(rounds):.2f} to {max(rounds):.2f}): {'met' if ratio <= TARGET else 'NOT met'}")
+    # The verdict holds the trainer against `fit` at its fastest: a busy host slows `fit` (Python and
+    # tf.data every step) twice as much as the trainer, and a slowed `fit` must not make the target "met".
+    best = min(per["fit"])
+    ratio = med["100it"] / best
+    print(f"target (masked, eval every 100 it) <= {TARGET} x plain fit at its fastest run ({best:.2f} s): "
+          f"{ratio:.2f} (x the median fit {med['100it'] / med['fit']:.2f}; per round {min(rounds):.2f} to "
+          f"{max(rounds):.2f}): {'met' if ratio <= TARGET else 'NOT met'}")
     parts = min(runs["100it"], key=lambda x: abs(x["s"] - med["100it"]))["parts"]
-    print(breakdown(parts, med["fit"]))
+    print(breakdown(parts, best))
 
 
 def pinned_cores(threads: int) -> list[int]:
@@ -194,7 +198,7 @@ def breakdown(p: dict, fit_s: float) -> str:
         f"{s['val']:5.2f} s  ({rate:4.0f} GFLOP/s)",
         f"  test        {p['passes']['test']:4.2f} x {p['n']['test']:6d} examples  {g['test']:5.1f} GFLOP  "
         f"{s['test']:5.2f} s",
-        f"  arithmetic alone at the validation pass's rate: {floor:.2f} s/epoch = {floor / fit_s:.2f} x fit"])
+        f"  arithmetic alone at the validation pass's rate: {floor:.2f} s/epoch = {floor / fit_s:.2f} x the fastest fit"])
 
 
 if __name__ == "__main__":

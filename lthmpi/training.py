@@ -326,18 +326,27 @@ class MaskedTrainer:
 
     # -- measuring ------------------------------------------------------------------------------
     def evaluate(self, split: str) -> tuple[float, float]:
+        """Mean loss and accuracy over a split.
+
+        Data-parallel replicas each evaluate their own share of the rows and sum the totals over the
+        subgroup, so evaluation scales with the subgroup as training does; every replica gets the same
+        sums, and so takes the same early-stopping decisions."""
         x, y = self._x[split], self._y[split]
         n, step = int(x.shape[0]), self.eval_batch
-        if self.fused or n <= step:  # one call: a Dense net slices the split inside it
-            pieces = [(x, y)]
+        lo, hi = 0, n
+        if self.reducer is not None:
+            lo, hi = n * self.reducer.rank // self.reducer.size, n * (self.reducer.rank + 1) // self.reducer.size
+        if self.fused or hi - lo <= step:  # one call: a Dense net slices the split inside it
+            pieces = [(lo, hi)] if hi > lo else []
         else:
-            pieces = [(x[i:i + step], y[i:i + step]) for i in range(0, n, step)]
-        loss = correct = 0.0
-        for xs, ys in pieces:
-            lsum, csum = self._eval_block(xs, ys)
-            loss += float(lsum)
-            correct += float(csum)
-        return loss / n, correct / n
+            pieces = [(i, min(i + step, hi)) for i in range(lo, hi, step)]
+        sums = np.zeros(2)
+        for a, b in pieces:
+            lsum, csum = self._eval_block(*((x, y) if b - a == n else (x[a:b], y[a:b])))  # no copy of a whole split
+            sums += (float(lsum), float(csum))
+        if self.reducer is not None:
+            sums = self.reducer.allreduce_sum(sums)
+        return float(sums[0]) / n, float(sums[1]) / n
 
     # -- training -------------------------------------------------------------------------------
     def fit(self, start: int, end: int, checkpoints=(), on_checkpoint=None, progress=None) -> History:

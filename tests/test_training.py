@@ -191,6 +191,42 @@ def test_evaluation_in_chunks_matches_a_plain_forward_pass(rig, data):
         assert whole[0] == pytest.approx(loss, rel=1e-6) and whole[1] == acc
 
 
+class _Recorder:
+    """A one-replica stand-in for a subgroup's reducer: keeps what replica `rank` of `size` contributes."""
+
+    def __init__(self, rank, size):
+        self.rank, self.size, self.sums = rank, size, None
+
+    def allreduce_sum(self, buf):
+        self.sums = np.array(buf)
+        return buf
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_data_parallel_replicas_each_evaluate_their_share_once(rig, data, size):
+    """Each replica of a subgroup evaluates its own rows and the subgroup sums the totals: the shares add
+    up to the whole split exactly once (every replica evaluating all of it would count it `size` times)."""
+    r = rig("adam")
+    tr = r.trainer
+    tr.set_weights(r.dense)
+    try:
+        for split in ("val", "test"):
+            n = len(getattr(data, f"y_{split}"))
+            loss, acc = tr.evaluate(split)
+            shares = []
+            for rank in range(size):
+                rec = _Recorder(rank, size)
+                tr.set_reducer(rec)
+                tr.evaluate(split)
+                shares.append(rec.sums)
+            tr.set_reducer(None)
+            correct = [s[1] for s in shares]
+            assert all(c == int(c) and 0 < c < acc * n for c in correct), correct
+            assert sum(correct) == round(acc * n)
+            assert sum(s[0] for s in shares) == pytest.approx(loss * n, rel=1e-5)
+    finally:
+        tr.set_reducer(None)
+
 # -- learning-rate schedule -------------------------------------------------------------------------
 
 def test_lr_milestones_lower_the_lr(rig):

@@ -275,6 +275,17 @@ def test_timeline_imbalance(tmp_path):
     assert_png(timeline)
 
 
+def test_phase_labels_that_would_overlap_go_up_a_row():
+    from lthmpi.analysis.plots import label_rows
+
+    # startup at 0 s and the parent at 6 s of a 270 s run: the labels are ~20 s wide, so the second goes
+    # up; the third, far to the right, fits back on the lowest row; a fourth right after it goes up again
+    assert label_rows([0.0, 6.0, 100.0, 105.0], [20.0, 20.0, 20.0, 20.0]) == [0, 1, 0, 1]
+    assert label_rows([0.0, 6.0, 10.0], [20.0, 20.0, 20.0]) == [0, 1, 2]
+    assert label_rows([0.0, 30.0, 60.0], [20.0, 20.0, 20.0]) == [0, 0, 0]
+    assert label_rows([], []) == []
+
+
 def test_tasks_of_an_earlier_session_left_out(tmp_path):
     # tasks that ended before this session's launch were done by an interrupted earlier run
     path = make_run(tmp_path / "resumed", durations=lambda i, t: (0, 1.0, -3600.0) if i < 3 else (0, 1.0))

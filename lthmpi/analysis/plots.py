@@ -142,6 +142,19 @@ def phases_figure(profiles: list[dict], path: str) -> str:
     return _save(fig, path)
 
 
+def label_rows(starts: list[float], widths: list[float]) -> list[int]:
+    """Row (0 = lowest) for each left-aligned label, taken in order, so that labels on a row do not overlap."""
+    row_ends: list[float] = []
+    rows = []
+    for x, w in zip(starts, widths):
+        row = next((r for r, end in enumerate(row_ends) if x >= end), len(row_ends))
+        if row == len(row_ends):
+            row_ends.append(0.0)
+        row_ends[row] = x + w
+        rows.append(row)
+    return rows
+
+
 def timeline_figure(res: dict, pr: dict, tasks: list[dict], resets: list[str], path: str) -> str:
     """Per-rank Gantt chart of the retrainings; hatch and colour by reset point, shade by control."""
     t0 = res["timing"].get("start_time")
@@ -158,7 +171,8 @@ def timeline_figure(res: dict, pr: dict, tasks: list[dict], resets: list[str], p
                 color=color, alpha=alpha.get(t["control"], 0.3), hatch=HATCHES[i % len(HATCHES)], edgecolor="black",
                 linewidth=0.5)
     # phase boundaries (phases run one after another from the launch); the parent run shaded
-    at = 0.0
+    x_max = max(pr["total_seconds"], max((t["end_time"] - t0 for t in tasks), default=0)) * 1.02 or 1
+    at, marks = 0.0, []
     for name, v in pr["phases"].items():
         if name == "other":
             continue
@@ -166,8 +180,12 @@ def timeline_figure(res: dict, pr: dict, tasks: list[dict], resets: list[str], p
             ax.axvspan(at, at + v, color="#dddddd", hatch="//", alpha=0.5, linewidth=0, zorder=0)
         if v > 0.02 * max(pr["total_seconds"], 1e-9):
             ax.axvline(at, color="black", linestyle=":", linewidth=0.8)
-            ax.text(at, -0.75, f" {name}", fontsize=7, va="bottom", ha="left")
+            marks.append((at, f" {name}"))
         at += v
+    # A 7-point character spans ~0.45% of the axis (11-inch figure): labels that would overlap go up a row.
+    rows = label_rows([x for x, _ in marks], [len(s) * 0.005 * x_max for _, s in marks])
+    for (x, label), row in zip(marks, rows):
+        ax.text(x, -0.75 - 0.35 * row, label, fontsize=7, va="bottom", ha="left")
     handles = [Patch(facecolor=COLORS[(i + 1) % len(COLORS)], hatch=HATCHES[i % len(HATCHES)], edgecolor="black",
                      label=f"k={r}") for i, r in enumerate(resets)]
     handles += [Patch(facecolor="#555555", alpha=alpha[c], edgecolor="black", label=f"{c or 'ticket'}")
@@ -176,10 +194,10 @@ def timeline_figure(res: dict, pr: dict, tasks: list[dict], resets: list[str], p
         handles.append(Patch(facecolor="#dddddd", hatch="//", alpha=0.5, label="parent run (serial part)"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.set_yticks(ranks)
-    ax.set_ylim(max(ranks, default=0) + 0.6, -1.0)
+    ax.set_ylim(max(ranks, default=0) + 0.6, -1.0 - 0.35 * max(rows, default=0))
     ax.set_ylabel("rank" + (" (subgroup leader)" if pr["workers"] != pr["ranks"] else ""))
     ax.set_xlabel("wall time since launch (s)")
-    ax.set_xlim(0, max(pr["total_seconds"], max((t["end_time"] - t0 for t in tasks), default=0)) * 1.02 or 1)
+    ax.set_xlim(0, x_max)
     earlier = f"; {pr['tasks_from_earlier_run']} tasks from an earlier run not shown" if pr["tasks_from_earlier_run"] else ""
     ax.set_title(f"{pr['name']}: P={pr['ranks']}, imbalance {pr['imbalance']:.4f} (max/mean rank busy time){earlier}")
     ax.grid(True, axis="x", alpha=0.3)

@@ -76,11 +76,12 @@ def split(raw: RawData, validation: int, subset: int, name: str):
     n = raw.x_train.shape[0]
     if validation >= n:
         raise DataError(f"data.validation = {validation} must be smaller than the {n} training "
-                        f"examples of {name}")
+                        f"examples of {name}: set a smaller one, e.g. --set data.validation={max(1, n // 10)}")
     keep = n - validation
     if subset > keep:
         raise DataError(f"data.subset = {subset} is more than the {keep} training examples of "
-                        f"{name} left after holding out {validation} for validation")
+                        f"{name} left after holding out {validation} for validation: set data.subset "
+                        f"to at most {keep} (0 = all)")
     end = subset if subset else keep
     return raw.x_train[:end], raw.y_train[:end], raw.x_train[keep:], raw.y_train[keep:]
 

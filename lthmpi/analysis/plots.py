@@ -148,9 +148,7 @@ def label_rows(starts: list[float], widths: list[float]) -> list[int]:
     rows = []
     for x, w in zip(starts, widths):
         row = next((r for r, end in enumerate(row_ends) if x >= end), len(row_ends))
-        if row == len(row_ends):
-            row_ends.append(0.0)
-        row_ends[row] = x + w
+        row_ends[row:row + 1] = [x + w]
         rows.append(row)
     return rows
 

@@ -35,8 +35,12 @@ import zlib
 from typing import Callable
 
 import numpy as np
-import keras
-from keras import layers
+
+from .runtime import import_tensorflow
+
+import_tensorflow()  # loads TF here rather than through `import keras`: its start-up notices stay off stderr
+import keras  # noqa: E402
+from keras import layers  # noqa: E402
 
 __all__ = [
     "ModelError",

@@ -6,8 +6,16 @@ thread count; p ranks on c cores each get c // p threads so that they do not ove
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 
 _configured: dict = {}
+
+# What TensorFlow's C++ side prints on stderr while it loads. TF >= 2.16 logs some of it through absl
+# before TF_CPP_MIN_LOG_LEVEL is read (the oneDNN notice, on by default on Intel CPUs with AVX-512), so
+# on those machines every one-line error would come out five lines long.
+_START_UP_NOTICES = ("All log messages before absl::InitializeLog()", "oneDNN custom operations are on",
+                     "cpu_feature_guard.cc", "To enable the following instructions:")
 
 
 def available_cores() -> int:
@@ -23,16 +31,44 @@ def auto_threads(ranks_on_host: int = 1, requested: int = 0) -> int:
     return max(1, available_cores() // max(1, ranks_on_host))
 
 
+def import_tensorflow():
+    """Import TensorFlow and Keras with TF's start-up notices kept off stderr; anything else it prints stays."""
+    if "tensorflow" in sys.modules and "keras" in sys.modules:
+        return sys.modules["tensorflow"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    try:
+        sys.stderr.flush()
+        saved, buf = os.dup(2), tempfile.TemporaryFile()
+    except OSError:  # no stderr or no temporary directory: import as it comes
+        import keras  # noqa: F401
+        import tensorflow as tf
+        return tf
+    try:
+        os.dup2(buf.fileno(), 2)
+        import keras  # noqa: F401
+        import tensorflow as tf
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        buf.seek(0)
+        lines = buf.read().decode(errors="replace").splitlines(keepends=True)
+        buf.close()
+        kept = "".join(ln for ln in lines if not any(n in ln for n in _START_UP_NOTICES))
+        if kept:
+            sys.stderr.write(kept)
+            sys.stderr.flush()
+    return tf
+
+
 def configure_tensorflow(threads: int, deterministic: bool = True):
     """Import TF with `threads` intra-op threads and op determinism; later calls must agree."""
     if _configured:
         if _configured["threads"] != threads:
             raise RuntimeError(f"TensorFlow already configured with {_configured['threads']} threads, not {threads}")
         return _configured["tf"]
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import tensorflow as tf
-
+    tf = import_tensorflow()
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     if deterministic:

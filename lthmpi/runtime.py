@@ -5,6 +5,7 @@ thread count; p ranks on c cores each get c // p threads so that they do not ove
 """
 from __future__ import annotations
 
+import importlib.abc
 import os
 import sys
 import tempfile
@@ -31,6 +32,31 @@ def auto_threads(ranks_on_host: int = 1, requested: int = 0) -> int:
     return max(1, available_cores() // max(1, ranks_on_host))
 
 
+class _HideOptionalImports(importlib.abc.MetaPathFinder):
+    """Keras (and TF's legacy Keras) import scikit-learn, SciPy and matplotlib.pyplot whenever they are
+    installed, for sklearn wrappers, sparse inputs and image galleries that lthmpi never uses: about 2 s
+    of every rank's start-up. Both take an ImportError for 'not installed'. The modules are hidden only
+    while TF and Keras load; afterwards they import as usual (digits uses scikit-learn, plots matplotlib)."""
+
+    HIDDEN = ("sklearn", "scipy", "matplotlib")
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.HIDDEN:
+            raise ModuleNotFoundError(f"{name} is hidden while Keras loads", name=name)
+        return None
+
+
+def _load_tensorflow():
+    hide = _HideOptionalImports()
+    sys.meta_path.insert(0, hide)
+    try:
+        import keras  # noqa: F401
+        import tensorflow as tf
+    finally:
+        sys.meta_path.remove(hide)
+    return tf
+
+
 def import_tensorflow():
     """Import TensorFlow and Keras with TF's start-up notices kept off stderr; anything else it prints stays."""
     if "tensorflow" in sys.modules and "keras" in sys.modules:
@@ -41,13 +67,10 @@ def import_tensorflow():
         sys.stderr.flush()
         saved, buf = os.dup(2), tempfile.TemporaryFile()
     except OSError:  # no stderr or no temporary directory: import as it comes
-        import keras  # noqa: F401
-        import tensorflow as tf
-        return tf
+        return _load_tensorflow()
     try:
         os.dup2(buf.fileno(), 2)
-        import keras  # noqa: F401
-        import tensorflow as tf
+        return _load_tensorflow()
     finally:
         sys.stderr.flush()
         os.dup2(saved, 2)
@@ -59,7 +82,6 @@ def import_tensorflow():
         if kept:
             sys.stderr.write(kept)
             sys.stderr.flush()
-    return tf
 
 
 def configure_tensorflow(threads: int, deterministic: bool = True):

@@ -35,8 +35,9 @@ def auto_threads(ranks_on_host: int = 1, requested: int = 0) -> int:
 class _HideOptionalImports(importlib.abc.MetaPathFinder):
     """Keras (and TF's legacy Keras) import scikit-learn, SciPy and matplotlib.pyplot whenever they are
     installed, for sklearn wrappers, sparse inputs and image galleries that lthmpi never uses: about 1 s
-    of every rank's start-up on a 2-core box. Both take an ImportError for 'not installed'. The modules are hidden only
-    while TF and Keras load; afterwards they import as usual (digits uses scikit-learn, plots matplotlib)."""
+    of every rank's start-up on a 2-core box. Both take an ImportError for 'not installed'. The modules
+    are hidden only while TF and Keras load; afterwards they import as usual (digits uses scikit-learn,
+    plots matplotlib)."""
 
     HIDDEN = ("sklearn", "scipy", "matplotlib")
 
@@ -61,8 +62,7 @@ def import_tensorflow():
     """Import TensorFlow and Keras with TF's start-up notices kept off stderr; anything else it prints stays."""
     if "tensorflow" in sys.modules and "keras" in sys.modules:
         return sys.modules["tensorflow"]
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # TF_CPP_MIN_LOG_LEVEL: lthmpi/__init__.py
     try:
         buf = tempfile.TemporaryFile()
     except OSError:  # no temporary directory: import as it comes

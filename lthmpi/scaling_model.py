@@ -5,18 +5,25 @@ The model follows the engine's phases (the names of ``Timer`` in ``driver.py`` /
     T(P) = startup(P) + parent + masks + distribution(P) + makespan(P) + gather(P)
 
 * ``startup(P)``: per-rank import and model build. Ranks start concurrently, so on its own core a rank
-  pays it once whatever P is; when P ranks share ``cores`` cores it grows by max(1, P / cores) (importing
-  TensorFlow is CPU-bound: 20 ranks on 2 cores spend a minute importing).
-* ``parent`` and ``masks``: the serial part (Amdahl's f). Kept constant; a data-parallel parent is not
-  modelled.
-* ``distribution(P)``, ``gather(P)``: collectives, a + b log2(P) (tree algorithms). a, b are fitted by
-  least squares when measurements at >= 2 distinct P are given (b clipped at 0: noise must not predict
-  collectives that get faster with more ranks), else the one measurement is taken as constant.
+  pays about the same whatever P is; when P ranks share ``cores`` cores it grows by max(1, P / cores)
+  (importing TensorFlow is CPU-bound: 20 ranks on 2 cores spend a minute importing).
+* ``parent`` and ``masks``: the serial part (Amdahl's f). ``masks`` is constant; a data-parallel parent
+  is not modelled.
+* ``distribution(P)``, ``gather(P)``: collectives, a + b log2(P) (tree algorithms).
+* Calibration: ``startup`` (per core, i.e. divided by the oversubscription), ``parent``, ``distribution``
+  and ``gather`` are all fitted as a + b log2(P) by least squares over the profiled run and the runs in
+  ``phase_points`` (b clipped at 0: noise must not predict phases that get faster with more ranks); with
+  one measurement the phase is constant. Ranks that start together contend for the filesystem and the
+  page cache while importing, and rank 0 trains the parent while the others compile: both grow with P on
+  real machines (16-core Xeon: start-up 10.2 s at P = 1, 16.5 s at P = 16).
 * ``makespan(P)``: the measured task durations replayed with ``schedule.simulate`` under the chosen
   scheduler, i.e. the schedule the engine really runs. Durations are first normalised to one rank per
   core (divided by the measured run's oversubscription max(1, ranks / cores)) and then scaled by the
-  target's max(1, P / cores). That factor is applied over the whole makespan: pessimistic at the tail,
-  where ranks that finished free their cores. Thread counts per rank are not modelled.
+  target's max(1, P / cores), and by the contention factor (``contention``): how much slower a task runs
+  when P ranks are busy at once, each on a core of its own (shared caches and memory bandwidth, clocks
+  that drop as more cores work; 1.06 to 1.17 on the Xeon). The oversubscription factor is applied over
+  the whole makespan: pessimistic at the tail, where ranks that finished free their cores. Thread counts
+  per rank are not modelled.
 * More ranks than units of work (tasks; masks for ``static``): the extra ranks idle, unless
   ``data_parallel_efficiency`` e is set on the profile; then ranks form subgroups (``groups_for``) and a
   subgroup of s ranks trains a task 1 + e (s - 1) times faster. Gradient traffic is folded into e.
@@ -35,7 +42,8 @@ import numpy as np
 from .schedule import SCHEDULERS, groups_for, imbalance, simulate
 
 PHASES = ("startup", "parent", "masks", "distribution", "training", "gather")
-LOG_PHASES = ("distribution", "gather")
+LOG_PHASES = ("startup", "parent", "distribution", "gather")
+PER_CORE_PHASES = ("startup",)  # CPU-bound: fitted per core, scaled by the oversubscription
 
 
 @dataclass
@@ -47,7 +55,9 @@ class RunProfile:
     ``gather``; ``training`` is ignored, the model rebuilds it from the tasks); ``ranks`` and ``cores``
     the run's P and core count (None: every rank had its own core). ``task_groups``: the mask of each
     task, for the static scheduler (default: each task its own mask). ``phase_points``: further
-    (P, seconds) measurements per phase, for the a + b log2 P fits. ``independent``: tasks share nothing
+    (P, seconds) measurements per phase (of ``LOG_PHASES``, as measured, oversubscription included), for
+    the a + b log2 P fits. ``contention_points``: (P, r), a run of the same tasks on P ranks took r times
+    this run's seconds per iteration, oversubscription divided out. ``independent``: tasks share nothing
     while training (the engine's case); False makes the training phase serial, the sum of durations.
     """
     task_durations: list[float]
@@ -60,6 +70,7 @@ class RunProfile:
     phase_points: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     overhead_per_task: float = 0.0
     data_parallel_efficiency: float | None = None
+    contention_points: list[tuple[int, float]] = field(default_factory=list)
 
     def __post_init__(self):
         if len(self.task_durations) != len(self.task_costs):
@@ -90,25 +101,53 @@ def fit_log(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
     return float(a), float(b)
 
 
+def phase_law(profile: RunProfile, name: str) -> tuple[float, float]:
+    """(a, b) of phase ``name`` = a + b log2 P from the profiled run and its ``phase_points`` (per core for
+    ``PER_CORE_PHASES``)."""
+    pts = list(profile.phase_points.get(name, []))
+    if name in profile.phases:
+        pts.append((profile.ranks, profile.phases[name]))
+    if name in PER_CORE_PHASES:
+        pts = [(p, t / oversubscription(p, profile.cores)) for p, t in pts]
+    return fit_log(pts)
+
+
+def contention_law(profile: RunProfile) -> tuple[float, float]:
+    """(a, b) of r(P) = a + b log2 P, a task's seconds per iteration on P busy ranks over the profiled run's."""
+    return fit_log([(profile.ranks, 1.0), *profile.contention_points])
+
+
 def _phase_model(profile: RunProfile, P: int, cores: int | None) -> dict[str, float]:
-    ph = profile.phases
-    startup1 = ph.get("startup", 0.0) / oversubscription(profile.ranks, profile.cores)
-    out = {"startup": startup1 * oversubscription(P, cores),
-           "parent": ph.get("parent", 0.0),
-           "masks": ph.get("masks", 0.0)}
-    for name in LOG_PHASES:
-        pts = list(profile.phase_points.get(name, []))
-        if name in ph:
-            pts.append((profile.ranks, ph[name]))
-        a, b = fit_log(pts)
-        out[name] = a + b * math.log2(P)
+    out = {}
+    for name in PHASES:
+        if name == "training":
+            continue
+        if name not in LOG_PHASES:
+            out[name] = profile.phases.get(name, 0.0)
+            continue
+        a, b = phase_law(profile, name)
+        out[name] = (a + b * math.log2(P)) * (oversubscription(P, cores) if name in PER_CORE_PHASES else 1.0)
     return out
+
+
+def contention(profile: RunProfile, P: int) -> float:
+    """How much longer a task takes on P busy ranks than in the profiled run (1 without calibration):
+    r(P) / r(profile.ranks) of ``contention_law`` (b clipped at 0, as for the phases)."""
+    if not profile.contention_points:
+        return 1.0
+    a, b = contention_law(profile)
+    return (a + b * math.log2(P)) / (a + b * math.log2(profile.ranks))
+
+
+def task_time_factor(profile: RunProfile, P: int, cores: int | None) -> float:
+    """A profiled task's duration on P ranks over its measured duration: oversubscription and contention."""
+    return (oversubscription(P, cores) / oversubscription(profile.ranks, profile.cores)) * contention(profile, P)
 
 
 def _schedule(profile: RunProfile, P: int, scheduler: str, cores: int | None):
     """The training phase on P ranks: (schedule, workers, subgroup sizes)."""
     n = len(profile.task_durations)
-    factor = oversubscription(P, cores) / oversubscription(profile.ranks, profile.cores)
+    factor = task_time_factor(profile, P, cores)
     durations = [d * factor for d in profile.task_durations]
     if not profile.independent:
         plan = [list(range(n))] + [[] for _ in range(P - 1)]  # one after another
@@ -244,4 +283,4 @@ def extrapolate_durations(profile: RunProfile, task_costs: Sequence[float],
     return RunProfile(new, [float(x) for x in task_costs], dict(profile.phases), profile.ranks,
                       profile.cores, None if task_groups is None else list(task_groups), profile.independent,
                       {k: list(v) for k, v in profile.phase_points.items()}, profile.overhead_per_task,
-                      profile.data_parallel_efficiency)
+                      profile.data_parallel_efficiency, list(profile.contention_points))

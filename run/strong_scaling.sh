@@ -3,7 +3,8 @@
 # fresh run directory under one benchmark folder, plus a baseline of the same work as ONE process without
 # mpirun with TensorFlow using all cores. Prints the wall time of every run, then the analysis (speed-up,
 # efficiency, Amdahl / Karp-Flatt) over all runs and the scaling model fitted on the P = 1 run, checked
-# against the other runs.
+# against the other runs; with two or more MPI runs beyond P = 1, also the model calibrated on the smaller
+# half of them (how start-up and task times grow with P) and checked against the larger half.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -32,7 +33,8 @@ options:
 environment: PYTHON (default .venv/bin/python), MPIRUN (default .venv/bin/mpirun), MPIRUN_ARGS (extra mpirun options)
 
 layout of DIR: p1/, p2/, ..., pP-oversubscribed/, baseline-1proc-<cores>threads/ (run directories),
-  <run>.out (their output), walltimes.tsv, analysis/ (python -m lthmpi.analysis), model.txt (scaling model)
+  <run>.out (their output), walltimes.tsv, analysis/ (python -m lthmpi.analysis), model.txt (scaling model),
+  model_calibrated.txt (with two or more MPI runs beyond P = 1)
 example (a tiny grid in ~1 min):
   run/$PROG --out /tmp/strong --set data.dataset=digits --set data.validation=200 --set train.epochs=2 \\
       --set 'prune.remaining=[0.5,0.2,0.1]' --set 'reset.points=["0ep","10it"]'
@@ -110,5 +112,15 @@ model=("$PY" -m lthmpi.analysis model "$OUT/${NAMES[0]}" --cores "$CORES" --rank
 echo
 echo "+ ${model[*]}"
 "${model[@]}" | tee "$OUT/model.txt"
+done_files="walltimes.tsv, analysis/report.md, model.txt"
+if [ ${#CHECK[@]} -ge 2 ]; then  # calibrate on the smaller half, check on the rest: honest predictions
+  half=$((${#CHECK[@]} / 2))
+  model=("$PY" -m lthmpi.analysis model "$OUT/${NAMES[0]}" --cores "$CORES" --ranks "$ranks_list"
+         --calibrate "${CHECK[@]:0:$half}" --check "${CHECK[@]:$half}")
+  echo
+  echo "+ ${model[*]}"
+  "${model[@]}" | tee "$OUT/model_calibrated.txt"
+  done_files+=", model_calibrated.txt"
+fi
 echo
-echo "$PROG: done: $OUT (walltimes.tsv, analysis/report.md, model.txt)"
+echo "$PROG: done: $OUT ($done_files)"

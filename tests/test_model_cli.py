@@ -14,7 +14,7 @@ import pytest
 
 from lthmpi.analysis import load_runs
 from lthmpi.analysis.__main__ import main as analysis_main
-from lthmpi.analysis.model_cli import estimate_warmup, parse_ranks, profile_from_results
+from lthmpi.analysis.model_cli import parse_ranks, profile_from_results
 from lthmpi.config import from_dict
 from lthmpi.results import merge
 from lthmpi.store import RunDir
@@ -31,7 +31,7 @@ SERIAL = sum(PHASES.values())  # 4.0 s outside the training phase
 
 
 def make_run(path, *, ranks=1, durations=DURATIONS, training=None, total=None, schedule="lpt", seed=0,
-             rank_of=None, iterations=None, parent_seconds=2.0):
+             rank_of=None, iterations=None, parent_seconds=2.0, phases=PHASES):
     """A finished run: task i took durations[i] s (its `seconds` and end - start) and iterations
     (default 100 * durations[i]); tasks of one rank run back to back. Timing: PHASES, training (default:
     the busiest rank's sum) and total (default: the phases + training). The parent: 1000 iterations in
@@ -65,8 +65,8 @@ def make_run(path, *, ranks=1, durations=DURATIONS, training=None, total=None, s
     for i, secs in enumerate(durations):
         busy[rank_of(i)] = busy.get(rank_of(i), 0.0) + secs
     training = max(busy.values()) if training is None else training
-    total = SERIAL + training if total is None else total
-    timing = dict(PHASES, training=training, total=total, start_time=t0)
+    total = sum(phases.values()) + training if total is None else total
+    timing = dict(phases, training=training, total=total, start_time=t0)
     prov = dict(ranks=ranks, hosts=["h0"], threads_per_rank=1, mpi_library="none", git_commit="abc", schedule=schedule)
     merge(run, ids, timing, prov)
     return str(path)
@@ -127,34 +127,26 @@ def test_overhead_per_task_from_the_training_phase(tmp_path, capsys):
     assert json.loads(out)["predictions"][0]["makespan"] == pytest.approx(8.0)
 
 
-def test_warmup_of_other_ranks_from_their_first_task(tmp_path, capsys):
-    # measured at P = 2: rank 1's first task (3 s of work) took 8 s, 5 s of tracing/compiling the step.
+def test_no_warmup_is_added_unless_asked(p1, tmp_path, capsys):
+    # ranks other than 0 compile while rank 0 trains the parent: a slow first task of rank 1 (8 s for 3 s of
+    # work) is what the run measured and stays in the profile; --warmup S adds S for a what-if.
     run = make_run(tmp_path / "w2", ranks=2, durations=[4.0, 8.0, 3.0, 2.0, 2.0],
                    iterations=[400, 300, 300, 200, 200], rank_of=lambda i: [0, 1, 1, 0, 0][i])
     (res,) = load_runs([run])
-    warm, cleaned, how = estimate_warmup(res)
-    assert warm == pytest.approx(5.0) and cleaned == {1: pytest.approx(3.0)} and "first tasks" in how
-    assert profile_from_results(res).task_durations == pytest.approx(DURATIONS)
-    code, out, err = model(run, "--ranks", "1,2", "--schedulers", "lpt", "--json", capsys=capsys)
+    assert profile_from_results(res).task_durations == [4.0, 8.0, 3.0, 2.0, 2.0]
+    code, out, err = model(p1, "--ranks", "1,2", "--schedulers", "lpt", "--json", capsys=capsys)
     assert code == 0, err
     rows = {r["P"]: r for r in json.loads(out)["predictions"]}
+    assert rows[2]["warmup"] == 0.0 and rows[2]["makespan"] == pytest.approx(8.0)
+    code, out, err = model(p1, "--ranks", "1,2", "--schedulers", "lpt", "--cores", "1", "--warmup", "5",
+                           "--json", capsys=capsys)
+    rows = {r["P"]: r for r in json.loads(out)["predictions"]}
     assert rows[1]["wall"] == pytest.approx(SERIAL + 14.0) and rows[1]["warmup"] == 0.0
-    assert rows[2]["makespan"] == pytest.approx(8.0 + 5.0) and rows[2]["wall"] == pytest.approx(SERIAL + 13.0)
-    assert rows[2]["speedup"] == pytest.approx(18.0 / 17.0)
-    code, out, err = model(run, "--ranks", "2", "--schedulers", "lpt", "--warmup", "0", "--json", capsys=capsys)
-    assert json.loads(out)["predictions"][0]["wall"] == pytest.approx(SERIAL + 8.0)
-
-
-def test_warmup_at_p1_from_the_parent(tmp_path, capsys):
-    # the parent: 1000 iterations in 15 s; at the tasks' 0.01 s per iteration 10 s: 5 s of warm-up
-    run = make_run(tmp_path / "w1", parent_seconds=15.0)
-    (res,) = load_runs([run])
-    warm, cleaned, how = estimate_warmup(res)
-    assert warm == pytest.approx(5.0) and cleaned == {} and "parent" in how
-    code, out, err = model(run, "--ranks", "2", "--schedulers", "lpt", "--cores", "1", "--json", capsys=capsys)
-    (row,) = json.loads(out)["predictions"]
-    assert row["warmup"] == pytest.approx(10.0)  # twice as long on a shared core
-    assert row["wall"] == pytest.approx(21.0 + 10.0)
+    assert rows[2]["warmup"] == pytest.approx(10.0)  # twice as long on a shared core
+    assert rows[2]["wall"] == pytest.approx(21.0 + 10.0)
+    assert rows[2]["speedup"] == pytest.approx(18.0 / 31.0)
+    code, out, err = model(p1, "--warmup", "-1", capsys=capsys)
+    assert code == 2 and "--warmup must be >= 0 seconds" in err
 
 
 def test_check_prints_the_error(p1, tmp_path, capsys):
@@ -180,6 +172,40 @@ def test_check_uses_the_runs_scheduler(p1, tmp_path, capsys):
     (row,) = json.loads(out)["check"]
     assert row["scheduler"] == "static" and row["predicted_training"] == pytest.approx(9.0)
     assert row["error_pct"] == pytest.approx(0.0)  # the synthetic measurement is the schedule itself
+
+
+def test_calibrate_fits_growth_with_p(p1, tmp_path, capsys):
+    # measured at P = 2: every task 10% slower per iteration, start-up 2 s instead of 1, the parent 3 s
+    # instead of 2. The model: tasks x (1 + 0.1 log2 P), startup 1 + log2 P, parent 2 + log2 P; at P = 4
+    # LPT puts 4 | 3 | 3 | 2 + 2 on the ranks: makespan 4 x 1.2; wall 3 + 4 + 0.5 + 0.25 + 4.8 + 0.25 = 12.8
+    on2 = make_run(tmp_path / "c2", ranks=2, durations=[1.1 * d for d in DURATIONS], iterations=[400, 300, 300, 200, 200],
+                   rank_of=lambda i: [0, 1, 1, 0, 0][i], phases=dict(PHASES, startup=2.0, parent=3.0))
+    code, out, err = model(p1, "--ranks", "1,4", "--schedulers", "lpt", "--calibrate", on2, "--json", capsys=capsys)
+    assert code == 0, err
+    got = json.loads(out)
+    cal = got["calibration"]
+    assert cal["ranks"] == [2] and cal["task_time_ratio"] == [pytest.approx(1.1)]
+    assert cal["fits"]["startup"] == {"a": pytest.approx(1.0), "b": pytest.approx(1.0)}
+    rows = {r["P"]: r for r in got["predictions"]}
+    assert rows[4]["phases"]["startup"] == pytest.approx(3.0) and rows[4]["phases"]["parent"] == pytest.approx(4.0)
+    assert rows[4]["makespan"] == pytest.approx(4.8) and rows[4]["wall"] == pytest.approx(12.8)
+    assert rows[1]["wall"] == pytest.approx(SERIAL + 14.0)  # P = 1 is the profiled run itself
+    code, out, err = model(p1, "--ranks", "4", "--calibrate", on2, capsys=capsys)
+    assert code == 0 and "calibrated on 1 run(s) at P = 2: seconds per iteration 1.100 at P = 2" in out
+    # without calibration the same run is predicted from P = 1 values alone: 4 + 4 = 8 s
+    code, out, err = model(p1, "--ranks", "4", "--schedulers", "lpt", "--json", capsys=capsys)
+    assert json.loads(out)["calibration"] is None and json.loads(out)["predictions"][0]["wall"] == pytest.approx(8.0)
+
+
+def test_calibrate_refuses_other_work_and_check_overlap(p1, tmp_path, capsys):
+    other = make_run(tmp_path / "other", seed=1, ranks=2)
+    code, out, err = model(p1, "--calibrate", other, capsys=capsys)
+    assert code == 2 and "--calibrate" in err and "is not the same work" in err and err.count("\n") == 1
+    on2 = make_run(tmp_path / "c2", ranks=2, rank_of=lambda i: [0, 1, 1, 0, 0][i])
+    code, out, err = model(p1, "--calibrate", on2, "--check", on2 + "/results.h5", capsys=capsys)
+    assert code == 2 and out == "" and "both --calibrate and --check" in err and err.count("\n") == 1
+    code, out, err = model("--seed-study", "--calibrate", on2, capsys=capsys)
+    assert code == 2 and "--calibrate needs the measured RUN_DIR" in err
 
 
 def test_seed_study(capsys):

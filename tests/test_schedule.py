@@ -7,8 +7,8 @@ import pytest
 
 from lthmpi.schedule import (SCHEDULERS, Schedule, assign_lpt, assign_static, groups_for, imbalance,
                              simulate, use_subgroups)
-from lthmpi.scaling_model import (RunProfile, amdahl_fit, extrapolate_durations, fit_log, gustafson,
-                                  karp_flatt, predict, predict_many, synthetic_profile)
+from lthmpi.scaling_model import (RunProfile, amdahl_fit, contention, extrapolate_durations, fit_log, gustafson,
+                                  karp_flatt, predict, predict_many, synthetic_profile, task_time_factor)
 
 T = namedtuple("T", "mask reset")
 COSTS = [4, 3, 3, 2, 2]
@@ -229,6 +229,38 @@ def test_log_phases_fitted():
     prof.phase_points = {"gather": [(4, 2.0)]}  # 1 s at P=2, 2 s at P=4: gather = log2 P
     assert predict(prof, 8, "lpt")["phases"]["gather"] == pytest.approx(3.0)
     assert predict(prof, 1, "lpt")["phases"]["gather"] == pytest.approx(0.0)
+
+
+def test_calibrated_phases_grow_with_log2_p():
+    # startup per core 10 + 2 log2 P (the P = 4 run on 2 cores paid twice 14 s), parent 4 + 1 log2 P
+    prof = RunProfile([10.0] * 8, [1.0] * 8, {"startup": 10.0, "parent": 4.0}, ranks=1, cores=2)
+    prof.phase_points = {"startup": [(2, 12.0), (4, 28.0)], "parent": [(2, 5.0), (4, 6.0)]}
+    r = predict(prof, 8, "lpt", cores=2)
+    assert r["phases"]["startup"] == pytest.approx((10 + 2 * 3) * 4)
+    assert r["phases"]["parent"] == pytest.approx(7.0)
+    assert predict(prof, 1, "lpt", cores=2)["phases"]["startup"] == pytest.approx(10.0)
+    # one measurement: constant, as before calibration existed
+    assert predict(_equal(4, parent=4.0), 64, "lpt")["phases"]["parent"] == 4.0
+
+
+def test_contention_scales_task_times():
+    # a task takes 1 + 0.1 log2 P times as long with P ranks busy (measured at P = 2 and 4)
+    prof = _equal(8)
+    assert contention(prof, 8) == 1.0
+    prof.contention_points = [(2, 1.1), (4, 1.2)]
+    assert contention(prof, 8) == pytest.approx(1.3)
+    assert predict(prof, 8, "lpt")["makespan"] == pytest.approx(10.0 * 1.3)
+    assert predict(prof, 1, "lpt")["makespan"] == pytest.approx(80.0)
+    # on top of the oversubscription: 8 ranks on 2 cores run 4 times slower and contend like P = 8
+    prof.cores = 2
+    assert task_time_factor(prof, 8, 2) == pytest.approx(4 * 1.3)
+    # profiled at P = 2: the factor is relative to that run (r(2) = 1.1 there)
+    prof = RunProfile([10.0] * 8, [1.0] * 8, {}, ranks=2, contention_points=[(1, 1 / 1.1), (4, 1.2 / 1.1)])
+    assert contention(prof, 8) == pytest.approx(1.3 / 1.1)
+    # runs that got faster with P are noise, not a law: no factor
+    prof = _equal(8)
+    prof.contention_points = [(2, 0.9)]
+    assert contention(prof, 16) == pytest.approx(1.0)
 
 
 def test_oversubscription():

@@ -1,5 +1,6 @@
 """python -m lthmpi.analysis model RUN_DIR [--ranks 1,2,4,...,1000] [--schedulers static,lpt,dynamic]
-                                   [--cores N] [--check RUN_DIR ...] [--seed-study] [--json]
+                                   [--cores N] [--calibrate RUN_DIR ...] [--check RUN_DIR ...]
+                                   [--seed-study] [--json]
 
 The scaling model (lthmpi.scaling_model) driven by a measured run: the run's results give a RunProfile
 (per-task durations = the `seconds` column, costs = `iterations`, groups = `mask`, the phase times of
@@ -7,6 +8,9 @@ The scaling model (lthmpi.scaling_model) driven by a measured run: the run's res
 for each scheduler. ``--check`` names other measured runs of the same work (other P, other scheduler):
 for each the model's prediction from the first run is set against the measured wall time, and the error
 in % is printed. The check runs are never used to fit the model: the errors are honest predictions.
+``--calibrate`` names runs of the same work at other P that the model does learn from (``calibrate``):
+how start-up, the parent run and the collectives grow with P, and how much slower a task runs while P
+ranks are busy (contention). A run may not be both a calibration and a check.
 
 Mapping of the measured run onto the model (see scaling_model.py for the model itself):
 
@@ -16,14 +20,11 @@ Mapping of the measured run onto the model (see scaling_model.py for the model i
 * ``overhead_per_task``: a task's `seconds` is its training loop only; setting the weights, evaluating
   and writing the task file come on top. The model charges (training phase - busiest rank's summed task
   seconds) / tasks on that rank to every task (``--overhead S`` overrides it).
-* ``warm-up``: the first task a rank trains traces and compiles the training step; rank 0 has done so in
-  the parent run, every other rank pays it once on its first task. The model has no term for it, so the
-  CLI adds it to the training phase of every P >= 2 (scaled by the oversubscription like the tasks):
-  exact when the rank that finishes last is not rank 0 (balanced static / LPT schedules), pessimistic by
-  up to the warm-up otherwise (the dynamic scheduler lets rank 0 take more tasks meanwhile). It is
-  measured on the profiled run: with ranks other than 0, as their first task's excess over the seconds per
-  iteration of the other tasks (and those first tasks' durations are cleaned of it); at P = 1 as the
-  parent's excess over its iterations at the tasks' seconds per iteration. ``--warmup S`` overrides it.
+* ``warm-up``: tracing and compiling the training step. Rank 0 does it in the parent run; every other
+  rank does it while rank 0 trains the parent (``Trainer.warm_up``), so it is part of the parent phase
+  and the model adds nothing for it (measured: the first tasks of ranks other than 0 take 0 to 0.1 s
+  more than the others, on 2 and on 16 cores). ``--warmup S`` adds S seconds (times the task-time
+  factor) to the training phase of every P >= 2, for a what-if where it is not hidden.
 * ``--cores N``: the cores of the machine, both for the measured runs and for the predictions (ranks
   beyond N share cores, see ``oversubscription``). Default: every rank has a core of its own.
 
@@ -98,6 +99,8 @@ def parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  python -m lthmpi.analysis model runs/strong/p1 --ranks 1,2,4,...,1000\n"
                "  python -m lthmpi.analysis model runs/strong/p1 --cores 2 --check runs/strong/p2 runs/strong/p4\n"
+               "  python -m lthmpi.analysis model runs/strong/p1 --calibrate runs/strong/p2 runs/strong/p4 "
+               "--check runs/strong/p8 runs/strong/p16\n"
                "  python -m lthmpi.analysis model --seed-study")
     p.add_argument("run", nargs="?", metavar="RUN_DIR", help="the measured run (directory or its results.h5)")
     p.add_argument("--ranks", metavar="LIST", help="P values, e.g. 1,2,4,8 or 1,2,4,...,1000 (doubling up to 1000); "
@@ -106,13 +109,16 @@ def parser() -> argparse.ArgumentParser:
                    help="schedulers to model, comma-separated (default static,lpt,dynamic)")
     p.add_argument("--cores", type=int, metavar="N", help="cores of the machine (measured runs and predictions): "
                    "ranks beyond N share cores; default: every rank has a core of its own")
+    p.add_argument("--calibrate", nargs="+", default=[], metavar="RUN_DIR",
+                   help="runs of the same work at other P (e.g. P = 2 and 4) to fit how start-up, the parent run "
+                        "and task times grow with P (default: held at the measured run's values)")
     p.add_argument("--check", nargs="+", default=[], metavar="RUN_DIR",
                    help="runs of the same work at other P: print the model's error against each")
     p.add_argument("--overhead", type=float, metavar="S",
                    help="seconds added before every task (default: estimated from the measured run)")
     p.add_argument("--warmup", type=float, metavar="S",
-                   help="seconds every rank other than 0 spends tracing/compiling on its first task "
-                        "(default: estimated from the measured run)")
+                   help="seconds every rank other than 0 spends tracing/compiling on its first task (default 0: "
+                        "the engine has those ranks compile while rank 0 trains the parent)")
     p.add_argument("--dp-efficiency", type=float, metavar="E",
                    help="with more ranks than units of work, model data-parallel subgroups whose s ranks train "
                         "1 + E(s - 1) times faster (default: the surplus ranks idle)")
@@ -139,48 +145,9 @@ def scheduler_of(res: dict) -> str:
     return str(s)
 
 
-def estimate_warmup(res: dict) -> tuple[float, dict[int, float], str]:
-    """(warm-up seconds, {task index: duration without it}, how it was measured) of one run.
-
-    Ranks other than 0 that trained in this session: each one's first task minus what its iterations cost
-    at the seconds per iteration of all the other tasks; the median over those ranks. Otherwise (P = 1,
-    or only rank 0 trained): the parent's seconds minus its iterations at that rate. Never negative.
-    """
-    from .scaling import session_tasks
-
-    tasks = res["tasks"]
-    index = {t["task_id"]: i for i, t in enumerate(tasks)}
-    mine, _ = session_tasks(res)
-    first: dict[int, dict] = {}
-    for t in mine:
-        r = int(t["rank"])
-        if r != 0 and (r not in first or t["start_time"] < first[r]["start_time"]):
-            first[r] = t
-    firsts = {t["task_id"] for t in first.values()}
-    rest = [t for t in tasks if t["task_id"] not in firsts]
-    its = sum(float(t.get("iterations") or 0) for t in rest)
-    rate = sum(float(t["seconds"]) for t in rest) / its if its > 0 else math.nan
-    if first and math.isfinite(rate):
-        cleaned, excess = {}, []
-        for t in first.values():
-            expected = rate * float(t.get("iterations") or 0)
-            excess.append(max(0.0, float(t["seconds"]) - expected))
-            cleaned[index[t["task_id"]]] = min(float(t["seconds"]), expected)
-        return float(sorted(excess)[len(excess) // 2]), cleaned, f"first tasks of {len(first)} ranks other than 0"
-    parent = res.get("parent", {})
-    ps, pi = parent.get("seconds"), parent.get("iterations")
-    if ps is not None and pi and math.isfinite(rate):
-        return max(0.0, float(ps) - rate * float(pi)), {}, "parent run beyond its iterations at the tasks' rate"
-    return 0.0, {}, "not measurable in this run"
-
-
 def profile_from_results(res: dict, cores: int | None = None, overhead: float | None = None,
                          dp_efficiency: float | None = None):
-    """A scaling_model.RunProfile from one loaded results dict (lthmpi.results.load).
-
-    The durations of first tasks that carried a warm-up (ranks other than 0) are cleaned of it; the
-    warm-up itself is ``estimate_warmup`` and is added by ``predictions``.
-    """
+    """A scaling_model.RunProfile from one loaded results dict (lthmpi.results.load)."""
     from ..scaling_model import RunProfile
     from .scaling import ranks_of, rank_busy, session_tasks
 
@@ -191,8 +158,6 @@ def profile_from_results(res: dict, cores: int | None = None, overhead: float | 
     costs = [float(t.get("iterations") or 0) for t in tasks]
     if not all(math.isfinite(d) and d >= 0 for d in durations):
         raise ModelCliError(f"{res.get('path', 'the run')}: a task has no valid `seconds`")
-    for i, d in estimate_warmup(res)[1].items():
-        durations[i] = d
     if not any(c > 0 for c in costs):
         costs = list(durations)
     groups = [int(t["mask"]) for t in tasks]
@@ -236,11 +201,11 @@ def predictions(profile, ranks, schedulers, cores, warmup: float = 0.0) -> list[
 
 
 def with_warmup(profile, row: dict, cores, warmup: float) -> dict:
-    from ..scaling_model import oversubscription, predict
+    from ..scaling_model import predict, task_time_factor
 
     row = dict(row, phases=dict(row["phases"]), warmup=0.0)
     if row["P"] >= 2 and warmup > 0:
-        add = warmup * oversubscription(row["P"], cores) / oversubscription(profile.ranks, profile.cores)
+        add = warmup * task_time_factor(profile, row["P"], cores)
         row["warmup"] = add
         row["makespan"] += add
         row["phases"]["training"] += add
@@ -251,17 +216,69 @@ def with_warmup(profile, row: dict, cores, warmup: float) -> dict:
     return row
 
 
+def _same_work(res: dict, res_ref: dict, option: str) -> None:
+    from .scaling import work_key
+
+    if work_key(res) != work_key(res_ref):
+        raise ModelCliError(f"{option} {_run_dir(res['path'])} is not the same work as {_run_dir(res_ref['path'])} "
+                            f"(their configs differ outside the `parallel` section)")
+
+
+def _seconds_per_unit(profile) -> float:
+    """Seconds per iteration of a profile's tasks, one rank per core (oversubscription divided out)."""
+    from ..scaling_model import oversubscription
+
+    cost = sum(profile.task_costs)
+    return sum(profile.task_durations) / cost / oversubscription(profile.ranks, profile.cores) if cost > 0 else math.nan
+
+
+def calibrate(profile, res_ref: dict, runs: list[dict], cores) -> dict:
+    """Teach the profile how the run grows with P from runs of the same work on other P (in place).
+
+    Each run adds its start-up, parent, distribution and gather times to ``phase_points`` (the model fits
+    a + b log2 P through them and the profiled run's) and its seconds per iteration over the profiled
+    run's, both per core, to ``contention_points``. Returns the fitted coefficients, for the printout.
+    """
+    from ..scaling_model import LOG_PHASES, contention_law, phase_law
+
+    ref_rate = _seconds_per_unit(profile)
+    for res in runs:
+        _same_work(res, res_ref, "--calibrate")
+        other = profile_from_results(res, cores)
+        for name in LOG_PHASES:
+            if name in other.phases:
+                profile.phase_points.setdefault(name, []).append((other.ranks, other.phases[name]))
+        rate = _seconds_per_unit(other)
+        if math.isfinite(rate) and ref_rate > 0:
+            profile.contention_points.append((other.ranks, rate / ref_rate))
+    fits = {name: phase_law(profile, name) for name in LOG_PHASES}
+    fits["task_time"] = contention_law(profile)
+    return dict(runs=[_run_dir(r["path"]) for r in runs], ranks=[int(p) for p, _ in profile.contention_points],
+                task_time_ratio=[float(r) for _, r in profile.contention_points],
+                fits={k: dict(a=a, b=b) for k, (a, b) in fits.items()})
+
+
+def describe_calibration(cal: dict, ref_ranks: int) -> str:
+    f = cal["fits"]
+    ratios = ", ".join(f"{r:.3f} at P = {p}" for p, r in zip(cal["ranks"], cal["task_time_ratio"]))
+
+    def law(name, unit):
+        return f"{f[name]['a']:.3g} + {f[name]['b']:.3g} log2 P{unit}"
+
+    return (f"calibrated on {len(cal['runs'])} run(s) at P = {', '.join(map(str, cal['ranks']))}: seconds per "
+            f"iteration {ratios} (against P = {ref_ranks}), fitted {law('task_time', '')}; "
+            f"startup per core {law('startup', ' s')}; parent {law('parent', ' s')}; "
+            f"distribution {law('distribution', ' s')}; gather {law('gather', ' s')}")
+
+
 def check(profile, res_ref: dict, checks: list[dict], cores, warmup: float = 0.0) -> list[dict]:
     """For each measured run: P, scheduler, measured and predicted wall / training time, error %."""
     from ..scaling_model import predict
-    from .scaling import ranks_of, work_key
+    from .scaling import ranks_of
 
-    ref_key = work_key(res_ref)
     rows = []
     for res in checks:
-        if work_key(res) != ref_key:
-            raise ModelCliError(f"--check {res['path']} is not the same work as {res_ref['path']} "
-                                f"(their configs differ outside the `parallel` section)")
+        _same_work(res, res_ref, "--check")
         P, sched = ranks_of(res), scheduler_of(res)
         pred = with_warmup(profile, predict(profile, P, sched, cores), cores, warmup)
         measured = float(res["timing"].get("total", math.nan))
@@ -339,10 +356,16 @@ def run(args) -> tuple[dict, str]:
         raise ModelCliError(f"--cores must be >= 1, not {args.cores}")
     if args.overhead is not None and not args.overhead >= 0:
         raise ModelCliError(f"--overhead must be >= 0 seconds, not {args.overhead}")
+    if args.warmup is not None and not args.warmup >= 0:
+        raise ModelCliError(f"--warmup must be >= 0 seconds, not {args.warmup}")
     if args.dp_efficiency is not None and not 0 <= args.dp_efficiency <= 1:
         raise ModelCliError(f"--dp-efficiency must lie in [0, 1], not {args.dp_efficiency}")
-    if args.check and args.run is None:
-        raise ModelCliError("--check needs the measured RUN_DIR to predict from")
+    if (args.check or args.calibrate) and args.run is None:
+        raise ModelCliError(f"{'--check' if args.check else '--calibrate'} needs the measured RUN_DIR to predict from")
+    both = {os.path.realpath(_run_dir(p)) for p in args.check} & {os.path.realpath(_run_dir(p)) for p in args.calibrate}
+    if both:
+        raise ModelCliError(f"{sorted(both)[0]} is given to both --calibrate and --check: a run the model is fitted "
+                            f"on cannot check its predictions")
     schedulers = parse_schedulers(args.schedulers)
     out: dict = {}
     text: list[str] = []
@@ -350,9 +373,10 @@ def run(args) -> tuple[dict, str]:
         res = load_one(args.run)
         prof = profile_from_results(res, args.cores, args.overhead, args.dp_efficiency)
         if args.warmup is None:
-            warmup, _, how = estimate_warmup(res)
+            warmup, how = 0.0, "none: ranks other than 0 compile while rank 0 trains the parent"
         else:
             warmup, how = args.warmup, "given (--warmup)"
+        cal = calibrate(prof, res, [load_one(p) for p in args.calibrate], args.cores) if args.calibrate else None
         ranks = parse_ranks(args.ranks) if args.ranks else default_ranks(prof)
         rows = predictions(prof, ranks, schedulers, args.cores, warmup)
         out.update(run=_run_dir(res["path"]), profile=dict(ranks=prof.ranks, cores=prof.cores, tasks=len(prof.task_durations),
@@ -360,8 +384,9 @@ def run(args) -> tuple[dict, str]:
                                                  task_groups=prof.task_groups, phases=prof.phases,
                                                  overhead_per_task=prof.overhead_per_task,
                                                  warmup=warmup, warmup_source=how),
-                   predictions=rows)
-        text += [describe_profile(prof, res), f"warm-up of ranks other than 0 (first task): {warmup:.2f} s ({how})",
+                   calibration=cal, predictions=rows)
+        text += [describe_profile(prof, res), f"warm-up added for ranks other than 0 (first task): {warmup:.2f} s ({how})",
+                 describe_calibration(cal, prof.ranks) if cal else None,
                  "", "predicted (wall = startup + parent + masks + distribution + "
                  "training makespan (+ warm-up for P >= 2) + gather; S, E against the model's own P = 1):",
                  prediction_table(rows)]

@@ -41,22 +41,16 @@ example (a tiny grid in ~1 min):
 EOF
 }
 
-die() { echo "$PROG: error: $*" >&2; exit 2; }
 # shellcheck source=run/lib/bench.sh
 source "$ROOT/run/lib/bench.sh"
 
 bench_defaults
 BASELINE=1
-while [ $# -gt 0 ]; do
-  bench_option "$@"
-  if [ "$SHIFT" -gt 0 ]; then shift "$SHIFT"; continue; fi
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --no-baseline) BASELINE=0; shift ;;
-    --) shift; PASS+=("$@"); break ;;
-    *) die "unknown option $1 (see --help)" ;;
-  esac
-done
+script_option() {
+  SHIFT=0
+  case "$1" in --no-baseline) BASELINE=0; SHIFT=1 ;; esac
+}
+bench_parse "$@"
 bench_check_options
 
 bench_setup

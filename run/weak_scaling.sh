@@ -38,22 +38,16 @@ example (a tiny grid in ~1 min):
 EOF
 }
 
-die() { echo "$PROG: error: $*" >&2; exit 2; }
 # shellcheck source=run/lib/bench.sh
 source "$ROOT/run/lib/bench.sh"
 
 bench_defaults
 K=2
-while [ $# -gt 0 ]; do
-  bench_option "$@"
-  if [ "$SHIFT" -gt 0 ]; then shift "$SHIFT"; continue; fi
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --masks-per-rank) [ $# -ge 2 ] || die "--masks-per-rank needs a value"; K=$2; shift 2 ;;
-    --) shift; PASS+=("$@"); break ;;
-    *) die "unknown option $1 (see --help)" ;;
-  esac
-done
+script_option() {
+  SHIFT=0
+  case "$1" in --masks-per-rank) [ $# -ge 2 ] || die "--masks-per-rank needs a value"; K=$2; SHIFT=2 ;; esac
+}
+bench_parse "$@"
 isint "$K" && [ "$K" -ge 1 ] || die "--masks-per-rank must be an integer >= 1, not '$K'"
 bench_check_options
 for a in "${PASS[@]}"; do

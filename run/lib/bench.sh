@@ -1,4 +1,6 @@
-# Shared by run/strong_scaling.sh and run/weak_scaling.sh (sourced; expects ROOT, PROG and die()).
+# Shared by run/strong_scaling.sh and run/weak_scaling.sh (sourced; expects ROOT, PROG and usage()).
+
+die() { echo "$PROG: error: $*" >&2; exit 2; }
 
 # bench_run NAME CMD...: run one benchmark run, output to $OUT/NAME.out, command logged to benchmark.txt;
 # sets BENCH_WALL to its wall time in seconds (launch to exit). A failing run ends the benchmark.
@@ -74,6 +76,22 @@ bench_option() {
 isint() { [[ $1 =~ ^[0-9]+$ ]]; }
 
 # bench_check_options: the shared options are numbers in range.
+# Parses the command line: the shared options (bench_option), the script's own (a function script_option
+# that the script defines: it sets SHIFT to the words it took, 0 if none), -h/--help (usage), -- (the rest
+# goes to lthmpi.main) and anything else refused.
+bench_parse() {
+  while [ $# -gt 0 ]; do
+    bench_option "$@"
+    [ "$SHIFT" -gt 0 ] || script_option "$@"
+    if [ "$SHIFT" -gt 0 ]; then shift "$SHIFT"; continue; fi
+    case "$1" in
+      -h|--help) usage; exit 0 ;;
+      --) shift; PASS+=("$@"); break ;;
+      *) die "unknown option $1 (see --help)" ;;
+    esac
+  done
+}
+
 bench_check_options() {
   isint "$MAX_RANKS" && [ "$MAX_RANKS" -ge 1 ] || die "--max-ranks must be an integer >= 1, not '$MAX_RANKS'"
   [ -z "$OVERSUB" ] || { isint "$OVERSUB" && [ "$OVERSUB" -ge 2 ]; } ||

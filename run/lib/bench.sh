@@ -75,10 +75,9 @@ bench_option() {
 
 isint() { [[ $1 =~ ^[0-9]+$ ]]; }
 
-# bench_check_options: the shared options are numbers in range.
-# Parses the command line: the shared options (bench_option), the script's own (a function script_option
-# that the script defines: it sets SHIFT to the words it took, 0 if none), -h/--help (usage), -- (the rest
-# goes to lthmpi.main) and anything else refused.
+# bench_parse ARGS...: the command line. The shared options (bench_option), the script's own (a function
+# script_option that the script defines: it sets SHIFT to the words it took, 0 if none), -h/--help (usage),
+# -- (the rest goes to lthmpi.main); anything else is refused.
 bench_parse() {
   while [ $# -gt 0 ]; do
     bench_option "$@"
@@ -92,6 +91,7 @@ bench_parse() {
   done
 }
 
+# bench_check_options: the shared options are numbers in range.
 bench_check_options() {
   isint "$MAX_RANKS" && [ "$MAX_RANKS" -ge 1 ] || die "--max-ranks must be an integer >= 1, not '$MAX_RANKS'"
   [ -z "$OVERSUB" ] || { isint "$OVERSUB" && [ "$OVERSUB" -ge 2 ]; } ||

@@ -31,7 +31,7 @@ SERIAL = sum(PHASES.values())  # 4.0 s outside the training phase
 
 
 def make_run(path, *, ranks=1, durations=DURATIONS, training=None, total=None, schedule="lpt", seed=0,
-             rank_of=None, iterations=None, parent_seconds=2.0, phases=PHASES):
+             rank_of=None, iterations=None, parent_seconds=2.0, phases=PHASES, workers=None):
     """A finished run: task i took durations[i] s (its `seconds` and end - start) and iterations
     (default 100 * durations[i]); tasks of one rank run back to back. Timing: PHASES, training (default:
     the busiest rank's sum) and total (default: the phases + training). The parent: 1000 iterations in
@@ -68,6 +68,8 @@ def make_run(path, *, ranks=1, durations=DURATIONS, training=None, total=None, s
     total = sum(phases.values()) + training if total is None else total
     timing = dict(phases, training=training, total=total, start_time=t0)
     prov = dict(ranks=ranks, hosts=["h0"], threads_per_rank=1, mpi_library="none", git_commit="abc", schedule=schedule)
+    if workers is not None:
+        prov["workers"] = workers
     merge(run, ids, timing, prov)
     return str(path)
 
@@ -206,6 +208,10 @@ def test_calibrate_refuses_other_work_and_check_overlap(p1, tmp_path, capsys):
     assert code == 2 and out == "" and "both --calibrate and --check" in err and err.count("\n") == 1
     code, out, err = model("--seed-study", "--calibrate", on2, capsys=capsys)
     assert code == 2 and "--calibrate needs the measured RUN_DIR" in err
+    # subgroups: a task's seconds are a data-parallel group's, not one rank's under contention
+    dp = make_run(tmp_path / "dp4", ranks=4, workers=2, rank_of=lambda i: [0, 2, 2, 0, 0][i])
+    code, out, err = model(p1, "--calibrate", dp, capsys=capsys)
+    assert code == 2 and "trained in data-parallel subgroups (2 of 4 ranks led one)" in err and err.count("\n") == 1
 
 
 def test_seed_study(capsys):

@@ -242,8 +242,14 @@ def calibrate(profile, res_ref: dict, runs: list[dict], cores) -> dict:
     from ..scaling_model import LOG_PHASES, contention_law, phase_law
 
     ref_rate = _seconds_per_unit(profile)
+    from .scaling import ranks_of, workers_of
+
     for res in runs:
         _same_work(res, res_ref, "--calibrate")
+        if workers_of(res) != ranks_of(res):
+            raise ModelCliError(f"--calibrate {_run_dir(res['path'])} trained in data-parallel subgroups "
+                                f"({workers_of(res)} of {ranks_of(res)} ranks led one): its task times are not one "
+                                f"rank's; calibrate on runs with parallel.subgroups = false")
         other = profile_from_results(res, cores)
         for name in LOG_PHASES:
             if name in other.phases:

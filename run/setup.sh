@@ -42,3 +42,16 @@ elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
 else
   echo "setup: note: Fashion-MNIST not found; run 'sudo apt-get install dataset-fashion-mnist' or set LTHMPI_DATA_DIR to a directory with the four IDX files" >&2
 fi
+
+# The sparse kernels (lthmpi/sparse_mlp.c, for masks keeping few weights) are compiled for this CPU with the
+# host's C compiler on first use and cached; build them now so that a missing compiler shows here.
+if ! command -v cc >/dev/null && ! command -v gcc >/dev/null && ! command -v clang >/dev/null && [ -z "${CC:-}" ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    (apt-get install -y -q gcc libc6-dev >/dev/null 2>&1 ||
+     { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q gcc libc6-dev >/dev/null 2>&1; }) &&
+      echo "setup: installed gcc (for the sparse kernels)" || true
+  fi
+fi
+if ! err=$("$VENV/bin/python" -m lthmpi.sparse 2>&1 >/dev/null); then
+  echo "setup: warning: ${err:-the sparse kernels could not be built}; masks keeping few weights will train on the slower dense kernels (install a C compiler, e.g. 'apt-get install gcc')" >&2
+fi

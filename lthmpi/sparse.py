@@ -1,0 +1,276 @@
+"""Sparse kernels for masked ReLU MLPs: the low end of the pruning grid, where dense products multiply zeros.
+
+Only the kept weights are stored (so pruned ones are exactly zero by construction) and every product
+runs over them alone (sparse_mlp.c says how). The C source is compiled once per host and CPU with the
+system's C compiler into a cache directory (LTHMPI_CACHE_DIR, else $XDG_CACHE_HOME/lthmpi or
+~/.cache/lthmpi), as a JIT would, so that `-march=native` is always right for the node it runs on;
+where no compiler works the trainer keeps its dense XLA path and says so once.
+
+Usable without TensorFlow: the network comes in as numpy arrays and goes back out as numpy arrays.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+TILE = 64  # batch columns per tile in sparse_mlp.c
+BLOCK = 128  # input rows per block: a tile of them is 32 KiB, one L1 data cache
+MAX_LAYERS = 16
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sparse_mlp.c")
+
+_F32 = ctypes.POINTER(ctypes.c_float)
+_I32 = ctypes.POINTER(ctypes.c_int32)
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("nin", ctypes.c_int64), ("nout", ctypes.c_int64), ("nblocks", ctypes.c_int64),
+                ("ptr", _I32), ("rows", _I32), ("w", _F32), ("b", _F32),
+                ("mw", _F32), ("vw", _F32), ("mb", _F32), ("vb", _F32), ("gw", _F32), ("gb", _F32),
+                ("relu", ctypes.c_int64)]
+
+
+class _Net(ctypes.Structure):
+    _fields_ = [("nlayers", ctypes.c_int64), ("layer", _Layer * MAX_LAYERS)]
+
+
+class _Opt(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int64), ("beta1", ctypes.c_float), ("beta2", ctypes.c_float),
+                ("eps", ctypes.c_float), ("momentum", ctypes.c_float), ("weight_decay", ctypes.c_float),
+                ("iterations", ctypes.c_int64)]
+
+
+_library: ctypes.CDLL | None = None
+_library_error: str | None = None
+
+
+def cache_dir() -> str:
+    if os.environ.get("LTHMPI_CACHE_DIR"):
+        return os.environ["LTHMPI_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lthmpi")
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU's model and feature flags (nodes of a cluster may differ)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, building them on first use; None (see `library_error()`) if they cannot be built."""
+    global _library, _library_error
+    if _library is not None or _library_error is not None:
+        return _library
+    try:
+        _library = _load(_build())
+    except (OSError, RuntimeError) as e:
+        _library_error = str(e)
+    return _library
+
+
+def library_error() -> str | None:
+    return _library_error
+
+
+def _build() -> str:
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    key = hashlib.sha256(source + cc.encode() + platform.machine().encode() + _cpu_identity().encode()).hexdigest()[:16]
+    directory = cache_dir()
+    target = os.path.join(directory, f"sparse_mlp-{key}.so")
+    if os.path.exists(target):
+        return target
+    os.makedirs(directory, exist_ok=True)
+    errors = []
+    # -march=native: the host's vector width; without it where the compiler does not know the flag.
+    for flags in (["-O3", "-march=native"], ["-O3"]):
+        fd, tmp = tempfile.mkstemp(prefix=".sparse_mlp-", suffix=".so", dir=directory)
+        os.close(fd)
+        try:
+            out = subprocess.run([cc, *flags, "-ffp-contract=fast", "-fno-math-errno", "-fPIC", "-shared", SOURCE, "-o", tmp, "-lm"],
+                                 capture_output=True, text=True, timeout=120)
+            if out.returncode == 0:
+                os.replace(tmp, target)  # atomic: ranks that compile at once all end with a whole file
+                return target
+            errors.append(out.stderr.strip().splitlines()[-1:] or [f"exit {out.returncode}"])
+        except (OSError, subprocess.SubprocessError) as e:
+            errors.append([str(e)])
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError(f"{cc} could not compile {os.path.basename(SOURCE)}: {errors[-1][0]}")
+
+
+def _load(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)
+    lib.lth_train.restype = ctypes.c_int
+    lib.lth_train.argtypes = [ctypes.POINTER(_Net), ctypes.POINTER(_Opt), _F32, _I32, _I32, ctypes.c_int64,
+                              ctypes.c_int64, _F32, ctypes.POINTER(ctypes.c_double)]
+    lib.lth_evaluate.restype = ctypes.c_int
+    lib.lth_evaluate.argtypes = [ctypes.POINTER(_Net), _F32, ctypes.c_int64, _I32, ctypes.c_int64,
+                                 ctypes.POINTER(ctypes.c_double)]
+    return lib
+
+
+def _p(a: np.ndarray, kind):
+    return a.ctypes.data_as(kind)
+
+
+class SparseMLP:
+    """A masked Dense/ReLU net held as its kept weights (blocked CSC) with Adam or SGD slots.
+
+    `kernels` and `masks` are (inputs, outputs) arrays per layer, `biases` their biases; every layer
+    but the last is followed by a ReLU. `slots` maps "kernel_m"/"kernel_v"/"bias_m"/"bias_v" to per-layer
+    dense arrays (the optimizer's state, only the kept entries are used) and "iterations" to its step count.
+    """
+
+    def __init__(self, kernels, biases, masks, optimizer: str, momentum: float = 0.0, weight_decay: float = 0.0,
+                 beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-7):
+        lib = library()
+        if lib is None:
+            raise RuntimeError(f"sparse kernels unavailable: {_library_error}")
+        if not 1 <= len(kernels) <= MAX_LAYERS:
+            raise ValueError(f"a sparse MLP has 1 to {MAX_LAYERS} layers, got {len(kernels)}")
+        self.lib = lib
+        self.layers = []
+        for kernel, mask in zip(kernels, masks):
+            nin, nout = kernel.shape
+            keep = np.asarray(mask) != 0
+            nblocks = -(-nin // BLOCK)
+            # Blocked CSC order: by input block, then output unit, then input row.
+            r, c = np.nonzero(keep)
+            order = np.lexsort((r, c, r // BLOCK))
+            rows, cols = r[order].astype(np.int32), c[order]
+            counts = np.bincount((rows // BLOCK).astype(np.int64) * nout + cols, minlength=nblocks * nout)
+            ptr = np.zeros(nblocks * nout + 1, np.int32)
+            np.cumsum(counts, out=ptr[1:])
+            self.layers.append(dict(nin=nin, nout=nout, nblocks=nblocks, rows=rows, cols=cols.astype(np.int32),
+                                    ptr=ptr, shape=(nin, nout)))
+        self.optimizer = optimizer
+        self._opt = _Opt(kind=0 if optimizer in ("adam", "adamw") else 1, beta1=beta1, beta2=beta2, eps=eps,
+                         momentum=momentum, weight_decay=weight_decay, iterations=0)
+        self.set_weights(kernels, biases)
+        self.reset_slots()
+
+    # -- state -----------------------------------------------------------------------------------
+    def _bind(self):
+        net = _Net(nlayers=len(self.layers))
+        for i, ly in enumerate(self.layers):
+            net.layer[i] = _Layer(nin=ly["nin"], nout=ly["nout"], nblocks=ly["nblocks"],
+                                  ptr=_p(ly["ptr"], _I32), rows=_p(ly["rows"], _I32), w=_p(ly["w"], _F32),
+                                  b=_p(ly["b"], _F32), mw=_p(ly["mw"], _F32), vw=_p(ly["vw"], _F32),
+                                  mb=_p(ly["mb"], _F32), vb=_p(ly["vb"], _F32), gw=_p(ly["gw"], _F32),
+                                  gb=_p(ly["gb"], _F32), relu=int(i < len(self.layers) - 1))
+        self._net = net
+
+    def set_weights(self, kernels, biases):
+        for ly, k, b in zip(self.layers, kernels, biases):
+            ly["w"] = np.ascontiguousarray(np.asarray(k, np.float32)[ly["rows"], ly["cols"]])
+            ly["b"] = np.array(b, np.float32)
+            ly["gw"], ly["gb"] = np.zeros_like(ly["w"]), np.zeros_like(ly["b"])
+        if all("mw" in ly for ly in self.layers):
+            self._bind()
+
+    def reset_slots(self, slots: dict | None = None):
+        """Zero optimizer state (a fresh optimizer), or the kept entries of a saved one."""
+        for i, ly in enumerate(self.layers):
+            for name, like, pick in (("mw", ly["w"], True), ("vw", ly["w"], True), ("mb", ly["b"], False), ("vb", ly["b"], False)):
+                key = {"mw": "kernel_m", "vw": "kernel_v", "mb": "bias_m", "vb": "bias_v"}[name]
+                if slots is not None and slots.get(key) is not None and slots[key][i] is not None:
+                    src = np.asarray(slots[key][i], np.float32)
+                    ly[name] = np.ascontiguousarray(src[ly["rows"], ly["cols"]] if pick else src)
+                else:
+                    ly[name] = np.zeros_like(like)
+        self._opt.iterations = int(slots.get("iterations", 0)) if slots is not None else 0
+        self._bind()
+
+    def kernels(self) -> list[np.ndarray]:
+        """Dense kernels, zero where pruned."""
+        out = []
+        for ly in self.layers:
+            k = np.zeros(ly["shape"], np.float32)
+            k[ly["rows"], ly["cols"]] = ly["w"]
+            out.append(k)
+        return out
+
+    def biases(self) -> list[np.ndarray]:
+        return [ly["b"].copy() for ly in self.layers]
+
+    def slots(self, like: dict | None = None) -> dict:
+        """The optimizer state as dense arrays: the kept entries written into `like`'s (or zeros)."""
+        out = {"iterations": self._opt.iterations}
+        for key, name, dense in (("kernel_m", "mw", True), ("kernel_v", "vw", True), ("bias_m", "mb", False), ("bias_v", "vb", False)):
+            arrs = []
+            for i, ly in enumerate(self.layers):
+                if dense:
+                    base = like[key][i] if like is not None and like.get(key) is not None else None
+                    a = np.array(base, np.float32) if base is not None else np.zeros(ly["shape"], np.float32)
+                    a[ly["rows"], ly["cols"]] = ly[name]
+                else:
+                    a = ly[name].copy()
+                arrs.append(a)
+            out[key] = arrs
+        return out
+
+    def snapshot(self) -> list:
+        return [(ly["w"].copy(), ly["b"].copy()) for ly in self.layers]
+
+    def restore(self, snap: list):
+        for ly, (w, b) in zip(self.layers, snap):
+            ly["w"][:], ly["b"][:] = w, b
+
+    # -- compute ---------------------------------------------------------------------------------
+    def train(self, x: np.ndarray, y: np.ndarray, idx: np.ndarray, lr: np.ndarray) -> float:
+        """Steps over the batches idx (steps, batch) of x (examples, features) at learning rates lr (steps,):
+        the sum of the steps' mean losses."""
+        n, batch = idx.shape
+        if batch > TILE:
+            raise ValueError(f"sparse kernels take batches of at most {TILE}, got {batch}")
+        idx = np.ascontiguousarray(idx, np.int32)
+        lr = np.ascontiguousarray(lr, np.float32)
+        loss = ctypes.c_double()
+        if self.lib.lth_train(ctypes.byref(self._net), ctypes.byref(self._opt), _p(x, _F32), _p(y, _I32), _p(idx, _I32),
+                              n, batch, _p(lr, _F32), ctypes.byref(loss)) != 0:
+            raise MemoryError("sparse kernels could not allocate their activations")
+        return loss.value
+
+    def evaluate(self, xt: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """(sum of losses, number correct) over the len(y) examples of xt, made by feature_major()."""
+        out = (ctypes.c_double * 2)()
+        if self.lib.lth_evaluate(ctypes.byref(self._net), _p(xt, _F32), xt.shape[1], _p(y, _I32), len(y), out) != 0:
+            raise MemoryError("sparse kernels could not allocate their activations")
+        return out[0], out[1]
+
+
+def feature_major(x: np.ndarray) -> np.ndarray:
+    """Examples (rows of features) as evaluate() reads them: transposed, padded to whole tiles of columns."""
+    n = x.shape[0]
+    xt = np.zeros((x.shape[1], -(-n // TILE) * TILE), np.float32)
+    xt[:, :n] = x.T
+    return xt
+
+
+def flat(x: np.ndarray) -> np.ndarray:
+    """Examples as rows of float32 features, as Keras' Flatten sees them (C order), without a copy if possible."""
+    return np.ascontiguousarray(x.reshape(x.shape[0], -1), np.float32)
+
+
+if __name__ == "__main__":  # `python -m lthmpi.sparse`: build the kernels now and say where they are
+    lib = library()
+    print(lib._name if lib is not None else f"sparse kernels unavailable: {_library_error}", file=sys.stderr if lib is None else sys.stdout)
+    sys.exit(0 if lib is not None else 1)

@@ -91,6 +91,7 @@ class ParallelConfig:
     subgroups: bool | str = "auto"  # more ranks than work: data-parallel subgroups (auto: for conv nets)
     parent_data_parallel: bool = False  # train the parent data-parallel over all ranks
     backend: str = "mpi4py"  # gradient averaging in subgroups: mpi4py | horovod
+    sparse_below: float = 0.3  # Dense/ReLU nets keeping at most this fraction of weights train on sparse kernels (0 = never)
 
 
 @dataclass
@@ -320,6 +321,9 @@ def validate(cfg: Config) -> None:
     q = cfg.parallel
     if q.threads < 0:
         raise ConfigError(f"parallel.threads must be >= 0 (0 = automatic), not {q.threads}")
+    if isinstance(q.sparse_below, bool) or not isinstance(q.sparse_below, (int, float)) or not 0 <= q.sparse_below <= 1:
+        raise ConfigError(f"parallel.sparse_below must be a fraction between 0 and 1 (0 = never use the sparse kernels), "
+                          f"not {q.sparse_below!r}")
     _one_of("parallel.schedule", q.schedule, SCHEDULES)
     if q.subgroups not in (True, False, "auto") or not isinstance(q.subgroups, (bool, str)):
         raise ConfigError(f"parallel.subgroups must be true, false or \"auto\", not {q.subgroups!r}")

@@ -14,6 +14,7 @@ import numpy as np
 
 from .config import Config, validate_against_data
 from .pruning import fraction_remaining, magnitude_masks, random_masks
+from .schedule import step_cost
 from .store import RunDir, StoreError, hostname
 
 log = logging.getLogger("lthmpi")
@@ -61,7 +62,7 @@ class Experiment:
         self.model = build_model(cfg.model.name, self.data.input_shape, self.data.num_classes, cfg.seed)
         self.prunable = [v.path for v in prunable_variables(self.model)]
         self.trainer = MaskedTrainer(self.model, self.data, cfg.train, cfg.seed, prunable_variables(self.model),
-                                     augment=cfg.data.augment)
+                                     augment=cfg.data.augment, sparse_below=cfg.parallel.sparse_below)
         self.initial_weights = self.trainer.get_weights()
         self.checkpoints: dict | None = None
         self.optimizer_states: dict = {}
@@ -161,9 +162,11 @@ class Experiment:
         return k, (self.total if self.cfg.reset.length == "remaining" else k + self.total)
 
     def cost(self, task: Task) -> float:
-        """Estimated relative cost: iterations to train (each ends in the same evaluations)."""
+        """Estimated relative cost: iterations to train, times the cost of a step on the kernels its mask
+        trains on (every evaluation interval ends in the same evaluations)."""
         start, end = self.task_iterations(task)
-        return float(end - start)
+        remaining = self.remaining[task.mask] if self.remaining else 1.0
+        return float(end - start) * step_cost(self.trainer.kernels_for(remaining), remaining)
 
     def is_done(self, task: Task) -> bool:
         return os.path.exists(self.run.task_path(task.id))
@@ -206,7 +209,7 @@ class Experiment:
                      early_stop_accuracy=h.early_stop_accuracy, best_val_loss=h.best_val_loss,
                      iterations=end - start, diverged=h.diverged, replicas=h.replicas,
                      replicas_identical=h.replicas_identical, seconds=t1 - t0, start_time=t0, end_time=t1,
-                     rank=self.rank, host=self.host, threads=tr.threads)
+                     rank=self.rank, host=self.host, threads=tr.threads, kernels=tr.kernels)
         series = {"evals": _columns(h.evals, ("iteration", "train_loss", "val_loss", "val_accuracy")),
                   "epochs": _columns(h.epochs, ("epoch", "iteration", "train_loss", "val_loss", "val_accuracy",
                                                 "test_accuracy"))}

@@ -88,7 +88,7 @@ class MaskedTrainer:
     """Trains one model under a mask; weights, masks and optimizer state are swapped in per task."""
 
     def __init__(self, model, data, train_cfg, seed: int, prunable, augment: bool = False, jit: bool = True,
-                 eval_chunk: int = 500):
+                 eval_chunk: int = 500, sparse_below: float = 0.0):
         self.threads = configured_threads() or 1
         self.tf = tf = configure_tensorflow(self.threads)
         self.model, self.data, self.cfg, self.seed = model, data, train_cfg, seed
@@ -106,6 +106,7 @@ class MaskedTrainer:
         self.prunable_paths = [v.path for v in model.variables if id(v) in prunable_ids]
         self._masked = [(v, tf.Variable(tf.ones(v.shape, v.dtype), trainable=False, name="mask"))
                         for v in model.trainable_variables if id(v) in prunable_ids]
+        self._mask_of = {id(v): m for v, m in self._masked}
         self._best = [tf.Variable(v, trainable=False) for v in model.variables]
         self._x = {s: tf.convert_to_tensor(getattr(data, f"x_{s}")) for s in ("train", "val", "test")}
         self._y = {s: tf.convert_to_tensor(getattr(data, f"y_{s}").astype(np.int32)) for s in ("train", "val", "test")}
@@ -120,6 +121,12 @@ class MaskedTrainer:
 
         self.fused = not has_convolutions(model)
         self._build(jit, augment)
+        # Sparse kernels (lthmpi/sparse.py) for masks that keep at most `sparse_below` of the prunable weights.
+        self.sparse_below = sparse_below
+        self._sparse_layers, self.sparse_unsupported = self._sparse_layout(augment)
+        self._sparse_active = False  # the current masks train on the sparse kernels
+        self._engine = self._engine_best = None  # the SparseMLP of the fit in progress, its best weights
+        self._flat_data: dict = {}
 
     # -- compiled functions --------------------------------------------------------------------
     def _build(self, jit: bool, augment: bool):
@@ -235,6 +242,81 @@ class MaskedTrainer:
 
         self._shard_gradients, self._apply_flat = shard_gradients, apply_flat
 
+    def _sparse_layout(self, augment: bool):
+        """The Dense layers and their optimizer slots when the sparse kernels can train this net, else a reason."""
+        import keras
+
+        model, opt = self.model, self.optimizer
+        if augment:
+            return None, "data augmentation"
+        if self.cfg.batch_size > 64:
+            return None, "batches of more than 64"
+        if self.cfg.optimizer not in ("adam", "adamw", "sgd"):
+            return None, f"optimizer {self.cfg.optimizer}"
+        if getattr(opt, "nesterov", False) or getattr(opt, "amsgrad", False):
+            return None, "Nesterov momentum or AMSGrad"
+        dense = [ly for ly in model.layers if not isinstance(ly, (keras.layers.InputLayer, keras.layers.Flatten))]
+        if not dense or not all(type(ly) is keras.layers.Dense and ly.use_bias for ly in dense):
+            return None, "layers other than Flatten and Dense"
+        acts = [getattr(ly.activation, "__name__", "") for ly in dense]
+        if any(a != "relu" for a in acts[:-1]) or acts[-1] != "linear":
+            return None, "activations other than ReLU and linear logits"
+        masked = {id(v) for v, _ in self._masked}
+        if len(model.variables) != 2 * len(dense) or any(id(ly.kernel) not in masked or id(ly.bias) in masked for ly in dense):
+            return None, "variables other than pruned Dense kernels and their biases"
+        slots = {v.path: v for v in opt.variables}
+        layers = []
+        for ly in dense:
+            entry = {"layer": ly}
+            for part in ("kernel", "bias"):
+                stem = f"{opt.name}/{getattr(ly, part).path.replace('/', '_')}"
+                names = {"m": f"{stem}_momentum", "v": f"{stem}_velocity"}
+                need = ("m", "v") if self.cfg.optimizer != "sgd" else (("m",) if self.cfg.momentum else ())
+                if any(names[k] not in slots for k in need):
+                    return None, f"optimizer slots not found for {getattr(ly, part).path}"
+                entry[part] = {k: slots.get(names[k]) for k in ("m", "v")}
+            layers.append(entry)
+        return layers, None
+
+    def _sparse_engine(self):
+        """The current weights, masks and optimizer state as a SparseMLP."""
+        from . import sparse
+
+        kernels = [ly["layer"].kernel.numpy() for ly in self._sparse_layers]
+        biases = [ly["layer"].bias.numpy() for ly in self._sparse_layers]
+        masks = [self._mask_of[id(ly["layer"].kernel)].numpy() for ly in self._sparse_layers]
+        opt = self.optimizer
+        engine = sparse.SparseMLP(kernels, biases, masks, self.cfg.optimizer, momentum=float(self.cfg.momentum),
+                                  weight_decay=float(self.cfg.weight_decay or (0.004 if self.cfg.optimizer == "adamw" else 0.0)),
+                                  **({"beta1": float(opt.beta_1), "beta2": float(opt.beta_2), "eps": float(opt.epsilon)}
+                                     if self.cfg.optimizer != "sgd" else {}))
+        engine.reset_slots(self._slot_arrays())
+        return engine
+
+    def _slot_arrays(self) -> dict:
+        out = {"iterations": int(self.optimizer.iterations.numpy())}
+        for key, part, k in (("kernel_m", "kernel", "m"), ("kernel_v", "kernel", "v"), ("bias_m", "bias", "m"), ("bias_v", "bias", "v")):
+            out[key] = [ly[part][k].numpy() if ly[part][k] is not None else None for ly in self._sparse_layers]
+        return out
+
+    def _sync_from_engine(self):
+        """Write the engine's weights and optimizer state back into the Keras model and optimizer."""
+        e = self._engine
+        for ly, k, b in zip(self._sparse_layers, e.kernels(), e.biases()):
+            ly["layer"].kernel.assign(k)
+            ly["layer"].bias.assign(b)
+        slots = e.slots(self._slot_arrays())
+        for i, ly in enumerate(self._sparse_layers):
+            for key, part, k in (("kernel_m", "kernel", "m"), ("kernel_v", "kernel", "v"), ("bias_m", "bias", "m"), ("bias_v", "bias", "v")):
+                if ly[part][k] is not None:
+                    ly[part][k].assign(slots[key][i])
+        self.optimizer.iterations.assign(slots["iterations"])
+
+    @property
+    def kernels(self) -> str:
+        """Which kernels the current masks train on: "sparse" or "dense"."""
+        return "sparse" if self._sparse_active and self.reducer is None else "dense"
+
     def set_reducer(self, reducer):
         """Train data-parallel with `reducer` (allreduce_sum, rank, size) or alone (None)."""
         self.reducer = reducer if reducer is not None and reducer.size > 1 else None
@@ -313,6 +395,27 @@ class MaskedTrainer:
                     raise ValueError(f"mask for {v.path} has shape {masks[v.path].shape}, the model needs {tuple(v.shape)}")
                 m.assign(masks[v.path].astype(np.float32))
                 v.assign(v * m)
+        self._sparse_active = self._use_sparse(masks)
+
+    def _use_sparse(self, masks: dict | None) -> bool:
+        if masks is None:
+            return False
+        kept = sum(int(np.count_nonzero(masks[v.path])) for v, _ in self._masked)
+        return self.kernels_for(kept / max(1, sum(int(np.prod(v.shape)) for v, _ in self._masked))) == "sparse"
+
+    def kernels_for(self, remaining: float) -> str:
+        """The kernels that masks keeping this fraction of the prunable weights train on, alone (no subgroup)."""
+        if self._sparse_layers is None or not self.sparse_below or remaining > self.sparse_below:
+            return "dense"
+        from . import sparse
+
+        if sparse.library() is None:
+            import warnings
+
+            warnings.warn(f"sparse kernels unavailable ({sparse.library_error()}): training on dense kernels", stacklevel=3)
+            self._sparse_layers, self.sparse_unsupported = None, "no sparse kernels on this host"
+            return "dense"
+        return "sparse"
 
     def warm_up(self):
         """Trace and compile every step function now (one iteration), leaving weights and optimizer as they were.
@@ -320,6 +423,10 @@ class MaskedTrainer:
         Ranks that wait while rank 0 trains the parent do this meanwhile, so their first task does not
         pay the compilation."""
         weights, state = self.get_weights(), self.get_optimizer_state()
+        if self._sparse_layers is not None and self.sparse_below:
+            from . import sparse
+
+            sparse.library()  # compiled on this host's first use, cached for every later process
         self.fit(0, 1)
         self.set_weights(weights)
         self.reset_optimizer(state)
@@ -331,6 +438,10 @@ class MaskedTrainer:
         Data-parallel replicas each evaluate their own share of the rows and sum the totals over the
         subgroup, so evaluation scales with the subgroup as training does; every replica gets the same
         sums, and so takes the same early-stopping decisions."""
+        if self._engine is not None:
+            xt, ys = self._flat(split)
+            lsum, csum = self._engine.evaluate(xt, ys)
+            return lsum / len(ys), csum / len(ys)
         x, y = self._x[split], self._y[split]
         n, step = int(x.shape[0]), self.eval_batch
         lo, hi = 0, n
@@ -348,14 +459,42 @@ class MaskedTrainer:
             sums = self.reducer.allreduce_sum(sums)
         return float(sums[0]) / n, float(sums[1]) / n
 
+    def _flat(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """A split as the sparse kernels read it, made once per trainer: the training set as float32 rows of
+        features (a view where possible), the evaluation splits feature-major; int32 labels."""
+        if split not in self._flat_data:
+            from .sparse import feature_major, flat
+
+            x = flat(getattr(self.data, f"x_{split}"))
+            self._flat_data[split] = (x if split == "train" else feature_major(x),
+                                      np.ascontiguousarray(getattr(self.data, f"y_{split}"), np.int32))
+        return self._flat_data[split]
+
+    def _learning_rates(self, t: int, n: int) -> np.ndarray:
+        """The learning rate of iterations t .. t + n - 1, as masked_update computes it."""
+        steps = np.arange(t, t + n)
+        drops = np.searchsorted(np.asarray(self.milestones, np.int64), steps, side="right").astype(np.float32)
+        return (np.float32(self.cfg.lr) * np.power(np.float32(self.cfg.lr_gamma), drops)).astype(np.float32)
+
     # -- training -------------------------------------------------------------------------------
     def fit(self, start: int, end: int, checkpoints=(), on_checkpoint=None, progress=None) -> History:
         """Train iterations [start, end); evaluate every `eval_every` and at epoch ends; early-stop bookkeeping."""
-        tf = self.tf
+        if self.kernels == "sparse":
+            self._engine = self._sparse_engine()
+            try:
+                return self._fit(start, end, checkpoints, on_checkpoint, progress)
+            finally:
+                self._engine = self._engine_best = None
+        return self._fit(start, end, checkpoints, on_checkpoint, progress)
+
+    def _fit(self, start: int, end: int, checkpoints, on_checkpoint, progress) -> History:
+        tf, engine = self.tf, self._engine
         h = History(start=start, end=end)
         ckpts = {c for c in checkpoints if start <= c <= end}
         if start in ckpts and on_checkpoint:
             on_checkpoint(start)
+        if engine is not None:
+            x_train, y_train = self._flat("train")
         every, per_epoch = self.eval_every, self.per_epoch
         bounds = set(range((start // every + 1) * every, end, every))
         bounds |= set(range((start // per_epoch + 1) * per_epoch, end, per_epoch))
@@ -364,7 +503,9 @@ class MaskedTrainer:
         for b in sorted(bounds):
             while t < b:
                 n = min(b - t, every)
-                if self.reducer is not None:
+                if engine is not None:
+                    loss = engine.train(x_train, y_train, self.order.block(t, t + n), self._learning_rates(t, n))
+                elif self.reducer is not None:
                     loss = self._train_steps_parallel(t, n)
                 elif self.fused:
                     block = np.zeros((every, self.cfg.batch_size), np.int32)
@@ -393,13 +534,18 @@ class MaskedTrainer:
                 break
             if val_loss < h.best_val_loss:
                 h.best_val_loss, h.best_iteration = val_loss, b
-                self._snapshot()
+                if engine is not None:
+                    self._engine_best = engine.snapshot()
+                else:
+                    self._snapshot()
             if b % per_epoch == 0 or b == end:
                 _, test_acc = self.evaluate("test")
                 h.epochs.append(dict(epoch=b / per_epoch, iteration=b, train_loss=epoch_loss / max(1, epoch_n),
                                      val_loss=val_loss, val_accuracy=val_acc, test_accuracy=test_acc))
                 epoch_loss, epoch_n = 0.0, 0
             if b in ckpts and on_checkpoint:
+                if engine is not None:
+                    self._sync_from_engine()
                 on_checkpoint(b)
         last = h.epochs[-1] if h.epochs else None
         if last is not None and last["iteration"] == end and not h.diverged:
@@ -409,6 +555,14 @@ class MaskedTrainer:
         if self.reducer is not None:
             h.replicas = self.reducer.size
             h.replicas_identical = self.reducer.all_equal(self.weights_digest())
+        if engine is not None:
+            if h.best_iteration >= 0:
+                final = engine.snapshot()
+                engine.restore(self._engine_best)
+                _, h.early_stop_accuracy = self.evaluate("test")
+                engine.restore(final)
+            self._sync_from_engine()
+            return h
         if h.best_iteration >= 0:
             final = [v.numpy() for v in self.model.variables]
             for v, b in zip(self.model.variables, self._best):

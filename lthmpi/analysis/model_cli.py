@@ -3,7 +3,7 @@
                                    [--seed-study] [--json]
 
 The scaling model (lthmpi.scaling_model) driven by a measured run: the run's results give a RunProfile
-(per-task durations = the `seconds` column, costs = `iterations`, groups = `mask`, the phase times of
+(per-task durations = the `seconds` column, costs = `iterations` x schedule.step_cost, groups = `mask`, the phase times of
 `/timing`, P = provenance ranks); the model predicts wall time, speed-up S and efficiency E on other P
 for each scheduler. ``--check`` names other measured runs of the same work (other P, other scheduler):
 for each the model's prediction from the first run is set against the measured wall time, and the error
@@ -40,6 +40,8 @@ import argparse
 import math
 import os
 import sys
+
+from ..schedule import step_cost
 
 PROG = "lthmpi.analysis model"
 
@@ -155,7 +157,8 @@ def profile_from_results(res: dict, cores: int | None = None, overhead: float | 
     if not tasks:
         raise ModelCliError(f"{res.get('path', 'the run')} has no tasks to model")
     durations = [float(t["seconds"]) for t in tasks]
-    costs = [float(t.get("iterations") or 0) for t in tasks]
+    costs = [float(t.get("iterations") or 0) * step_cost(str(t.get("kernels") or "dense"), float(t.get("remaining") or 1.0))
+             for t in tasks]  # as the run's LPT estimated them
     if not all(math.isfinite(d) and d >= 0 for d in durations):
         raise ModelCliError(f"{res.get('path', 'the run')}: a task has no valid `seconds`")
     if not any(c > 0 for c in costs):

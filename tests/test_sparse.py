@@ -1,0 +1,231 @@
+"""Tests of lthmpi/sparse.py (the sparse kernels of masked ReLU MLPs) and of the trainer's choice of kernels:
+the sparse path must train what the dense XLA path trains (to float rounding), keep pruned weights at
+exactly zero, and hand back weights and optimizer state that the dense path can go on from."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lthmpi import sparse
+from lthmpi.config import ConfigError, from_dict, validate
+from lthmpi.pruning import magnitude_masks
+
+PER_EPOCH = 38  # 1237 training digits at batch 32
+OPTIMIZERS = {
+    "adam": {"optimizer": "adam", "lr": 0.003},
+    "sgd_momentum_wd": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01,
+                        "lr_milestones": ["30it", "60it"], "lr_gamma": 0.1},
+    "adamw": {"optimizer": "adamw", "lr": 0.003, "weight_decay": 0.05},
+}
+
+
+def train_cfg(**train):
+    return from_dict({"data": {"dataset": "digits", "validation": 200},
+                      "train": {"batch_size": 32, "eval_every": "10it", **train}})
+
+
+@pytest.fixture(scope="module")
+def data(tf_runtime):
+    from lthmpi.data import load_dataset
+
+    return load_dataset(train_cfg().data, 0)
+
+
+def trainer(data, sparse_below, model_name="lenet300_100", **train):
+    from lthmpi.models import build_model, prunable_variables
+    from lthmpi.training import MaskedTrainer
+
+    cfg = train_cfg(**train)
+    model = build_model(model_name, data.input_shape, data.num_classes, 0)
+    return MaskedTrainer(model, data, cfg.train, 0, prunable_variables(model), sparse_below=sparse_below)
+
+
+def masks_for(tr, remaining):
+    w = tr.get_weights()
+    return magnitude_masks({p: w[p] for p in tr.prunable_paths}, remaining, "global", {"output": 0.5})
+
+
+def test_kernels_compile_and_cache(tmp_path, monkeypatch):
+    """The first use compiles into the cache; a later process finds the same file and does not compile."""
+    monkeypatch.setenv("LTHMPI_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(sparse, "_library", None)
+    monkeypatch.setattr(sparse, "_library_error", None)
+    lib = sparse.library()
+    assert lib is not None, sparse.library_error()
+    built = [f for f in tmp_path.iterdir()]
+    assert len(built) == 1 and built[0].name.startswith("sparse_mlp-") and built[0].suffix == ".so"
+    mtime = built[0].stat().st_mtime_ns
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError(f"compiled again: {args}")
+
+    monkeypatch.setattr(sparse.subprocess, "run", no_compiler)
+    assert sparse._build() == str(built[0]) and built[0].stat().st_mtime_ns == mtime
+
+
+def test_no_compiler_falls_back_to_dense_kernels(tmp_path, monkeypatch, data):
+    monkeypatch.setenv("LTHMPI_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")
+    monkeypatch.setattr(sparse, "_library", None)
+    monkeypatch.setattr(sparse, "_library_error", None)
+    assert sparse.library() is None
+    assert "could not compile" in sparse.library_error()
+    assert not list(tmp_path.iterdir()), "a failed compile must leave nothing in the cache"
+    tr = trainer(data, 1.0)
+    with pytest.warns(UserWarning, match="sparse kernels unavailable"):
+        tr.set_masks(masks_for(tr, 0.2))
+    assert tr.kernels == "dense"
+    h = tr.fit(0, 12)
+    assert not h.diverged and len(h.evals) == 2
+
+
+def test_sparse_forward_matches_numpy(data):
+    """Evaluation on the sparse kernels against a float64 numpy forward pass of the masked net, over a
+    split whose length is not a multiple of the 64-column tile."""
+    rng = np.random.default_rng(1)
+    sizes = [64, 40, 30, 10]
+    kernels = [rng.standard_normal((a, b)).astype(np.float32) * 0.3 for a, b in zip(sizes, sizes[1:])]
+    biases = [rng.standard_normal(b).astype(np.float32) * 0.1 for b in sizes[1:]]
+    masks = [rng.random(k.shape) < 0.3 for k in kernels]
+    masks[1][:, 5] = False  # a unit with no inputs left: its output is relu(bias) alone
+    net = sparse.SparseMLP(kernels, biases, masks, "adam")
+    x = sparse.flat(data.x_val)
+    y = np.ascontiguousarray(data.y_val, np.int32)
+    assert len(y) % 64
+    h = x.astype(np.float64)
+    for i, (k, b, m) in enumerate(zip(kernels, biases, masks)):
+        h = h @ (k * m) + b
+        if i < len(kernels) - 1:
+            h = np.maximum(h, 0)
+    shifted = h - h.max(axis=1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss, correct = net.evaluate(sparse.feature_major(x), y)
+    assert loss == pytest.approx(-log_p[np.arange(len(y)), y].sum(), rel=1e-5)
+    assert correct == np.sum(h.argmax(axis=1) == y)
+    for k, m, back in zip(kernels, masks, net.kernels()):
+        assert np.array_equal(back, k * m)
+
+
+def _slot_of(key, masks):
+    """The pruned variable an optimizer slot belongs to (None for a bias's slot or the step count)."""
+    return next((p for p in masks if key.endswith(p.replace("/", "_") + "_momentum")
+                 or key.endswith(p.replace("/", "_") + "_velocity")), None)
+
+
+def _retrain(data, below, name, weights, masks, state, start, end):
+    tr = trainer(data, below, **OPTIMIZERS[name])
+    tr.set_weights(weights)
+    tr.set_masks(masks)
+    tr.reset_optimizer(state)
+    assert tr.kernels == ("sparse" if below else "dense")
+    h = tr.fit(start, end)
+    return h, tr.get_weights(), tr.get_optimizer_state()
+
+
+@pytest.fixture(scope="module")
+def dense_start(data):
+    """Per optimizer: weights and optimizer state after 20 dense iterations, and masks keeping 20%."""
+    out = {}
+    for name in OPTIMIZERS:
+        tr = trainer(data, 0.0, **OPTIMIZERS[name])
+        tr.fit(0, 20)
+        out[name] = (tr.get_weights(), tr.get_optimizer_state(), masks_for(tr, 0.2))
+    return out
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_sparse_training_matches_dense_training(data, dense_start, name):
+    """From the same weights, masks, optimizer state, batches and schedule (the learning rate drops at 30
+    and 60 it for SGD) the two kernels train the same net to float rounding: weights, kept optimizer
+    slots and step count, every validation loss, the early-stopping bookkeeping; pruned weights stay
+    exactly zero. (Over hundreds of steps rounding differences can grow: ReLU nets are chaotic.)"""
+    weights, state, masks = dense_start[name]
+    (hd, wd, od), (hs, ws, os_) = (_retrain(data, below, name, weights, masks, state, 20, 70) for below in (0.0, 1.0))
+    assert [e["iteration"] for e in hs.evals] == [e["iteration"] for e in hd.evals] == [30, 38, 40, 50, 60, 70]
+    for a, b in zip(hd.evals, hs.evals):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    assert hs.best_iteration == hd.best_iteration
+    assert hs.final_accuracy == hd.final_accuracy and hs.early_stop_accuracy == hd.early_stop_accuracy
+    for p in wd:
+        assert np.allclose(ws[p], wd[p], rtol=0, atol=1e-4 * np.abs(wd[p]).max()), p
+        if p in masks:
+            assert np.count_nonzero(ws[p][~masks[p]]) == 0, f"pruned weights of {p} revived"
+    for k in od:
+        if k.endswith("iteration"):
+            assert os_[k] == od[k] == state[k] + 50
+            continue
+        p = _slot_of(k, masks)
+        a, b = (od[k][masks[p]], os_[k][masks[p]]) if p else (od[k], os_[k])
+        assert np.allclose(b, a, rtol=1e-3, atol=1e-4 * float(np.abs(a).max())), k
+
+
+def test_sparse_path_leaves_the_slots_of_pruned_weights_alone(data, dense_start):
+    """What the optimizer holds at pruned weights is not the sparse path's to change (it never reads it)."""
+    weights, state, masks = dense_start["adam"]
+    _, _, after = _retrain(data, 1.0, "adam", weights, masks, state, 20, 25)
+    for k in state:
+        p = _slot_of(k, masks)
+        if p:
+            assert np.array_equal(after[k][~masks[p]], state[k][~masks[p]]), k
+            assert not np.array_equal(after[k][masks[p]], state[k][masks[p]]), k
+
+
+def test_sparse_training_is_deterministic_and_batch_tiles_pad(data):
+    """Batches that do not fill a 64-column tile (7 here) train exactly as the dense path does, and two runs
+    give the same bits."""
+    runs = []
+    for below in (1.0, 1.0, 0.0):
+        tr = trainer(data, below, batch_size=7)
+        tr.set_masks(masks_for(tr, 0.05))
+        h = tr.fit(0, 30)
+        runs.append((tr.get_weights(), [e["val_loss"] for e in h.evals]))
+    (w1, l1), (w2, l2), (wd, ld) = runs
+    assert l1 == l2 and all(np.array_equal(w1[p], w2[p]) for p in w1)
+    assert l1 == pytest.approx(ld, rel=1e-4)
+
+
+def test_which_kernels(data):
+    """Sparse kernels for masks keeping at most sparse_below; dense ones for denser masks, the dense
+    parent, sparse_below = 0, subgroups (a reducer), and nets they cannot run."""
+    tr = trainer(data, 0.3)
+    assert tr.sparse_unsupported is None
+    tr.set_masks(masks_for(tr, 0.2))
+    assert tr.kernels == "sparse"
+    tr.set_masks(masks_for(tr, 0.5))
+    assert tr.kernels == "dense"
+    tr.set_masks(None)
+    assert tr.kernels == "dense"
+    tr.set_masks(masks_for(tr, 0.2))
+
+    class Pair:
+        rank, size = 0, 2
+
+    tr.set_reducer(Pair())
+    assert tr.kernels == "dense"
+    tr.set_reducer(None)
+    assert tr.kernels == "sparse"
+    assert trainer(data, 0.0).kernels == "dense"
+    assert trainer(data, 0.3, batch_size=65).sparse_unsupported == "batches of more than 64"
+    assert trainer(data, 0.3, optimizer="sgd", lr=0.1).sparse_unsupported is None
+
+
+def test_experiment_records_which_kernels_trained_each_task(tmp_path, tf_runtime):
+    from lthmpi.driver import run_serial
+    from lthmpi.results import load
+
+    cfg = from_dict({"seed": 1, "data": {"dataset": "digits", "validation": 200},
+                     "train": {"epochs": 1, "batch_size": 32, "eval_every": "10it"},
+                     "prune": {"remaining": [0.5, 0.1]}, "reset": {"points": ["0ep"], "controls": []},
+                     "parallel": {"sparse_below": 0.3}})
+    validate(cfg)
+    res = load(run_serial(cfg, str(tmp_path / "run"), threads=1, quiet=True))
+    kernels = {t["mask"]: t["kernels"] for t in res["tasks"]}
+    assert kernels == {0: "dense", 1: "sparse"}
+    assert all(t["final_accuracy"] > 0.5 for t in res["tasks"])
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, "half", True])
+def test_bad_sparse_below_is_refused(value):
+    with pytest.raises(ConfigError, match="parallel.sparse_below"):
+        validate(from_dict({"parallel": {"sparse_below": value}}))

@@ -6,6 +6,10 @@ passed as arguments to one XLA-compiled call that runs up to `eval_every` steps,
 from a (K, B) block of the epoch's shuffled indices (DESIGN.md §6: a Python call per step costs more
 than the step). Inside the call the weights are re-masked after every optimizer update, so Adam moments,
 momentum and weight decay can never revive a pruned weight.
+
+Dense/ReLU nets whose mask keeps at most `sparse_below` of the prunable weights train instead on the
+sparse kernels of lthmpi/sparse.py, which store and multiply the kept weights only; the Keras model and
+optimizer get the weights and slots back at the end of the fit (and before a checkpoint).
 """
 from __future__ import annotations
 
@@ -286,10 +290,10 @@ class MaskedTrainer:
         biases = [ly["layer"].bias.numpy() for ly in self._sparse_layers]
         masks = [self._mask_of[id(ly["layer"].kernel)].numpy() for ly in self._sparse_layers]
         opt = self.optimizer
-        engine = sparse.SparseMLP(kernels, biases, masks, self.cfg.optimizer, momentum=float(self.cfg.momentum),
-                                  weight_decay=float(self.cfg.weight_decay or (0.004 if self.cfg.optimizer == "adamw" else 0.0)),
-                                  **({"beta1": float(opt.beta_1), "beta2": float(opt.beta_2), "eps": float(opt.epsilon)}
-                                     if self.cfg.optimizer != "sgd" else {}))
+        hyper = ({"momentum": float(opt.momentum)} if self.cfg.optimizer == "sgd" else
+                 {"beta1": float(opt.beta_1), "beta2": float(opt.beta_2), "eps": float(opt.epsilon)})
+        engine = sparse.SparseMLP(kernels, biases, masks, self.cfg.optimizer,
+                                  weight_decay=float(opt.weight_decay or 0.0), **hyper)
         engine.reset_slots(self._slot_arrays())
         return engine
 

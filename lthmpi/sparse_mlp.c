@@ -21,6 +21,12 @@
 #define MAX_LAYERS 16
 
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
+
+/* Every output unit j of every row block blk that keeps weights there: they are k0 .. k1 - 1. */
+#define FOR_EACH_BLOCK_AND_UNIT(L, blk, j, k0, k1)                                  \
+    for (int64_t blk = 0; blk < (L)->nblocks; blk++)                                \
+        for (int64_t j = 0, k0, k1; j < (L)->nout; j++)                             \
+            if ((k0 = (L)->ptr[blk * (L)->nout + j]) != (k1 = (L)->ptr[blk * (L)->nout + j + 1]))
 typedef int32_t i8 __attribute__((vector_size(32)));
 /* Lane selections that sum 4 vectors' lanes into one vector's first 4 lanes (weight_gradient). */
 static const i8 LO = {0, 1, 2, 3, 8, 9, 10, 11}, HI = {4, 5, 6, 7, 12, 13, 14, 15};
@@ -57,21 +63,16 @@ static void forward(const Layer *L, const float *A, int64_t lda, float *Z, int64
             v8 bv = {bj, bj, bj, bj, bj, bj, bj, bj};
             for (int v = 0; v < 8; v++) z[v] = bv;
         }
-        for (int64_t blk = 0; blk < L->nblocks; blk++) {
-            const int32_t *p = L->ptr + blk * L->nout;
-            for (int64_t j = 0; j < L->nout; j++) {
-                int32_t k0 = p[j], k1 = p[j + 1];
-                if (k0 == k1) continue;
-                v8 *z = (v8 *)(Z + j * ldz + t0);
-                v8 a0 = z[0], a1 = z[1], a2 = z[2], a3 = z[3], a4 = z[4], a5 = z[5], a6 = z[6], a7 = z[7];
-                for (int32_t k = k0; k < k1; k++) {
-                    const v8 *x = (const v8 *)(A + (int64_t)L->rows[k] * lda + t0);
-                    float wk = L->w[k];
-                    a0 += wk * x[0]; a1 += wk * x[1]; a2 += wk * x[2]; a3 += wk * x[3];
-                    a4 += wk * x[4]; a5 += wk * x[5]; a6 += wk * x[6]; a7 += wk * x[7];
-                }
-                z[0] = a0; z[1] = a1; z[2] = a2; z[3] = a3; z[4] = a4; z[5] = a5; z[6] = a6; z[7] = a7;
+        FOR_EACH_BLOCK_AND_UNIT(L, blk, j, k0, k1) {
+            v8 *z = (v8 *)(Z + j * ldz + t0);
+            v8 a0 = z[0], a1 = z[1], a2 = z[2], a3 = z[3], a4 = z[4], a5 = z[5], a6 = z[6], a7 = z[7];
+            for (int64_t k = k0; k < k1; k++) {
+                const v8 *x = (const v8 *)(A + (int64_t)L->rows[k] * lda + t0);
+                float wk = L->w[k];
+                a0 += wk * x[0]; a1 += wk * x[1]; a2 += wk * x[2]; a3 += wk * x[3];
+                a4 += wk * x[4]; a5 += wk * x[5]; a6 += wk * x[6]; a7 += wk * x[7];
             }
+            z[0] = a0; z[1] = a1; z[2] = a2; z[3] = a3; z[4] = a4; z[5] = a5; z[6] = a6; z[7] = a7;
         }
         if (L->relu)
             for (int64_t j = 0; j < L->nout; j++) {
@@ -89,51 +90,41 @@ static void weight_gradient(const Layer *L, const float *A, const float *dZ) {
         for (int t = 0; t < TILE; t++) s += d[t];
         L->gb[j] = s;
     }
-    for (int64_t blk = 0; blk < L->nblocks; blk++) {
-        const int32_t *p = L->ptr + blk * L->nout;
-        for (int64_t j = 0; j < L->nout; j++) {
-            int32_t k0 = p[j], k1 = p[j + 1];
-            if (k0 == k1) continue;
-            const v8 *dz = (const v8 *)(dZ + j * TILE);
-            v8 d0 = dz[0], d1 = dz[1], d2 = dz[2], d3 = dz[3], d4 = dz[4], d5 = dz[5], d6 = dz[6], d7 = dz[7];
+    FOR_EACH_BLOCK_AND_UNIT(L, blk, j, k0, k1) {
+        const v8 *dz = (const v8 *)(dZ + j * TILE);
+        v8 d0 = dz[0], d1 = dz[1], d2 = dz[2], d3 = dz[3], d4 = dz[4], d5 = dz[5], d6 = dz[6], d7 = dz[7];
 #define DOT(x) (((x)[0] * d0 + (x)[1] * d1) + ((x)[2] * d2 + (x)[3] * d3) + ((x)[4] * d4 + (x)[5] * d5) + ((x)[6] * d6 + (x)[7] * d7))
-            int32_t k = k0;
-            for (; k + 4 <= k1; k += 4) {  /* four dot products, their horizontal sums shared */
-                v8 s0 = DOT((const v8 *)(A + (int64_t)L->rows[k] * TILE));
-                v8 s1 = DOT((const v8 *)(A + (int64_t)L->rows[k + 1] * TILE));
-                v8 s2 = DOT((const v8 *)(A + (int64_t)L->rows[k + 2] * TILE));
-                v8 s3 = DOT((const v8 *)(A + (int64_t)L->rows[k + 3] * TILE));
-                v8 a = __builtin_shuffle(s0, s1, LO) + __builtin_shuffle(s0, s1, HI);
-                v8 b = __builtin_shuffle(s2, s3, LO) + __builtin_shuffle(s2, s3, HI);
-                v8 c = __builtin_shuffle(a, b, EVEN2) + __builtin_shuffle(a, b, ODD2);
-                v8 d = __builtin_shuffle(c, EVEN1) + __builtin_shuffle(c, ODD1);
-                L->gw[k] = d[0]; L->gw[k + 1] = d[1]; L->gw[k + 2] = d[2]; L->gw[k + 3] = d[3];
-            }
-            for (; k < k1; k++) {
-                v8 s = DOT((const v8 *)(A + (int64_t)L->rows[k] * TILE));
-                L->gw[k] = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
-            }
-#undef DOT
+        int64_t k = k0;
+        for (; k + 4 <= k1; k += 4) {  /* four dot products, their horizontal sums shared */
+            v8 s0 = DOT((const v8 *)(A + (int64_t)L->rows[k] * TILE));
+            v8 s1 = DOT((const v8 *)(A + (int64_t)L->rows[k + 1] * TILE));
+            v8 s2 = DOT((const v8 *)(A + (int64_t)L->rows[k + 2] * TILE));
+            v8 s3 = DOT((const v8 *)(A + (int64_t)L->rows[k + 3] * TILE));
+            v8 a = __builtin_shuffle(s0, s1, LO) + __builtin_shuffle(s0, s1, HI);
+            v8 b = __builtin_shuffle(s2, s3, LO) + __builtin_shuffle(s2, s3, HI);
+            v8 c = __builtin_shuffle(a, b, EVEN2) + __builtin_shuffle(a, b, ODD2);
+            v8 d = __builtin_shuffle(c, EVEN1) + __builtin_shuffle(c, ODD1);
+            L->gw[k] = d[0]; L->gw[k + 1] = d[1]; L->gw[k + 2] = d[2]; L->gw[k + 3] = d[3];
         }
+        for (; k < k1; k++) {
+            v8 s = DOT((const v8 *)(A + (int64_t)L->rows[k] * TILE));
+            L->gw[k] = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+        }
+#undef DOT
     }
 }
 
 /* dA (nin, TILE) = W dZ, then times the ReLU derivative of A (the layer's input, post-ReLU). */
 static void input_gradient(const Layer *L, const float *A, const float *dZ, float *dA) {
     memset(dA, 0, sizeof(float) * L->nin * TILE);
-    for (int64_t blk = 0; blk < L->nblocks; blk++) {
-        const int32_t *p = L->ptr + blk * L->nout;
-        for (int64_t j = 0; j < L->nout; j++) {
-            int32_t k0 = p[j], k1 = p[j + 1];
-            if (k0 == k1) continue;
-            const v8 *dz = (const v8 *)(dZ + j * TILE);
-            v8 d0 = dz[0], d1 = dz[1], d2 = dz[2], d3 = dz[3], d4 = dz[4], d5 = dz[5], d6 = dz[6], d7 = dz[7];
-            for (int32_t k = k0; k < k1; k++) {
-                v8 *x = (v8 *)(dA + (int64_t)L->rows[k] * TILE);
-                float wk = L->w[k];
-                x[0] += wk * d0; x[1] += wk * d1; x[2] += wk * d2; x[3] += wk * d3;
-                x[4] += wk * d4; x[5] += wk * d5; x[6] += wk * d6; x[7] += wk * d7;
-            }
+    FOR_EACH_BLOCK_AND_UNIT(L, blk, j, k0, k1) {
+        const v8 *dz = (const v8 *)(dZ + j * TILE);
+        v8 d0 = dz[0], d1 = dz[1], d2 = dz[2], d3 = dz[3], d4 = dz[4], d5 = dz[5], d6 = dz[6], d7 = dz[7];
+        for (int64_t k = k0; k < k1; k++) {
+            v8 *x = (v8 *)(dA + (int64_t)L->rows[k] * TILE);
+            float wk = L->w[k];
+            x[0] += wk * d0; x[1] += wk * d1; x[2] += wk * d2; x[3] += wk * d3;
+            x[4] += wk * d4; x[5] += wk * d5; x[6] += wk * d6; x[7] += wk * d7;
         }
     }
     for (int64_t i = 0; i < L->nin * TILE; i++)

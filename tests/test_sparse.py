@@ -6,29 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from test_training import OPTIMIZERS, PER_EPOCH, data, train_cfg  # noqa: F401 (data: the digits fixture)
+
 from lthmpi import sparse
 from lthmpi.config import ConfigError, from_dict, validate
 from lthmpi.pruning import magnitude_masks
-
-PER_EPOCH = 38  # 1237 training digits at batch 32
-OPTIMIZERS = {
-    "adam": {"optimizer": "adam", "lr": 0.003},
-    "sgd_momentum_wd": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01,
-                        "lr_milestones": ["30it", "60it"], "lr_gamma": 0.1},
-    "adamw": {"optimizer": "adamw", "lr": 0.003, "weight_decay": 0.05},
-}
-
-
-def train_cfg(**train):
-    return from_dict({"data": {"dataset": "digits", "validation": 200},
-                      "train": {"batch_size": 32, "eval_every": "10it", **train}})
-
-
-@pytest.fixture(scope="module")
-def data(tf_runtime):
-    from lthmpi.data import load_dataset
-
-    return load_dataset(train_cfg().data, 0)
 
 
 def trainer(data, sparse_below, model_name="lenet300_100", **train):

@@ -24,6 +24,7 @@ import numpy as np
 TILE = 64  # batch columns per tile in sparse_mlp.c
 BLOCK = 128  # input rows per block: a tile of them is 32 KiB, one L1 data cache
 MAX_LAYERS = 16
+SLOTS = ("kernel_m", "kernel_v", "bias_m", "bias_v")  # optimizer slots: Adam's m and v (SGD: m, its momentum)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sparse_mlp.c")
 
 _F32 = ctypes.POINTER(ctypes.c_float)
@@ -135,8 +136,8 @@ class SparseMLP:
     """A masked Dense/ReLU net held as its kept weights (blocked CSC) with Adam or SGD slots.
 
     `kernels` and `masks` are (inputs, outputs) arrays per layer, `biases` their biases; every layer
-    but the last is followed by a ReLU. `slots` maps "kernel_m"/"kernel_v"/"bias_m"/"bias_v" to per-layer
-    dense arrays (the optimizer's state, only the kept entries are used) and "iterations" to its step count.
+    but the last is followed by a ReLU. Optimizer state goes in and out as a dict of SLOTS, each a list of
+    per-layer dense arrays (only their kept entries are used), and "iterations", the step count.
     """
 
     def __init__(self, kernels, biases, masks, optimizer: str, momentum: float = 0.0, weight_decay: float = 0.0,
@@ -161,7 +162,6 @@ class SparseMLP:
             np.cumsum(counts, out=ptr[1:])
             self.layers.append(dict(nin=nin, nout=nout, nblocks=nblocks, rows=rows, cols=cols.astype(np.int32),
                                     ptr=ptr, shape=(nin, nout)))
-        self.optimizer = optimizer
         self._opt = _Opt(kind=0 if optimizer in ("adam", "adamw") else 1, beta1=beta1, beta2=beta2, eps=eps,
                          momentum=momentum, weight_decay=weight_decay, iterations=0)
         self.set_weights(kernels, biases)
@@ -173,8 +173,8 @@ class SparseMLP:
         for i, ly in enumerate(self.layers):
             net.layer[i] = _Layer(nin=ly["nin"], nout=ly["nout"], nblocks=ly["nblocks"],
                                   ptr=_p(ly["ptr"], _I32), rows=_p(ly["rows"], _I32), w=_p(ly["w"], _F32),
-                                  b=_p(ly["b"], _F32), mw=_p(ly["mw"], _F32), vw=_p(ly["vw"], _F32),
-                                  mb=_p(ly["mb"], _F32), vb=_p(ly["vb"], _F32), gw=_p(ly["gw"], _F32),
+                                  b=_p(ly["b"], _F32), mw=_p(ly["kernel_m"], _F32), vw=_p(ly["kernel_v"], _F32),
+                                  mb=_p(ly["bias_m"], _F32), vb=_p(ly["bias_v"], _F32), gw=_p(ly["gw"], _F32),
                                   gb=_p(ly["gb"], _F32), relu=int(i < len(self.layers) - 1))
         self._net = net
 
@@ -183,19 +183,20 @@ class SparseMLP:
             ly["w"] = np.ascontiguousarray(np.asarray(k, np.float32)[ly["rows"], ly["cols"]])
             ly["b"] = np.array(b, np.float32)
             ly["gw"], ly["gb"] = np.zeros_like(ly["w"]), np.zeros_like(ly["b"])
-        if all("mw" in ly for ly in self.layers):
+        if all("kernel_m" in ly for ly in self.layers):
             self._bind()
 
     def reset_slots(self, slots: dict | None = None):
         """Zero optimizer state (a fresh optimizer), or the kept entries of a saved one."""
         for i, ly in enumerate(self.layers):
-            for name, like, pick in (("mw", ly["w"], True), ("vw", ly["w"], True), ("mb", ly["b"], False), ("vb", ly["b"], False)):
-                key = {"mw": "kernel_m", "vw": "kernel_v", "mb": "bias_m", "vb": "bias_v"}[name]
-                if slots is not None and slots.get(key) is not None and slots[key][i] is not None:
-                    src = np.asarray(slots[key][i], np.float32)
-                    ly[name] = np.ascontiguousarray(src[ly["rows"], ly["cols"]] if pick else src)
+            for key in SLOTS:
+                kernel = key.startswith("kernel")
+                given = slots.get(key) if slots is not None else None
+                if given is not None and given[i] is not None:
+                    src = np.asarray(given[i], np.float32)
+                    ly[key] = np.ascontiguousarray(src[ly["rows"], ly["cols"]] if kernel else src)
                 else:
-                    ly[name] = np.zeros_like(like)
+                    ly[key] = np.zeros_like(ly["w"] if kernel else ly["b"])
         self._opt.iterations = int(slots.get("iterations", 0)) if slots is not None else 0
         self._bind()
 
@@ -214,15 +215,15 @@ class SparseMLP:
     def slots(self, like: dict | None = None) -> dict:
         """The optimizer state as dense arrays: the kept entries written into `like`'s (or zeros)."""
         out = {"iterations": self._opt.iterations}
-        for key, name, dense in (("kernel_m", "mw", True), ("kernel_v", "vw", True), ("bias_m", "mb", False), ("bias_v", "vb", False)):
+        for key in SLOTS:
             arrs = []
             for i, ly in enumerate(self.layers):
-                if dense:
+                if key.startswith("kernel"):
                     base = like[key][i] if like is not None and like.get(key) is not None else None
                     a = np.array(base, np.float32) if base is not None else np.zeros(ly["shape"], np.float32)
-                    a[ly["rows"], ly["cols"]] = ly[name]
+                    a[ly["rows"], ly["cols"]] = ly[key]
                 else:
-                    a = ly[name].copy()
+                    a = ly[key].copy()
                 arrs.append(a)
             out[key] = arrs
         return out
@@ -241,6 +242,7 @@ class SparseMLP:
         n, batch = idx.shape
         if batch > TILE:
             raise ValueError(f"sparse kernels take batches of at most {TILE}, got {batch}")
+        _check_arrays(x, y)
         idx = np.ascontiguousarray(idx, np.int32)
         lr = np.ascontiguousarray(lr, np.float32)
         loss = ctypes.c_double()
@@ -251,10 +253,17 @@ class SparseMLP:
 
     def evaluate(self, xt: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         """(sum of losses, number correct) over the len(y) examples of xt, made by feature_major()."""
+        _check_arrays(xt, y)
         out = (ctypes.c_double * 2)()
         if self.lib.lth_evaluate(ctypes.byref(self._net), _p(xt, _F32), xt.shape[1], _p(y, _I32), len(y), out) != 0:
             raise MemoryError("sparse kernels could not allocate their activations")
         return out[0], out[1]
+
+
+def _check_arrays(x: np.ndarray, y: np.ndarray):
+    """The C side reads raw memory: anything but C-ordered float32 features and int32 labels would be garbage."""
+    if x.dtype != np.float32 or not x.flags.c_contiguous or y.dtype != np.int32 or not y.flags.c_contiguous:
+        raise TypeError("sparse kernels need C-contiguous float32 features and int32 labels (see flat())")
 
 
 def feature_major(x: np.ndarray) -> np.ndarray:

@@ -298,8 +298,12 @@ class MaskedTrainer:
         return engine
 
     def _slot_arrays(self) -> dict:
+        """The Keras optimizer's state as SparseMLP takes it: sparse.SLOTS ("kernel_m", ...) and "iterations"."""
+        from .sparse import SLOTS
+
         out = {"iterations": int(self.optimizer.iterations.numpy())}
-        for key, part, k in (("kernel_m", "kernel", "m"), ("kernel_v", "kernel", "v"), ("bias_m", "bias", "m"), ("bias_v", "bias", "v")):
+        for key in SLOTS:
+            part, k = key.split("_")
             out[key] = [ly[part][k].numpy() if ly[part][k] is not None else None for ly in self._sparse_layers]
         return out
 
@@ -310,10 +314,13 @@ class MaskedTrainer:
             ly["layer"].kernel.assign(k)
             ly["layer"].bias.assign(b)
         slots = e.slots(self._slot_arrays())
-        for i, ly in enumerate(self._sparse_layers):
-            for key, part, k in (("kernel_m", "kernel", "m"), ("kernel_v", "kernel", "v"), ("bias_m", "bias", "m"), ("bias_v", "bias", "v")):
+        for key, arrays in slots.items():
+            if key == "iterations":
+                continue
+            part, k = key.split("_")
+            for ly, a in zip(self._sparse_layers, arrays):
                 if ly[part][k] is not None:
-                    ly[part][k].assign(slots[key][i])
+                    ly[part][k].assign(a)
         self.optimizer.iterations.assign(slots["iterations"])
 
     @property

@@ -3,9 +3,9 @@
                                    [--seed-study] [--json]
 
 The scaling model (lthmpi.scaling_model) driven by a measured run: the run's results give a RunProfile
-(per-task durations = the `seconds` column, costs = `iterations` x schedule.step_cost, groups = `mask`, the phase times of
-`/timing`, P = provenance ranks); the model predicts wall time, speed-up S and efficiency E on other P
-for each scheduler. ``--check`` names other measured runs of the same work (other P, other scheduler):
+(per-task durations = the `seconds` column, costs = `iterations` x schedule.step_cost, groups = `mask`,
+the phase times of `/timing`, P = provenance ranks); the model predicts wall time, speed-up S and
+efficiency E on other P for each scheduler. ``--check`` names other measured runs of the same work (other P, other scheduler):
 for each the model's prediction from the first run is set against the measured wall time, and the error
 in % is printed. The check runs are never used to fit the model: the errors are honest predictions.
 ``--calibrate`` names runs of the same work at other P that the model does learn from (``calibrate``):

@@ -1,0 +1,128 @@
+"""The trainer gives the results it gave before it was split into a fit loop and backends (issue 20).
+
+tests/data/trainer_reference.json was written by this file's `measure()` on the trainer as it was before the
+split (`python tests/test_trainer_reference.py --write`, 1 TF thread): digests of the weights and optimizer
+state and the histories of a few short runs on every path (fused dense XLA, one-call-per-step conv net,
+data-parallel, sparse C). On the CPU and TensorFlow it was written with, the dense paths must agree bit for
+bit; elsewhere (other vector units, other XLA) the histories must agree to float rounding.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REFERENCE = os.path.join(HERE, "data", "trainer_reference.json")
+RUNS = {  # name: (model, train config, kernels, data-parallel replicas)
+    "adam_dense": ("lenet300_100", {"optimizer": "adam", "lr": 0.003}, "dense", 1),
+    "sgd_milestones_wd_dense": ("lenet300_100", {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01,
+                                                 "lr_milestones": ["30it", "60it"], "lr_gamma": 0.1}, "dense", 1),
+    "adamw_dense": ("lenet300_100", {"optimizer": "adamw", "lr": 0.003, "weight_decay": 0.05}, "dense", 1),
+    "sgd_milestones_wd_sparse": ("lenet300_100", {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01,
+                                                  "lr_milestones": ["30it", "60it"], "lr_gamma": 0.1}, "sparse", 1),
+    "adam_sparse": ("lenet300_100", {"optimizer": "adam", "lr": 0.003}, "sparse", 1),
+    "adam_data_parallel": ("lenet300_100", {"optimizer": "adam", "lr": 0.003}, "dense", 2),
+    "conv2_adam_dense": ("conv2", {"optimizer": "adam", "lr": 0.001}, "dense", 1),
+}
+
+
+class _HalfOfTwo:
+    """Replica 0 of 2 whose partner contributes exactly what it does: exercises the data-parallel path
+    (sharded gradients, one reduction per step, batch-norm averaging, shared evaluation) in one process."""
+    rank, size = 0, 2
+
+    def allreduce_sum(self, buf):
+        return np.asarray(buf) * 2
+
+    def all_equal(self, value):
+        return True
+
+
+def _digest(arrays) -> str:
+    d = hashlib.sha256()
+    for a in arrays:
+        d.update(np.ascontiguousarray(a).tobytes())
+    return d.hexdigest()
+
+
+def _cpu() -> str:
+    from lthmpi.sparse import _cpu_identity
+
+    return hashlib.sha256(_cpu_identity().encode()).hexdigest()[:16]
+
+
+def measure(name) -> dict:
+    """20 dense iterations, then a 20%-mask retraining of iterations 20..70 (milestones at 30 and 60)."""
+    import tensorflow as tf
+
+    from lthmpi.config import from_dict
+    from lthmpi.data import load_dataset
+    from lthmpi.models import build_model, prunable_variables
+    from lthmpi.pruning import magnitude_masks
+    from lthmpi.training import MaskedTrainer
+
+    model_name, train, kernels, replicas = RUNS[name]
+    cfg = from_dict({"data": {"dataset": "digits", "validation": 200},
+                     "train": {"batch_size": 32, "eval_every": "10it", **train}})
+    data = load_dataset(cfg.data, 0)
+    model = build_model(model_name, data.input_shape, data.num_classes, 0)
+    tr = MaskedTrainer(model, data, cfg.train, 0, prunable_variables(model),
+                       sparse_below=1.0 if kernels == "sparse" else 0.0)
+    tr.reset_optimizer(None)
+    end_dense, end = (20, 70) if model_name == "lenet300_100" else (6, 14)
+    if replicas > 1:
+        tr.set_reducer(_HalfOfTwo())
+    h0 = tr.fit(0, end_dense)
+    w = tr.get_weights()
+    masks = magnitude_masks({p: w[p] for p in tr.prunable_paths}, 0.2, "global", {"output": 0.5})
+    tr.set_masks(masks)
+    assert tr.kernels == kernels
+    h1 = tr.fit(end_dense, end)
+    tr.set_reducer(None)
+    state = tr.get_optimizer_state()
+    del tf
+    return {"weights": _digest(v.numpy() for v in model.variables),
+            "optimizer": _digest(state[k] for k in sorted(state)),
+            "histories": [{"evals": h.evals, "epochs": h.epochs, "best_iteration": h.best_iteration,
+                           "early_stop_accuracy": h.early_stop_accuracy, "final_accuracy": h.final_accuracy}
+                          for h in (h0, h1)]}
+
+
+def _reference():
+    with open(REFERENCE) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_trainer_reproduces_its_results_from_before_the_split(tf_runtime, name):
+    import tensorflow as tf
+
+    ref = _reference()
+    got = measure(name)
+    exact = ref["cpu"] == _cpu() and ref["tensorflow"] == tf.__version__ and RUNS[name][2] == "dense"
+    want = ref["runs"][name]
+    for g, w in zip(got["histories"], want["histories"]):
+        assert g["best_iteration"] == w["best_iteration"]
+        assert [e["iteration"] for e in g["evals"]] == [e["iteration"] for e in w["evals"]]
+        for ge, we in zip(g["evals"] + g["epochs"], w["evals"] + w["epochs"]):
+            for k in we:
+                assert ge[k] == (we[k] if exact else pytest.approx(we[k], rel=1e-4, abs=1e-6)), (k, ge, we)
+    if exact:
+        assert got["weights"] == want["weights"] and got["optimizer"] == want["optimizer"]
+
+
+if __name__ == "__main__":  # --write: record the reference (on the trainer before the split)
+    if sys.argv[1:] != ["--write"]:
+        sys.exit("usage: python tests/test_trainer_reference.py --write")
+    from lthmpi.runtime import configure_tensorflow
+
+    tf = configure_tensorflow(1)
+    out = {"cpu": _cpu(), "tensorflow": tf.__version__, "runs": {n: measure(n) for n in RUNS}}
+    with open(REFERENCE, "w") as f:
+        json.dump(out, f, indent=1, sort_keys=True)
+    print(f"wrote {REFERENCE}")

@@ -95,6 +95,17 @@ class ParallelConfig:
 
 
 @dataclass
+class StabilityConfig:
+    enabled: bool = False  # train stability pairs and measure linear mode connectivity (docs/stability.md)
+    points: list = field(default_factory=list)  # reset points k of the pairs, e.g. ["0ep", "500it"]; [] = reset.points
+    masks: str | list = "dense"  # "dense", "all", or a list of mask indices (0 = first prune.remaining) and "dense"
+    alphas: int = 11  # evenly spaced interpolation coefficients in [0, 1], ends included (the paper used 30)
+    threshold: float = 0.02  # a pair is stable when its error barrier is below this (the paper's 2%)
+    bn_reestimate: bool = False  # re-estimate batch-norm statistics at each alpha (default: interpolate them)
+    bn_batches: int = 10  # training batches that re-estimate the batch-norm statistics (with bn_reestimate)
+
+
+@dataclass
 class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -103,6 +114,7 @@ class Config:
     prune: PruneConfig = field(default_factory=PruneConfig)
     reset: ResetConfig = field(default_factory=ResetConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
 
     # -- derived views ---------------------------------------------------------------------------
     def remaining_fractions(self) -> list[float]:
@@ -116,10 +128,17 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def stability_steps(self) -> list[Step]:
+        """The reset points of the stability pairs (stability.points, or reset.points when empty)."""
+        return [Step.parse(p) for p in (self.stability.points or self.reset.points)]
+
     def identity(self) -> dict:
-        """What the results depend on: everything but the `parallel` section."""
+        """What the results depend on: everything but the `parallel` section, and the `stability` section
+        only when it is enabled (so every run without stability pairs keeps its hash and run directory)."""
         d = self.to_dict()
         d.pop("parallel")
+        if not self.stability.enabled:
+            d.pop("stability")
         return d
 
     def hash(self) -> str:
@@ -325,6 +344,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"parallel.sparse_below must be a fraction between 0 and 1 (0 = never use the sparse kernels), "
                           f"not {q.sparse_below!r}")
     _one_of("parallel.schedule", q.schedule, SCHEDULES)
+    validate_stability(cfg)
     if q.subgroups not in (True, False, "auto") or not isinstance(q.subgroups, (bool, str)):
         raise ConfigError(f"parallel.subgroups must be true, false or \"auto\", not {q.subgroups!r}")
     if q.backend not in ("mpi4py", "horovod"):
@@ -335,6 +355,48 @@ def validate(cfg: Config) -> None:
         if importlib.util.find_spec("horovod") is None:
             raise ConfigError("parallel.backend = 'horovod' but Horovod is not installed (it builds only with "
                               "TF 2.12 + Keras 2; use parallel.backend = 'mpi4py')")
+
+
+def validate_stability(cfg: Config) -> None:
+    """The [stability] section: one line per problem (docs/stability.md)."""
+    s = cfg.stability
+    if isinstance(s.alphas, bool) or not isinstance(s.alphas, int) or s.alphas < 2:
+        raise ConfigError(f"stability.alphas must be an integer >= 2 (both ends of the path), not {s.alphas!r}")
+    if not 0 < s.threshold < 1:
+        raise ConfigError(f"stability.threshold must be a fraction in (0, 1), e.g. 0.02 for 2%, not {s.threshold!r}")
+    if s.bn_batches < 1:
+        raise ConfigError(f"stability.bn_batches must be >= 1, not {s.bn_batches}")
+    try:
+        points = [Step.parse(x) for x in s.points]
+    except StepError as e:
+        raise ConfigError(f"stability.points: {e}") from None
+    if len({x.text for x in points}) != len(points):
+        raise ConfigError(f"stability.points {s.points} contain duplicates")
+    stability_masks(cfg)
+
+
+def stability_masks(cfg: Config) -> list[int | None]:
+    """stability.masks as mask indices, None for the dense network (all-ones mask), dense first."""
+    m, n = cfg.stability.masks, len(cfg.remaining_fractions())
+    if m == "dense":
+        return [None]
+    if m == "all":
+        return [None, *range(n)]
+    if not isinstance(m, list) or not m:
+        raise ConfigError(f"stability.masks must be \"dense\", \"all\" or a non-empty list of mask indices "
+                          f"(and \"dense\"), e.g. [\"dense\", 0, 3], not {m!r}")
+    out = []
+    for x in m:
+        if x == "dense":
+            out.append(None)
+        elif isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < n:
+            raise ConfigError(f"stability.masks names mask {x!r}, but the config has masks 0..{n - 1} "
+                              f"(one per prune.remaining entry) and \"dense\"; choose among those")
+        else:
+            out.append(x)
+    if len(set(out)) != len(out):
+        raise ConfigError(f"stability.masks {m} contain duplicates")
+    return sorted(out, key=lambda x: -1 if x is None else x)
 
 
 def validate_against_data(cfg: Config, iterations_per_epoch: int, n_train: int) -> int:
@@ -351,6 +413,11 @@ def validate_against_data(cfg: Config, iterations_per_epoch: int, n_train: int) 
     if its != sorted(its) or len(set(its)) != len(its):
         raise ConfigError(f"reset.points {cfg.reset.points} must be strictly increasing "
                           f"(as iterations: {its})")
+    if cfg.stability.enabled:
+        for s in cfg.stability_steps():
+            if s.iterations(iterations_per_epoch) >= total:
+                raise ConfigError(f"stability point {s} (iteration {s.iterations(iterations_per_epoch)}) is at or "
+                                  f"past the end of training ({total} iterations): lower it or train longer")
     return total
 
 

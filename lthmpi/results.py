@@ -5,6 +5,8 @@ Layout of results.h5:
   /parent          attrs: test_accuracy, early_stop_accuracy, early_stop_iteration, iterations, seconds
   /tasks/<column>  one entry per retraining (id, mask, remaining, reset, control, accuracies, seconds, rank, ...)
   /curves/<task>/{evals,epochs}/<column>   the per-eval and per-epoch curves
+  /stability/<pair>  attrs: mask (-1 = dense), remaining, reset, reset_iteration, barrier, stable, ...;
+                   datasets alpha, error, loss: the interpolation curve of one stability pair (docs/stability.md)
   /timing          attrs: wall seconds per phase (startup, parent, masks, distribution, training, gather)
   /provenance      attrs: versions, MPI library, ranks, hosts, threads, git commit
 """
@@ -32,9 +34,11 @@ TASK_COLUMNS = ("task_id", "mask", "remaining", "target_remaining", "reset", "re
                 "diverged", "seconds", "start_time", "end_time", "rank", "host", "threads", "kernels")
 
 
-def merge(run: RunDir, task_ids: list[str], timing: dict, provenance: dict, during=None) -> str:
+def merge(run: RunDir, task_ids: list[str], timing: dict, provenance: dict, during=None, pair_ids=()) -> str:
     """Gather the per-task files named by `task_ids` into results.h5 (written atomically; it is derived, so a
-    damaged one is simply rebuilt by the next run). `during()` is called with the file half-written (fault tests)."""
+    damaged one is simply rebuilt by the next run), and the stability evaluations named by `pair_ids` into
+    /stability. `during()` is called with the file half-written (fault tests)."""
+    pairs = {pid: run.read_task(pid) for pid in pair_ids}
     rows, curves = [], {}
     for tid in task_ids:
         attrs, series = run.read_task(tid)
@@ -66,6 +70,11 @@ def merge(run: RunDir, task_ids: list[str], timing: dict, provenance: dict, duri
             for name, cols in series.items():
                 for col, values in cols.items():
                     f.create_dataset(f"curves/{tid}/{name}/{col}", data=values)
+        for pid, (attrs, series) in pairs.items():
+            g = f.create_group(f"stability/{pid}")
+            g.attrs.update(attrs)
+            for col, values in series.get("curve", {}).items():
+                g.create_dataset(col, data=values)
         f.create_group("timing").attrs.update(timing)
         f.create_group("provenance").attrs.update({k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
                                                    for k, v in provenance.items()})
@@ -85,6 +94,8 @@ def load(path: str) -> dict:
             cols = {c: [_plain(x) for x in f["tasks"][c][()]] for c in f["tasks"]}
             timing = {k: _plain(v) for k, v in f["timing"].attrs.items()}
             provenance = {k: _plain(v) for k, v in f["provenance"].attrs.items()}
+            stability = [{"pair": pid, **{k: _plain(v) for k, v in g.attrs.items()}, **{c: g[c][()] for c in g}}
+                         for pid, g in f["stability"].items()] if "stability" in f else []
         except (KeyError, ValueError) as e:
             raise StoreError(f"results file {path} is incomplete or corrupt ({e}); rerun the experiment to rebuild it") from None
     n = len(cols.get("task_id", []))
@@ -93,7 +104,8 @@ def load(path: str) -> dict:
         t["control"] = t.get("control") or None
         t["rank"] = int(t["rank"])
         t["mask"] = int(t["mask"])
-    return dict(config=config, parent=parent, tasks=tasks, timing=timing, provenance=provenance, path=path)
+    return dict(config=config, parent=parent, tasks=tasks, timing=timing, provenance=provenance, path=path,
+                stability=stability)
 
 
 def summary_json(res: dict) -> dict:

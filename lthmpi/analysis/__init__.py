@@ -64,10 +64,20 @@ def scaling_summary(results: list[dict], weak: bool = False) -> list[dict]:
     return per_run
 
 
-def summaries(results: list[dict], weak: bool = False) -> list[dict]:
-    """lthmpi.results.summary_json of each run, with a `scaling` key; JSON-safe (NaN -> None)."""
+def summaries(results: list[dict], weak: bool = False, tolerance: float = 0.005) -> list[dict]:
+    """lthmpi.results.summary_json of each run, with a `scaling` key and, for runs with stability pairs, a
+    `stability` key (every pair's curve and barrier, and the earliest stable k per sparsity); JSON-safe."""
+    from . import stability
+
     sc = scaling_summary(results, weak)
-    return [plain(summary_json(r) | {"scaling": s}) for r, s in zip(results, sc)]
+    out = []
+    for r, s in zip(results, sc):
+        extra = {"scaling": s}
+        if r.get("stability"):
+            extra["stability"] = {"pairs": stability.summary(r),
+                                  "earliest_stable": stability.earliest_stable(stability.pairs(r), r, tolerance)}
+        out.append(plain(summary_json(r) | extra))
+    return out
 
 
 def dumps(obj) -> str:

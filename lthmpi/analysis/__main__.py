@@ -3,7 +3,8 @@
 
 Without --json: prints the key tables, writes the figures and report.md to --out (default
 ./analysis_out/<name of the first run dir>). --json alone prints the JSON summary (one object for one run,
-a list for several) and writes nothing. --csv writes OUT/tasks.csv (one row per retraining) and prints its
+a list for several) and writes nothing. --csv writes OUT/tasks.csv (one row per retraining), and
+OUT/stability.csv (one row per stability pair and alpha) for runs with stability pairs, and prints the
 path (to stderr when --json keeps stdout for the JSON). Errors: one line "lthmpi.analysis: error: ...",
 exit status 2.
 """
@@ -56,13 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or os.path.join("analysis_out", name)
     try:
         if args.json:
-            s = summaries(results, args.weak)
+            s = summaries(results, args.weak, args.tolerance)
             print(dumps(s[0] if len(s) == 1 else s))
         if args.csv:
             os.makedirs(out, exist_ok=True)
             path = os.path.join(out, "tasks.csv")
             n = write_csv(results, path)
             print(f"wrote {path} ({n} rows)", file=sys.stderr if args.json else sys.stdout)
+            if any(r.get("stability") for r in results):
+                from .stability import write_csv as write_stability_csv
+
+                path = os.path.join(out, "stability.csv")
+                n = write_stability_csv(results, path)
+                print(f"wrote {path} ({n} rows: one per pair and alpha)", file=sys.stderr if args.json else sys.stdout)
         if not args.json:
             from .report import analyse
 

@@ -237,3 +237,60 @@ def speedup_figure(s: dict, path: str, title: str = "") -> str:
     a2.legend(fontsize=8)
     fig.suptitle((title + ": " if title else "") + ("weak" if weak else "strong") + " scaling (wall time of the whole run)")
     return _save(fig, path)
+
+
+def instability_figure(pairs: list[dict], path: str, title: str = "") -> str:
+    """Error barrier (pp) against the reset point k, one line per sparsity (dense first, black), the
+    stability threshold drawn. k is placed by rank (labels as the config wrote them): k = 0 has no log."""
+    from .stability import DENSE, label, resets, sparsities
+
+    ks = resets(pairs)
+    pos = {it: i for i, (it, _) in enumerate(ks)}
+    by = {(p["mask"], p["reset_iteration"]): p for p in pairs}
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, (m, name) in enumerate(sparsities(pairs)):
+        color, marker = ("#000000", "o") if m == DENSE else _style(i + 1)
+        pts = sorted((pos[it], 100 * by[(m, it)]["barrier"]) for it, _ in ks if (m, it) in by)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], color=color, marker=marker, linewidth=1.5,
+                linestyle="-" if m == DENSE else ["--", "-.", ":"][i % 3], label=name)
+    thresholds = sorted({p["threshold"] for p in pairs})
+    for t in thresholds:
+        ax.axhline(100 * t, color="#D55E00", linestyle=":", linewidth=1.2, label=f"threshold {100 * t:g}% (stable below)")
+    ax.set_xticks(range(len(ks)))
+    ax.set_xticklabels([f"k={r}\n({it} it)" for it, r in ks])
+    ax.set_xlabel("reset point k (rank order)")
+    ax.set_ylabel("error barrier (percentage points)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title((title + ": " if title else "") + "instability (test-error barrier) against k")
+    return _save(fig, path)
+
+
+def interpolation_figure(pairs: list[dict], path: str, title: str = "") -> str:
+    """Test error along θ(α) = (1 − α)θ_A + αθ_B: one panel per reset point, one line per sparsity."""
+    from .stability import DENSE, resets, sparsities
+
+    ks = resets(pairs)
+    by = {(p["mask"], p["reset_iteration"]): p for p in pairs}
+    cols = min(4, len(ks))
+    rows = (len(ks) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), sharey=True, squeeze=False)
+    for j, (it, r) in enumerate(ks):
+        ax = axes[j // cols][j % cols]
+        for i, (m, name) in enumerate(sparsities(pairs)):
+            p = by.get((m, it))
+            if p is None:
+                continue
+            color, marker = ("#000000", "o") if m == DENSE else _style(i + 1)
+            ax.plot(p["alpha"], 100 * np.asarray(p["error"]), color=color, marker=marker, markersize=4, linewidth=1.3,
+                    linestyle="-" if m == DENSE else ["--", "-.", ":"][i % 3], label=name)
+        ax.set_title(f"k={r}", fontsize=10)
+        ax.set_xlabel("interpolation α")
+        ax.grid(True, alpha=0.3)
+        if j % cols == 0:
+            ax.set_ylabel("test error (%)")
+    for j in range(len(ks), rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle((title + ": " if title else "") + "test error along the linear path between copies A and B")
+    return _save(fig, path)

@@ -5,7 +5,7 @@ import json
 import math
 import os
 
-from . import plots, scaling, scaling_summary, science
+from . import plots, scaling, scaling_summary, science, stability
 
 
 def _md_table(head: list[str], rows: list[list]) -> str:
@@ -117,6 +117,30 @@ def analyse(results: list[dict], out: str, tolerance: float = 0.005, weak: bool 
             text += [name, table, ""]
         for name, table in science.tables(g, tolerance, markdown=True).items():
             md += [f"### {name}", "", table, ""]
+
+    # -- stability ----------------------------------------------------------------------------------
+    for i, r in enumerate(results):
+        ps = stability.pairs(r)
+        if not ps:
+            continue
+        suffix = "" if len(results) == 1 else f"_{i + 1}"
+        name = per_run[i]["name"]
+        inst = plots.instability_figure(ps, os.path.join(out, f"instability{suffix}.png"), name)
+        curves = plots.interpolation_figure(ps, os.path.join(out, f"interpolation{suffix}.png"), name)
+        files += [inst, curves]
+        bh, br = stability.barrier_rows(ps)
+        eh, er = stability.earliest_rows(ps, r, tolerance)
+        bn = "re-estimated at each α" if any(p.get("bn_reestimate") for p in ps) else "interpolated with the weights"
+        md += [f"## Stability (linear mode connectivity): {name}", "",
+               f"{len(ps)} pairs, {len(ps[0]['alpha'])} values of α; batch-norm statistics {bn}. Barrier = max over α "
+               "of the test error minus the mean of the two ends' errors; * = stable (below the threshold). "
+               "Earliest stable k: the first reset point from which every later one is stable too.", "",
+               f"![instability against k]({os.path.basename(inst)})", "",
+               f"![interpolation curves]({os.path.basename(curves)})", "",
+               "### Error barrier (percentage points)", "", _md_table(bh, br), "",
+               "### Earliest stable reset point per sparsity", "", _md_table(eh, er), ""]
+        text += [f"Stability: {name} (error barrier, pp; * = stable)", _text_table(bh, br), "",
+                 "Earliest stable reset point", _text_table(eh, er), ""]
 
     # -- scaling ------------------------------------------------------------------------------------
     md += ["## Scaling", ""]

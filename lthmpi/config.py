@@ -38,76 +38,106 @@ def _default_remaining() -> list[float]:
     return [round(0.8 ** k, 6) for k in range(1, 21)]
 
 
+def key(default, help: str):
+    """One config key: its default and the one line of help that `--help` and docs/config.md show
+    (`python -m lthmpi.reference` regenerates that page; a test fails when it is stale)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DataConfig:
-    dataset: str = "fashion_mnist"  # fashion_mnist | mnist | cifar10 | npz | digits
-    dir: str = ""  # data directory; "" = $LTHMPI_DATA_DIR or the dataset's system location
-    subset: int = 0  # train on the first N training examples (0 = all)
-    validation: int = 5000  # examples held out of the training set for early stopping
-    normalize: str = "scale"  # scale (to [0, 1]) | standardize (per channel, train statistics)
-    augment: bool = False  # CIFAR augmentation: random crop with 4-pixel padding + horizontal flip
-    prepared: str = ""  # prepared HDF5 file (python -m lthmpi.data prepare); "" = read raw files
+    """The dataset, its split and its preprocessing."""
+
+    dataset: str = key("fashion_mnist", "fashion_mnist | mnist | cifar10 | npz | digits")
+    dir: str = key("", "data directory (or .npz file); \"\" = $LTHMPI_DATA_DIR or the dataset's system location")
+    subset: int = key(0, "train on the first N training examples (0 = all)")
+    validation: int = key(5000, "examples held out of the training set for early stopping")
+    normalize: str = key("scale", "scale (to [0, 1]) | standardize (per channel, with training statistics)")
+    augment: bool = key(False, "CIFAR augmentation: random crop with 4-pixel padding and horizontal flip, seeded")
+    prepared: str = key("", "a file made by `python -m lthmpi.data prepare` (refused if made with other settings); "
+                            "\"\" = read the raw files")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "lenet300_100"
+    """The network."""
+
+    name: str = key("lenet300_100", "lenet300_100 | conv2 | conv4 | conv6 | resnet20 | vgg16 | mobilenetv2")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 2  # training length T in epochs (ignored when iterations > 0)
-    iterations: int = 0  # training length T in iterations (0 = use epochs)
-    batch_size: int = 60
-    optimizer: str = "adam"  # adam | adamw | sgd
-    lr: float = 1.2e-3
-    momentum: float = 0.9  # sgd only
-    weight_decay: float = 0.0
-    lr_milestones: list = field(default_factory=list)  # steps such as ["80ep", "120ep"]: lr *= lr_gamma at each
-    lr_gamma: float = 0.1
-    eval_every: str = "100it"  # validation interval for early stopping
+    """The training recipe, shared by the parent run and every retraining."""
+
+    epochs: int = key(2, "training length T in epochs (ignored when train.iterations > 0)")
+    iterations: int = key(0, "training length T in iterations (0 = use train.epochs)")
+    batch_size: int = key(60, "examples per training step")
+    optimizer: str = key("adam", "adam | adamw | sgd (with train.momentum)")
+    lr: float = key(1.2e-3, "learning rate")
+    momentum: float = key(0.9, "SGD momentum (sgd only)")
+    weight_decay: float = key(0.0, "decoupled weight decay")
+    lr_milestones: list = key([], "steps (\"80ep\", \"500it\") at which the learning rate is multiplied by "
+                                  "train.lr_gamma")
+    lr_gamma: float = key(0.1, "learning-rate factor at each of train.lr_milestones")
+    eval_every: str = key("100it", "validation interval for early stopping (\"100it\", \"1ep\")")
 
 
 @dataclass
 class PruneConfig:
-    remaining: list = field(default_factory=_default_remaining)  # fractions of prunable weights kept
-    quantiles: list = field(default_factory=list)  # magnitude percentiles pruned (60 -> 40% left); overrides remaining
-    scope: str = "global"  # global | layerwise
-    layer_rates: dict = field(default_factory=lambda: {"output": 0.5})  # layer-name pattern -> pruning-rate multiplier
+    """How masks are cut from the parent's final weights."""
+
+    remaining: list = key(_default_remaining(), "fractions of prunable weights kept, one mask each")
+    quantiles: list = key([], "the seed study's magnitude percentiles pruned (60 -> 40% kept); overrides "
+                              "prune.remaining when given")
+    scope: str = key("global", "global (layers ranked together) | layerwise")
+    layer_rates: dict = key({"output": 0.5}, "layer-name pattern -> multiplier of the pruning rate (Frankle & "
+                                             "Carbin prune the output layer at half rate)")
 
 
 @dataclass
 class ResetConfig:
-    points: list = field(default_factory=lambda: ["0ep", "100it", "250it", "500it", "1ep"])
-    controls: list = field(default_factory=lambda: ["random_reinit"])
-    optimizer_state: str = "fresh"  # fresh | restore (the optimizer state saved at the reset point)
-    length: str = "remaining"  # remaining (train T - k) | full (train T)
+    """Late resetting: where the subnetworks restart from, and the controls."""
+
+    points: list = key(["0ep", "100it", "250it", "500it", "1ep"], "late-reset points k, in epochs or iterations")
+    controls: list = key(["random_reinit"], "controls per mask and reset point: any of random_reinit, random_mask")
+    optimizer_state: str = key("fresh", "fresh optimizer at the reset (open_lth) | restore (the state saved at k)")
+    length: str = key("remaining", "train T - k after the reset (remaining) | T (full)")
 
 
 @dataclass
 class ParallelConfig:
-    threads: int = 0  # TF intra-op threads per rank; 0 = max(1, cores // ranks on this host)
-    schedule: str = "lpt"  # static | lpt | dynamic
-    subgroups: bool | str = "auto"  # more ranks than work: data-parallel subgroups (auto: for conv nets)
-    parent_data_parallel: bool = False  # train the parent data-parallel over all ranks
-    backend: str = "mpi4py"  # gradient averaging in subgroups: mpi4py | horovod
-    sparse_below: float = 0.3  # Dense/ReLU nets keeping at most this fraction of weights train on sparse kernels (0 = never)
+    """How the work is spread (not part of the run's identity: a run resumes with other settings)."""
+
+    threads: int = key(0, "TF threads per rank; 0 = max(1, cores on the host // ranks on the host)")
+    schedule: str = key("lpt", "static (masks dealt round-robin) | lpt (longest task onto the least-loaded rank) "
+                               "| dynamic (rank 0 hands out tasks on request)")
+    subgroups: bool | str = key("auto", "more ranks than units of work: data-parallel subgroups (true | false | "
+                                        "auto: for models with convolutions)")
+    parent_data_parallel: bool = key(False, "train the parent data-parallel over all ranks")
+    backend: str = key("mpi4py", "gradient averaging in subgroups: mpi4py | horovod (where installed)")
+    sparse_below: float = key(0.3, "masks keeping at most this fraction of the prunable weights train on the "
+                                   "sparse kernels (Dense/ReLU nets; 0 = never)")
 
 
 @dataclass
 class StabilityConfig:
-    enabled: bool = False  # train stability pairs and measure linear mode connectivity (docs/stability.md)
-    points: list = field(default_factory=list)  # reset points k of the pairs, e.g. ["0ep", "500it"]; [] = reset.points
-    masks: str | list = "dense"  # "dense", "all", or a list of mask indices (0 = first prune.remaining) and "dense"
-    alphas: int = 11  # evenly spaced interpolation coefficients in [0, 1], ends included (the paper used 30)
-    threshold: float = 0.02  # a pair is stable when its error barrier is below this (the paper's 2%)
-    bn_reestimate: bool = False  # re-estimate batch-norm statistics at each alpha (default: interpolate them)
-    bn_batches: int = 10  # training batches that re-estimate the batch-norm statistics (with bn_reestimate)
+    """Stability pairs and linear mode connectivity (docs/stability.md); part of the identity only when enabled."""
+
+    enabled: bool = key(False, "train stability pairs and measure linear mode connectivity (docs/stability.md)")
+    points: list = key([], "reset points k of the pairs, e.g. [\"0ep\", \"500it\"]; [] = reset.points")
+    masks: str | list = key("dense", "\"dense\", \"all\", or a list of mask indices (0 = first prune.remaining) "
+                                     "and \"dense\"")
+    alphas: int = key(11, "evenly spaced interpolation coefficients in [0, 1], ends included (the paper used 30)")
+    threshold: float = key(0.02, "a pair is stable when its error barrier is below this (the paper's 2%)")
+    bn_reestimate: bool = key(False, "re-estimate batch-norm statistics at each alpha (default: interpolate them)")
+    bn_batches: int = key(10, "training batches that re-estimate the batch-norm statistics (with bn_reestimate)")
 
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: int = key(0, "init, data order and controls all derive from it")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -421,32 +451,43 @@ def validate_against_data(cfg: Config, iterations_per_epoch: int, n_train: int) 
     return total
 
 
+def toml_value(v) -> str:
+    """One value as TOML (scalars, lists and flat tables: all that a config holds)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(v)
+
+
 def to_toml(d: dict) -> str:
-    """Write the resolved config as TOML (a small writer: values are scalars, lists and flat tables)."""
-    def val(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{json.dumps(k)} = {val(x)}" for k, x in v.items()) + "}"
-        raise TypeError(v)
-    lines = [f"{k} = {val(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    """Write the resolved config as TOML."""
+    lines = [f"{k} = {toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
     for k, v in d.items():
         if isinstance(v, dict):
-            lines += ["", f"[{k}]"] + [f"{kk} = {val(vv)}" for kk, vv in v.items()]
+            lines += ["", f"[{k}]"] + [f"{kk} = {toml_value(vv)}" for kk, vv in v.items()]
     return "\n".join(lines) + "\n"
 
 
-def help_text() -> str:
-    """Every config key with its default, for --help."""
+def keys() -> list[tuple[str, Any, str]]:
+    """(dotted name, default, one-line help) of every config key, in definition order."""
     cfg = Config()
-    out = [f"  seed = {cfg.seed}"]
-    for name in SECTIONS:
-        for k, v in dataclasses.asdict(getattr(cfg, name)).items():
-            out.append(f"  {name}.{k} = {json.dumps(v)}")
-    return "\n".join(out)
+    out = []
+    for f in fields(Config):
+        if f.name in SECTIONS:
+            out += [(f"{f.name}.{g.name}", getattr(getattr(cfg, f.name), g.name), g.metadata.get("help", ""))
+                    for g in fields(getattr(cfg, f.name))]
+        else:
+            out.append((f.name, getattr(cfg, f.name), f.metadata.get("help", "")))
+    return out
+
+
+def help_text() -> str:
+    """Every config key with its default and help, for --help."""
+    return "\n".join(f"  {name} = {toml_value(default)}\n      {text}" for name, default, text in keys())

@@ -19,9 +19,9 @@ EXIT_FAILURE = 1
 MPI_ENV = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = "python -m lthmpi.main") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m lthmpi.main",
+        prog=prog,
         description="Lottery-ticket experiment with late resetting: parent run, M masks x N reset points, controls.",
         epilog="config keys and their defaults (set with --set key=value or in a TOML file):\n" + help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,10 +94,11 @@ def default_run_dir(cfg) -> str:
     return os.path.join("runs", cfg.default_run_name())
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m lthmpi.main", signals: bool | None = None) -> int:
+    """`signals`: turn SIGTERM/SIGINT into Interrupted (default: when run as the command line, argv None)."""
     t_start = time.time()
-    args = parser().parse_args(argv)
-    if argv is None:  # the command line, not a test calling main() in its own process
+    args = parser(prog).parse_args(argv)
+    if argv is None if signals is None else signals:  # the command line, not a test calling main() in-process
         install_signal_handlers()
     try:
         if launched_by_mpi() and not args.describe:

@@ -18,8 +18,8 @@ import sys
 PROG = "lthmpi.analysis"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Science tables and figures, scaling figures and "
+def parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Science tables and figures, scaling figures and "
                                 "report.md from finished lthmpi runs (read-only on the runs).")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directory (or its results.h5); several: "
                    "replicates (same config, other seed) are pooled, the same work at other rank counts gives speed-up")
@@ -37,13 +37,13 @@ def fail(msg: str) -> int:
     return 2
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "model":  # the scaling model: python -m lthmpi.analysis model --help
         from .model_cli import main as model_main
 
-        return model_main(argv[1:])
-    args = parser().parse_args(argv)
+        return model_main(argv[1:], *([f"{prog} model"] if prog else []))
+    args = parser(prog or PROG).parse_args(argv)
     if not 0 <= args.tolerance < 1:
         return fail(f"--tolerance {args.tolerance} must be a fraction in [0, 1), e.g. 0.005 for 0.5 percentage points")
     from . import AnalysisError, dumps, load_runs, summaries, write_csv

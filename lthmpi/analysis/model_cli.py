@@ -92,9 +92,9 @@ def parse_schedulers(text: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = f"python -m {PROG}") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=f"python -m {PROG}",
+        prog=prog,
         description="Predict wall time, speed-up and efficiency on P ranks per scheduler from one measured run "
                     "(lthmpi.scaling_model), and check the prediction against runs measured at other P.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -419,8 +419,8 @@ def run(args) -> tuple[dict, str]:
     return out, "\n".join(t for t in text if t is not None)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str] | None = None, prog: str = f"python -m {PROG}") -> int:
+    args = parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
     try:
         out, text = run(args)
     except ModelCliError as e:

@@ -13,8 +13,8 @@ from .prepare import NORMALIZE, prepare
 from .readers import DATASETS, DataError
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lthmpi.data",
+def _parser(prog: str = "python -m lthmpi.data") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog,
                                 description="Dataset tools of lthmpi.")
     sub = p.add_subparsers(dest="command", required=True)
     pp = sub.add_parser("prepare", help="read, split and normalise a dataset into one HDF5 file",
@@ -36,8 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv=None, prog: str = "python -m lthmpi.data") -> int:
+    args = _parser(prog).parse_args(argv)
     cfg = types.SimpleNamespace(dataset=args.dataset, dir=args.dir, subset=args.subset,
                                 validation=args.validation, normalize=args.normalize, prepared="")
     try:

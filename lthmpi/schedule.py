@@ -197,5 +197,5 @@ def use_subgroups(setting: bool | str, has_convolutions: bool) -> bool:
 
     A data-parallel step is one Python call and one Allreduce (4-8 ms here), while a Dense-only net's
     fused step takes ~1 ms: a subgroup of 2 trained a LeNet-300-100 task 4x slower than one rank alone,
-    and Conv-2 (0.3 s steps) 1.14x faster (README, "Running on several ranks")."""
+    and Conv-2 (0.3 s steps) 1.14x faster (docs/performance.md, "Data-parallel subgroups")."""
     return has_convolutions if setting == "auto" else bool(setting)

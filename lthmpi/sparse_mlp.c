@@ -8,7 +8,7 @@
  * TILE = 64 columns, so one tile of one row is 8 vectors of 8 floats held in registers while the kept
  * weights of one output unit stream past. Kept weights are stored by blocks of BLOCK input rows, and
  * within a block by output unit (blocked CSC): the BLOCK rows of a tile (32 KiB) stay in L1 while every
- * output unit that reads them passes (README, "The masked trainer", has the measurements).
+ * output unit that reads them passes (docs/performance.md, "The masked trainer", has the measurements).
  * Batches shorter than a tile are padded with zero columns whose loss gradient is zero, so they add
  * exactly nothing to any gradient.
  */

@@ -155,7 +155,7 @@ class MaskedTrainer:
             kept weight gets the update a masked gradient would give it (the gradient there is the same
             number), and the re-mask holds every pruned weight at exactly zero whatever its slots hold,
             even inf or NaN (a select, not a product: NaN * 0 is NaN). Not masking the gradients
-            spares each slot update a pass over the mask (README, "The masked trainer")."""
+            spares each slot update a pass over the mask (docs/performance.md, "The masked trainer")."""
             drops = tf.reduce_sum(tf.cast(t >= milestones, tf.float32))
             opt.learning_rate.assign(base_lr * tf.pow(gamma, drops))
             opt.apply_gradients(zip(grads, trainable))
@@ -198,7 +198,7 @@ class MaskedTrainer:
             if not self.fused:
                 return eval_sums(x, y)
             # A Dense net evaluates a whole split in one call, `chunk` rows at a time: XLA's CPU matmul
-            # runs 5000x784x300 at ~70 GFLOP/s and 500-row slices of it at ~85 (README, "The masked trainer").
+            # runs 5000x784x300 at ~70 GFLOP/s and 500-row slices of it at ~85 (docs/performance.md, "The masked trainer").
             n = int(x.shape[0])
             full = n // chunk
             zeros = [0] * (len(x.shape) - 1)

@@ -1,6 +1,6 @@
 """Benchmark: how fast one core multiplies the matrices LeNet-300-100's first layer needs.
 
-The masked trainer's time is mostly these products (README, "The masked trainer"), so their rate on this
+The masked trainer's time is mostly these products (docs/performance.md, "The masked trainer"), so their rate on this
 core is the floor any trainer stands on. XLA's CPU matmul (what the compiled step runs) is timed inside a
 compiled loop, each product depending on the last so XLA cannot hoist it; numpy's BLAS is timed alongside
 as a second opinion. Shapes: a training batch's forward product (60 x 784 x 300), its weight gradient

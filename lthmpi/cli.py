@@ -35,7 +35,7 @@ def _prepare(argv):
     from .data.__main__ import main
 
     # `lthmpi prepare --help` shows prepare's own options, not the one-command group above it
-    return main(["prepare", *argv], prog="lthmpi")
+    return main(["prepare", *argv], prog="lthmpi", signals=True)
 
 
 COMMANDS = {

@@ -50,7 +50,7 @@ def key(default, help: str):
 class DataConfig:
     """The dataset, its split and its preprocessing."""
 
-    dataset: str = key("fashion_mnist", "fashion_mnist | mnist | cifar10 | npz | digits")
+    dataset: str = key("fashion_mnist", "fashion_mnist | mnist | cifar10 | npz | digits | imagefolder")
     dir: str = key("", "data directory (or .npz file); \"\" = $LTHMPI_DATA_DIR or the dataset's system location")
     subset: int = key(0, "train on the first N training examples (0 = all)")
     validation: int = key(5000, "examples held out of the training set for early stopping")
@@ -58,6 +58,10 @@ class DataConfig:
     augment: bool = key(False, "CIFAR augmentation: random crop with 4-pixel padding and horizontal flip, seeded")
     prepared: str = key("", "a file made by `python -m lthmpi.data prepare` (refused if made with other settings); "
                             "\"\" = read the raw files")
+    image_size: int = key(224, "imagefolder: each image is cropped to a centred square and resized to N x N "
+                               "when prepared")
+    in_memory: bool | str = key("auto", "prepared file: true = loaded into every rank, false = batches read from "
+                                        "disk, \"auto\" = from its size, the host's memory and ranks per host")
 
 
 @dataclass
@@ -163,12 +167,17 @@ class Config:
         return [Step.parse(p) for p in (self.stability.points or self.reset.points)]
 
     def identity(self) -> dict:
-        """What the results depend on: everything but the `parallel` section, and the `stability` section
-        only when it is enabled (so every run without stability pairs keeps its hash and run directory)."""
+        """What the results depend on: everything but the `parallel` section, the `stability` section only
+        when it is enabled (so every run without stability pairs keeps its hash and run directory), and not
+        where the data are held (data.in_memory: a run streamed from disk gives the same bits as one in memory).
+        data.image_size counts only for imagefolder, so the hashes of all other configs stay."""
         d = self.to_dict()
         d.pop("parallel")
         if not self.stability.enabled:
             d.pop("stability")
+        d["data"].pop("in_memory")
+        if d["data"]["dataset"] != "imagefolder":
+            d["data"].pop("image_size")
         return d
 
     def hash(self) -> str:
@@ -309,6 +318,10 @@ def validate(cfg: Config) -> None:
     if d.validation < 1:
         raise ConfigError(f"data.validation must be >= 1 (early stopping needs a validation set), not {d.validation}")
     _one_of("data.normalize", d.normalize, NORMALIZATIONS)
+    if d.image_size < 1:
+        raise ConfigError(f"data.image_size must be >= 1 (e.g. 224), not {d.image_size}")
+    if d.in_memory not in (True, False, "auto") or not isinstance(d.in_memory, (bool, str)):
+        raise ConfigError(f"data.in_memory must be true, false or \"auto\", not {d.in_memory!r}")
     if t.epochs < 1 and t.iterations < 1:
         raise ConfigError("train.epochs must be >= 1 (or set train.iterations >= 1)")
     if t.iterations < 0:

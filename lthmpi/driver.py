@@ -66,13 +66,14 @@ class FaultInjection:
     """For the fault tests, one small mechanism: LTHMPI_FAULT=KIND:RANK:WHERE.
 
     WHERE is N (rank RANK's N-th task, 1-based, after its first training block) or a named point of the run:
-    `gather` (rank 0 with every task on disk, before the gather) or `merge` (results.h5 half-written).
+    `gather` (rank 0 with every task on disk, before the gather), `merge` (results.h5 half-written) or
+    `prepare` (`python -m lthmpi.data prepare` of an image tree, after the rank's first images are written).
     KIND: `raise` (an exception), `kill` (SIGKILL: a dead node), `nan` (the task's weights become NaN, so it
     diverges; tasks only), `wait` (pause until SIGUSR1, at most 10 minutes, logging "injected fault: waiting",
     so that a test can signal the run or change its disk mid-task; mpirun forwards SIGUSR1)."""
 
     KINDS = ("raise", "kill", "nan", "wait")
-    POINTS = ("gather", "merge")
+    POINTS = ("gather", "merge", "prepare")
 
     def __init__(self, rank: int, spec: str | None = None):
         spec = os.environ.get("LTHMPI_FAULT", "") if spec is None else spec

@@ -423,3 +423,46 @@ class _DiskProgress:
         if done > self.shown:
             self.bar.update(done - self.shown)
             self.shown = done
+
+
+class WorldComm:
+    """COMM_WORLD for the jobs outside the coordinator (`python -m lthmpi.data prepare` under mpirun): rank,
+    size, bcast and allgather from rank 0's view, and barriers that poll, so that a SIGTERM arriving while a
+    rank waits is raised in Python and the rank unwinds (removing its temporary files)."""
+
+    def __init__(self):
+        from mpi4py import MPI
+
+        self.comm = MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self._stop = self.comm.Dup()  # settle()'s own communicator: cannot match a pending barrier
+
+    def bcast(self, obj):
+        return self.comm.bcast(obj, root=0)
+
+    def allgather(self, obj):
+        return self.comm.allgather(obj)
+
+    @staticmethod
+    def _wait(req, deadline: float = float("inf")) -> bool:
+        while not req.Test():
+            if time.time() > deadline:
+                return False
+            time.sleep(POLL_S)
+        return True
+
+    def barrier(self):
+        self._wait(self.comm.Ibarrier())
+
+    def settle(self, seconds: float = STOP_GRACE_S) -> bool:
+        """Interrupted: wait (at most `seconds`) until every rank has unwound, so that no rank's exit makes
+        mpirun kill another still cleaning up. True when all arrived."""
+        return self._wait(self._stop.Ibarrier(), time.time() + seconds)
+
+    def abort(self, code: int):
+        time.sleep(1.0)  # let mpirun forward the rank's last line first
+        self.comm.Abort(code)
+
+
+def world_comm() -> WorldComm:
+    return WorldComm()

@@ -248,7 +248,7 @@ def test_unknown_dataset():
         load_dataset(cfg(dataset="svhn"), seed=0)
     with pytest.raises(DataError, match="imagenet.*no reader"):
         load_dataset(cfg(dataset="imagenet"), seed=0)
-    assert set(DATASETS) == {"fashion_mnist", "mnist", "cifar10", "npz", "digits"}
+    assert set(DATASETS) == {"fashion_mnist", "mnist", "cifar10", "npz", "digits", "imagefolder"}
     assert KNOWN_SHAPES["cifar10"] == ((32, 32, 3), 10)
     assert KNOWN_SHAPES["imagenet"] == ((224, 224, 3), 1000)
 

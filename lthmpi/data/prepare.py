@@ -21,7 +21,8 @@ import numpy as np
 
 from .readers import DataError, RawData, read_raw
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # float32 images, normalised when prepared
+UINT8_FORMAT = 2  # uint8 images with the statistics to normalise them in the training step (stream_prepare)
 ARRAYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 SETTINGS = ("dataset", "subset", "validation", "normalize")
 NORMALIZE = ("scale", "standardize")
@@ -29,7 +30,8 @@ NORMALIZE = ("scale", "standardize")
 
 @dataclass
 class Dataset:
-    """Training-ready data: float32 NHWC images, int32 labels in [0, num_classes)."""
+    """Training-ready data: NHWC images, int32 labels in [0, num_classes). Images are float32, or uint8 with
+    `norm` set (an image tree prepared by stream_prepare), which the training step normalises on the fly."""
 
     name: str
     x_train: np.ndarray
@@ -39,6 +41,8 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    norm: tuple | None = None  # (shift, div) float32 per channel: x is uint8, the step computes (x - shift) / div
+    in_memory: bool = True  # False: the x arrays are read-only memory maps of the prepared file
 
     @property
     def input_shape(self) -> tuple:
@@ -61,6 +65,11 @@ def settings_of(cfg) -> dict:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
             raise DataError(f"data.{key} must be a whole number >= 0, got {v!r}")
         s[key] = int(v)
+    if s["dataset"] == "imagefolder":
+        size = getattr(cfg, "image_size", 0)
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise DataError(f"data.image_size must be a whole number >= 1 (e.g. 224), got {size!r}")
+        s["image_size"] = int(size)
     if s["normalize"] not in NORMALIZE:
         raise DataError(f"data.normalize must be one of {', '.join(NORMALIZE)}, "
                         f"got {s['normalize']!r}")
@@ -136,16 +145,57 @@ def _sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).data).hexdigest()
 
 
+def sha256_rows(x, chunk_bytes: int = 64 << 20) -> str:
+    """The same digest as `_sha256` of an array on disk (h5py dataset, memory map), read in pieces."""
+    h = hashlib.sha256()
+    row = int(np.prod(x.shape[1:], dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    step = max(1, chunk_bytes // max(1, row))
+    for start in range(0, x.shape[0], step):
+        h.update(np.ascontiguousarray(x[start:start + step]).data)
+    return h.hexdigest()
+
+
+def temp_path(path: str) -> str:
+    """An empty temporary file next to `path` (same file system, so the rename is atomic), with a unique
+    name and the usual permissions (mkstemp's 0600 would hide it from others)."""
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return tmp
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def commit(tmp: str, path: str) -> None:
+    """fsync `tmp`, rename it to `path`, and make the rename durable."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    try:
+        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
 def write_prepared(ds: Dataset, settings: dict, path: str, source: str = "") -> None:
     """Write `ds` to `path` atomically: a temp file in the same directory, fsync, rename."""
     import h5py
 
-    path = os.path.abspath(path)
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    # a unique name, created with the usual permissions (mkstemp's 0600 would hide it from others)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    tmp = temp_path(path)
     try:
         with h5py.File(tmp, "w") as f:
             for key, value in settings.items():
@@ -158,26 +208,10 @@ def write_prepared(ds: Dataset, settings: dict, path: str, source: str = "") -> 
                 f.create_dataset(name, data=a)  # contiguous: no chunks, no compression
                 f.attrs["sha256_" + name] = _sha256(a)
             f.flush()
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        commit(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        remove_quietly(tmp)
         raise
-    try:  # make the rename itself durable
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 def _attr(f, key):
@@ -189,8 +223,22 @@ def _attr(f, key):
     return v
 
 
-def read_prepared(path: str, expect: dict | None = None) -> Dataset:
-    """Load a prepared file, verifying its format, checksums and (if given) its settings."""
+def _memmap(path: str, d) -> np.ndarray:
+    """A read-only memory map of HDF5 dataset `d` (contiguous, uncompressed) in the file at `path`: ranks on
+    one host share its pages through the page cache, and the rows not read are never in memory."""
+    if d.shape[0] == 0:
+        return np.zeros(d.shape, d.dtype)
+    offset = d.id.get_offset()
+    if d.chunks is not None or d.compression is not None or offset is None:
+        raise DataError(f"prepared file {path}: {d.name} is chunked or compressed, so it cannot be read from "
+                        f"disk in place: prepare it again with python -m lthmpi.data prepare")
+    return np.memmap(path, dtype=d.dtype, mode="r", offset=int(offset), shape=d.shape)
+
+
+def read_prepared(path: str, expect: dict | None = None, in_memory: bool = True) -> Dataset:
+    """Load a prepared file, verifying its format, checksums and (if given) its settings. With `in_memory`
+    False the images stay on disk as memory maps; their checksums are then not verified (that would read
+    the whole file on every rank): `python -m lthmpi.data verify FILE` does it once."""
     import h5py
 
     if not os.path.isfile(path):
@@ -200,58 +248,125 @@ def read_prepared(path: str, expect: dict | None = None) -> Dataset:
     try:
         with h5py.File(path, "r") as f:
             version = _attr(f, "format_version")
-            if version != FORMAT_VERSION:
+            if version not in (FORMAT_VERSION, UINT8_FORMAT):
                 raise DataError(f"prepared file {path} has format version {version}, this engine "
-                                f"reads {FORMAT_VERSION}: prepare it again")
-            recorded = {k: _attr(f, k) for k in SETTINGS}
+                                f"reads {FORMAT_VERSION} and {UINT8_FORMAT}: prepare it again")
+            keys = SETTINGS + (("image_size",) if "image_size" in f.attrs else ())
+            recorded = {k: _attr(f, k) for k in keys}
             if expect is not None:
-                diff = [f"{k} {recorded[k]!r} (config says {expect[k]!r})"
-                        for k in SETTINGS if recorded[k] != expect[k]]
+                diff = [f"{k} {recorded.get(k)!r} (config says {expect.get(k)!r})"
+                        for k in sorted(set(keys) | set(expect)) if recorded.get(k) != expect.get(k)]
                 if diff:
                     raise DataError(f"prepared file {path} was made with other settings: "
                                     f"{'; '.join(diff)}; prepare it again or fix the config")
             arrays = {}
             for name in ARRAYS:
+                if name.startswith("x") and not in_memory:
+                    arrays[name] = _memmap(path, f[name])
+                    continue
                 a = f[name][()]
                 if _sha256(a) != _attr(f, "sha256_" + name):
                     raise DataError(f"{corrupt}: checksum of {name} does not match; prepare it again")
                 arrays[name] = a
             num_classes = int(_attr(f, "num_classes"))
+            norm = None
+            if version == UINT8_FORMAT:
+                norm = tuple(np.asarray(f.attrs[k], np.float32) for k in ("norm_shift", "norm_div"))
     except DataError:
         raise
     except Exception as e:  # truncated or damaged HDF5, missing datasets or attributes
         raise DataError(f"{corrupt}: {type(e).__name__}: {e}; prepare it again") from None
+    x_dtype = np.uint8 if version == UINT8_FORMAT else np.float32
     for name in ARRAYS:
         a = arrays[name]
-        want = (np.float32, 4) if name.startswith("x") else (np.int32, 1)
+        want = (x_dtype, 4) if name.startswith("x") else (np.int32, 1)
         if a.dtype != want[0] or a.ndim != want[1]:
             raise DataError(f"{corrupt}: {name} is {a.dtype} with {a.ndim} dims; prepare it again")
     for part in ("train", "val", "test"):
         x, y = arrays["x_" + part], arrays["y_" + part]
         if x.shape[0] != y.shape[0] or (y.size and (y.min() < 0 or y.max() >= num_classes)):
             raise DataError(f"{corrupt}: {part} images and labels do not match; prepare it again")
-    return Dataset(recorded["dataset"], num_classes=num_classes, **arrays)
+    return Dataset(recorded["dataset"], num_classes=num_classes, norm=norm, in_memory=in_memory, **arrays)
+
+
+def verify_prepared(path: str) -> Dataset:
+    """Read every array of a prepared file once and check its checksum (what streaming skips)."""
+    import h5py
+
+    ds = read_prepared(path, in_memory=False)
+    with h5py.File(path, "r") as f:
+        for name in ("x_train", "x_val", "x_test"):
+            if sha256_rows(getattr(ds, name)) != _attr(f, "sha256_" + name):
+                raise DataError(f"prepared file {path} is corrupt: checksum of {name} does not match; "
+                                f"prepare it again")
+    return ds
 
 
 # ---------------------------------------------------------------------------------------------------
 # entry points
 
-def prepare(cfg, out: str) -> Dataset:
-    """Read the raw files that `cfg` names, build the Dataset and write it to `out`."""
+def prepare(cfg, out: str, comm=None, after_write=lambda: None):
+    """Read the raw files that `cfg` names, build the Dataset and write it to `out`. An image tree is
+    streamed instead (stream_prepare), by every rank of `comm`; it returns a summary dict, not a Dataset."""
     settings = settings_of(cfg)
+    if settings["dataset"] == "imagefolder":
+        from .stream_prepare import ONE_RANK, prepare_images
+        from .readers import resolve_dir
+
+        root = resolve_dir("imagefolder", str(getattr(cfg, "dir", "") or ""))
+        return prepare_images(settings, root, out, comm or ONE_RANK, after_write)
     raw = read_raw(settings["dataset"], str(getattr(cfg, "dir", "") or ""))
     ds = build(raw, settings)
     write_prepared(ds, settings, out, source=raw.source)
     return ds
 
 
+def ranks_on_this_host() -> int:
+    """How many ranks of this job share this host, as the launcher says (1 when not launched by MPI)."""
+    for var in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def host_memory() -> int:
+    """Bytes of memory this process may use: physical memory, or the cgroup's limit where lower."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+MEMORY_SHARE = 0.5  # "auto" loads a prepared file when every rank's copy fits in this share of the host
+
+
+def decide_in_memory(setting, path: str, ranks: int | None = None, memory: int | None = None) -> bool:
+    """data.in_memory: true/false as given; "auto" loads the prepared file into every rank when the ranks on
+    this host together fit in MEMORY_SHARE of its memory, and else reads batches from disk."""
+    if setting is True or setting is False:
+        return setting
+    need = os.path.getsize(path) * (ranks or ranks_on_this_host())
+    return need <= MEMORY_SHARE * (memory or host_memory())
+
+
 def load_dataset(cfg, seed: int = 0) -> Dataset:
-    """The Dataset `cfg` describes: from its prepared file if `cfg.prepared` is set, else from the
-    raw files. `seed` is accepted for future use; the split itself is deterministic."""
+    """The Dataset `cfg` describes: from its prepared file if `cfg.prepared` is set (in memory, or memory-
+    mapped, see `decide_in_memory`), else from the raw files. `seed` is accepted for future use; the split
+    itself is deterministic."""
     del seed
     settings = settings_of(cfg)
     prepared = str(getattr(cfg, "prepared", "") or "")
     if prepared:
-        return read_prepared(prepared, expect=settings)
+        if not os.path.isfile(prepared):
+            return read_prepared(prepared)  # says how to make it
+        in_memory = decide_in_memory(getattr(cfg, "in_memory", "auto"), prepared)
+        return read_prepared(prepared, expect=settings, in_memory=in_memory)
     raw = read_raw(settings["dataset"], str(getattr(cfg, "dir", "") or ""))
     return build(raw, settings)

@@ -306,6 +306,16 @@ def read_digits(_directory: str = "") -> RawData:
 
 
 # ---------------------------------------------------------------------------------------------------
+# image trees (ImageNet's layout): listed and decoded in imagefolder.py, prepared in stream_prepare.py
+
+def read_imagefolder(directory: str) -> RawData:
+    """Image trees are too large to read into memory: they are only ever prepared (streamed) to a file."""
+    raise DataError(f"{directory}: an imagefolder dataset is read from its prepared file: run `python -m "
+                    f"lthmpi.data prepare --dataset imagefolder --dir {directory} --image-size N --out FILE.h5` "
+                    f"(under mpirun to decode in parallel) and set data.prepared = FILE.h5")
+
+
+# ---------------------------------------------------------------------------------------------------
 # registry
 
 @dataclass(frozen=True)
@@ -344,6 +354,10 @@ DATASETS: dict[str, DatasetSpec] = {
         "set data.dir to the .npz file (or a directory holding exactly one), or LTHMPI_DATA_DIR "
         "to it or to a directory holding npz/"),
     "digits": DatasetSpec(read_digits, "", "", "", "", needs_dir=False),
+    "imagefolder": DatasetSpec(
+        read_imagefolder, "imagefolder", "", "train/<class>/*.JPEG and val/<class>/*.JPEG",
+        "set data.dir to the directory holding train/ and val/ (ImageNet's layout), or LTHMPI_DATA_DIR "
+        "to it or to a directory holding imagefolder/"),
 }
 
 # Shapes and class counts known without reading any file (models can be built before data is read).
@@ -376,8 +390,8 @@ def read_raw(name: str, directory: str = "") -> RawData:
     """Read dataset `name` from `directory` (see `resolve_dir`), with a helpful missing-data error."""
     if name not in DATASETS:
         known = ", ".join(sorted(DATASETS))
-        extra = " (its shape is known, but it has no reader: convert it to npz)" \
-            if name in KNOWN_SHAPES else ""
+        extra = (" (its shape is known, but it has no reader: convert it to npz, or for a directory tree "
+                 "of images use imagefolder)") if name in KNOWN_SHAPES else ""
         raise DataError(f"unknown dataset {name!r}{extra}; known datasets: {known}")
     spec = DATASETS[name]
     if not spec.needs_dir:

@@ -1,0 +1,174 @@
+"""Image trees (ImageNet's layout) prepared by streaming, on 1 and 3 ranks, into the uint8 prepared file:
+the same bytes whatever the number of ranks, the right pixels and statistics, one line for a damaged image
+or an empty class, nothing left behind by a failure or a SIGTERM, and the file read in memory or mapped."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import types
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from faultkit import MPIRUN, ROOT, clean_env, finish, wait_for
+from lthmpi.data import DataError, load_dataset
+from lthmpi.data.__main__ import main as data_main
+from lthmpi.data.imagefolder import decode, list_images
+from lthmpi.data.prepare import decide_in_memory, read_prepared
+
+CLASSES = ("ant", "bee", "cow", "doe")
+SIZE = 12
+SETS = ["--dataset", "imagefolder", "--image-size", str(SIZE), "--validation", "40", "--normalize", "standardize"]
+
+
+def make_tree(root, per_class=(60, 10), seed=0):
+    """train/ and val/ of CLASSES: JPEGs (RGB and greyscale) and PNGs (RGBA) of mixed sizes, 6x6 to 47x47."""
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "val"), per_class):
+        for c in CLASSES:
+            d = os.path.join(root, split, c)
+            os.makedirs(d, exist_ok=True)
+            for i in range(n):
+                h, w = (int(v) for v in rng.integers(6, 48, 2))
+                img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+                mode = ("RGB", "L", "RGBA")[i % 3]
+                img.convert(mode).save(os.path.join(d, f"{c}{i:03d}" + (".png" if mode == "RGBA" else ".JPEG")))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return make_tree(tmp_path_factory.mktemp("tree"))
+
+
+def prepare_cli(np_, tree, out, extra=(), env=None):
+    cmd = [sys.executable, "-m", "lthmpi.data", "prepare", *SETS, "--dir", tree, "--out", str(out), *extra]
+    if np_:
+        cmd = [str(MPIRUN), "-np", str(np_), *cmd]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=clean_env(env))
+
+
+def leftovers(directory):
+    return sorted(n for n in os.listdir(directory) if n.startswith("."))
+
+
+def test_prepare_on_1_and_3_ranks_identical_and_right(tree, tmp_path):
+    one, three = tmp_path / "p1.h5", tmp_path / "p3.h5"
+    assert data_main(["prepare", *SETS, "--dir", tree, "--out", str(one)]) == 0
+    r = prepare_cli(3, tree, three)
+    assert r.returncode == 0, r.stderr
+    assert "decoded by 3 rank(s)" in r.stdout
+    with h5py.File(one) as a, h5py.File(three) as b:
+        assert set(a) == set(b) == {"x_train", "y_train", "x_val", "y_val", "x_test", "y_test"}
+        for k in a:
+            assert np.array_equal(a[k][()], b[k][()]), k
+        assert {k: str(v) for k, v in a.attrs.items()} == {k: str(v) for k, v in b.attrs.items()}
+        assert a["x_train"].dtype == np.uint8 and a["x_train"].shape == (200, SIZE, SIZE, 3)
+        assert a["x_val"].shape == (40, SIZE, SIZE, 3) and a["x_test"].shape == (40, SIZE, SIZE, 3)
+        assert a["x_train"].chunks is None and a["x_train"].compression is None  # can be memory-mapped
+        x_train = a["x_train"][()]
+        mean, std = a.attrs["mean"], a.attrs["std"]
+        assert np.array_equal(a.attrs["norm_shift"], mean.astype(np.float32))
+        assert list(a.attrs["classes"]) == list(CLASSES)
+        # the rows are the listed images decoded, in the fixed order: the last 40 training images are validation
+        listing = list_images(tree)
+        for name, items in (("train", listing.train[:200]), ("val", listing.train[200:]), ("test", listing.test)):
+            assert np.array_equal(a["x_" + name][()], np.stack([decode(p, SIZE) for p, _ in items])), name
+            assert a["y_" + name][()].tolist() == [lab for _, lab in items], name
+        assert len(set(a["y_val"][()].tolist())) > 1  # the held-out images mix the classes
+    flat = x_train.reshape(-1, 3).astype(np.float64)
+    assert np.allclose(mean, flat.mean(axis=0), rtol=0, atol=1e-9)
+    assert np.allclose(std, flat.std(axis=0), rtol=0, atol=1e-9)
+    assert leftovers(tmp_path) == []
+
+
+def test_damaged_image_on_3_ranks_one_line_nothing_written(tree, tmp_path):
+    bad = make_tree(tmp_path / "bad", per_class=(20, 4), seed=1)
+    victim = os.path.join(bad, "train", "doe", "doe019.JPEG")  # in the last rank's share
+    with open(victim, "r+b") as f:
+        f.truncate(200)
+    out = tmp_path / "out" / "p.h5"
+    r = prepare_cli(3, bad, out, extra=["--validation", "8"])
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {victim}: cannot decode this image"), r.stderr
+    assert os.listdir(out.parent) == []  # neither the file nor its temporary
+
+
+def test_empty_class_directory_and_no_tree(tree, tmp_path, capsys):
+    bad = make_tree(tmp_path / "bad", per_class=(6, 2))
+    os.makedirs(os.path.join(bad, "val", "elk"))
+    out = tmp_path / "out.h5"
+    assert data_main(["prepare", *SETS, "--validation", "4", "--dir", bad, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {os.path.join(bad, 'val', 'elk')}: class 'elk' is not "
+                                              f"among train/'s classes; remove it or add train/elk/")
+    os.makedirs(os.path.join(bad, "train", "elk"))
+    assert data_main(["prepare", *SETS, "--validation", "4", "--dir", bad, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {os.path.join(bad, 'train', 'elk')}: class directory holds no images"), err
+    assert data_main(["prepare", *SETS, "--dir", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "train/<class>/*.JPEG" in capsys.readouterr().err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("np_", [None, 2])
+def test_sigterm_during_prepare_leaves_no_file(tree, tmp_path, np_):
+    out, log = tmp_path / "p.h5", tmp_path / "stderr"
+    cmd = [sys.executable, "-m", "lthmpi.data", "prepare", *SETS, "--dir", tree, "--out", str(out)]
+    cmd = [str(MPIRUN), "-np", str(np_), *cmd] if np_ else cmd
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
+                                env=clean_env({"LTHMPI_FAULT": "wait:0:prepare"}), start_new_session=True)
+    wait_for(lambda: "injected fault: waiting in prepare" in log.read_text(), proc, 60, "rank 0 mid-prepare")
+    assert any(n.endswith(".tmp") for n in leftovers(tmp_path))  # caught with its temporary file written
+    proc.send_signal(signal.SIGTERM)  # to mpirun, which forwards it to every rank
+    rc, _, _ = finish(proc, 60)
+    assert rc == 128 + signal.SIGTERM, log.read_text()
+    assert "interrupted by SIGTERM: nothing written" in log.read_text()
+    assert sorted(os.listdir(tmp_path)) == ["stderr"]
+
+
+def test_read_in_memory_or_mapped_and_verify(tree, tmp_path, capsys):
+    out = tmp_path / "p.h5"
+    assert data_main(["prepare", *SETS, "--dir", tree, "--out", str(out)]) == 0
+    cfg = types.SimpleNamespace(dataset="imagefolder", dir="", subset=0, validation=40, normalize="standardize",
+                                image_size=SIZE, prepared=str(out), in_memory=True)
+    held = load_dataset(cfg)
+    cfg.in_memory = False
+    mapped = load_dataset(cfg)
+    assert held.in_memory and not mapped.in_memory and isinstance(mapped.x_train, np.memmap)
+    assert held.x_train.dtype == mapped.x_train.dtype == np.uint8
+    for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+        assert np.array_equal(getattr(held, k), getattr(mapped, k)), k
+    assert held.input_shape == (SIZE, SIZE, 3) and held.num_classes == len(CLASSES)
+    assert np.array_equal(held.norm[1], np.asarray(h5py.File(out).attrs["std"], np.float32))
+    cfg.image_size = 16
+    with pytest.raises(DataError, match="image_size 12 .config says 16"):
+        load_dataset(cfg)
+    cfg.prepared, cfg.dir = "", tree
+    with pytest.raises(DataError, match="read from its prepared file: run `python -m lthmpi.data prepare"):
+        load_dataset(cfg)
+    # verify reads the mapped arrays once: a flipped pixel is found, which streaming would not notice
+    assert data_main(["verify", str(out)]) == 0
+    with h5py.File(out, "r+") as f:
+        f["x_train"][7, 3, 3, 1] ^= 0xFF
+    assert isinstance(read_prepared(str(out), in_memory=False).x_train, np.memmap)
+    capsys.readouterr()
+    assert data_main(["verify", str(out)]) == 2
+    assert "checksum of x_train does not match" in capsys.readouterr().err
+    with pytest.raises(DataError, match="checksum of x_train does not match"):
+        read_prepared(str(out), in_memory=True)
+
+
+def test_auto_in_memory_from_file_size_memory_and_ranks(tmp_path, monkeypatch):
+    f = tmp_path / "f.h5"
+    f.write_bytes(b"\0" * 1000)
+    assert decide_in_memory("auto", str(f), ranks=4, memory=8000)  # 4 copies of 1000 B in half of 8000 B
+    assert not decide_in_memory("auto", str(f), ranks=5, memory=8000)
+    assert decide_in_memory(True, str(f), ranks=99, memory=1) and not decide_in_memory(False, str(f))
+    monkeypatch.setenv("MPI_LOCALNRANKS", "9")  # MPICH says how many ranks share this host
+    assert not decide_in_memory("auto", str(f), memory=16000)

@@ -25,6 +25,9 @@ from .steps import Step, StepError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCOPES = ("global", "layerwise")
+METHODS = ("oneshot", "imp")
+IMP_KEYS = ("method", "levels", "imp_rate")  # left out of a one-shot config's identity (hash unchanged)
+ONESHOT_KEYS = ("remaining", "quantiles")  # left out of an IMP config's identity (unused there)
 CONTROLS = ("random_reinit", "random_mask")
 SCHEDULES = ("static", "lpt", "dynamic")
 NORMALIZATIONS = ("scale", "standardize")
@@ -90,7 +93,7 @@ class TrainConfig:
 
 @dataclass
 class PruneConfig:
-    """How masks are cut from the parent's final weights."""
+    """How masks are cut from the parent's final weights (one-shot), or found level by level (IMP, docs/imp.md)."""
 
     remaining: list = key(_default_remaining(), "fractions of prunable weights kept, one mask each")
     quantiles: list = key([], "the seed study's magnitude percentiles pruned (60 -> 40% kept); overrides "
@@ -98,6 +101,10 @@ class PruneConfig:
     scope: str = key("global", "global (layers ranked together) | layerwise")
     layer_rates: dict = key({"output": 0.5}, "layer-name pattern -> multiplier of the pruning rate (Frankle & "
                                              "Carbin prune the output layer at half rate)")
+    method: str = key("oneshot", "oneshot (a mask per prune.remaining fraction) | imp (iterative magnitude "
+                                 "pruning: a chain of levels per reset point, docs/imp.md)")
+    levels: int = key(20, "imp: pruning levels per reset point (level l keeps about (1 - imp_rate)^l)")
+    imp_rate: float = key(0.2, "imp: fraction of the surviving weights pruned per level (x the layer multiplier)")
 
 
 @dataclass
@@ -151,7 +158,14 @@ class Config:
     stability: StabilityConfig = field(default_factory=StabilityConfig)
 
     # -- derived views ---------------------------------------------------------------------------
+    @property
+    def imp(self) -> bool:
+        return self.prune.method == "imp"
+
     def remaining_fractions(self) -> list[float]:
+        """The target fraction left per mask: one-shot's thresholds, or IMP's (1 - imp_rate)^l per level."""
+        if self.imp:
+            return [(1.0 - self.prune.imp_rate) ** lv for lv in range(1, self.prune.levels + 1)]
         if self.prune.quantiles:
             return [round(1.0 - q / 100.0, 10) for q in self.prune.quantiles]
         return [float(r) for r in self.prune.remaining]
@@ -178,6 +192,8 @@ class Config:
         d["data"].pop("in_memory")
         if d["data"]["dataset"] != "imagefolder":
             d["data"].pop("image_size")
+        for k in (ONESHOT_KEYS if self.imp else IMP_KEYS):
+            d["prune"].pop(k)
         return d
 
     def hash(self) -> str:
@@ -346,6 +362,7 @@ def validate(cfg: Config) -> None:
     if eval_every.value <= 0:
         raise ConfigError("train.eval_every must be > 0 (e.g. \"100it\")")
     del milestones
+    _validate_method(p)
     for key, values, what in (("remaining", p.remaining, "a fraction in (0, 1), e.g. 0.2 for 20% kept"),
                               ("quantiles", p.quantiles, "a number in (0, 100)")):
         for v in values:  # before remaining_fractions() does arithmetic on them
@@ -364,8 +381,9 @@ def validate(cfg: Config) -> None:
         dup = sorted({f for f in fractions if fractions.count(f) > 1})
         raise ConfigError(f"prune thresholds contain duplicates {dup}: each mask must be distinct")
     _one_of("prune.scope", p.scope, SCOPES)
+    top_rate = p.imp_rate if cfg.imp else 1 - min(fractions)
     for name, mult in p.layer_rates.items():
-        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not 0 <= mult <= 1 / max(1e-9, 1 - min(fractions)):
+        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not 0 <= mult <= 1 / max(1e-9, top_rate):
             raise ConfigError(f"prune.layer_rates.{name} = {mult!r} must be a number >= 0 that keeps the rate <= 1")
     if not points:
         raise ConfigError("reset.points is empty: give at least one reset point, e.g. [\"0ep\"]")
@@ -440,6 +458,38 @@ def stability_masks(cfg: Config) -> list[int | None]:
     if len(set(out)) != len(out):
         raise ConfigError(f"stability.masks {m} contain duplicates")
     return sorted(out, key=lambda x: -1 if x is None else x)
+
+
+def _validate_method(p: PruneConfig) -> None:
+    """prune.method and, for IMP, its keys (before remaining_fractions() does arithmetic on them)."""
+    _one_of("prune.method", p.method, METHODS)
+    if p.method != "imp":
+        return
+    if isinstance(p.imp_rate, bool) or not isinstance(p.imp_rate, (int, float)) or not 0 < p.imp_rate < 1:
+        raise ConfigError(f"prune.imp_rate must be a fraction in (0, 1) of the surviving weights pruned per level "
+                          f"(e.g. 0.2), not {p.imp_rate!r}")
+    if p.levels < 1:
+        raise ConfigError(f"prune.levels must be >= 1 (IMP pruning levels per reset point), not {p.levels}")
+    if p.quantiles:
+        raise ConfigError("prune.quantiles cannot be combined with prune.method = \"imp\" (IMP's levels keep "
+                          "(1 - prune.imp_rate)^l): remove prune.quantiles or use prune.method = \"oneshot\"")
+
+
+def validate_against_model(cfg: Config, sizes: dict) -> None:
+    """Checks that need the prunable layers' sizes (path -> weight count): IMP levels must leave every
+    pruning unit (a layer on its own, or the global pool) at least one weight per layer."""
+    if not cfg.imp:
+        return
+    from .pruning import imp_counts, rate_multiplier
+
+    p = cfg.prune
+    pooled = sum(1 for path in sizes if p.scope == "global" and rate_multiplier(path, p.layer_rates) == 1.0)
+    for level, counts in enumerate(imp_counts(sizes, p.levels, p.imp_rate, p.scope, p.layer_rates), start=1):
+        for unit, n in counts.items():
+            if n < (pooled if unit == "*" else 1):
+                what = "the global pool of layers" if unit == "*" else f"layer {unit}"
+                raise ConfigError(f"prune.levels = {p.levels} with prune.imp_rate = {p.imp_rate} would leave {what} "
+                                  f"with no weight at level {level}: use at most {level - 1} levels or a lower imp_rate")
 
 
 def validate_against_data(cfg: Config, iterations_per_epoch: int, n_train: int) -> int:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import Config, validate_against_data
+from . import imp
+from .config import Config, validate_against_data, validate_against_model
 from .pruning import fraction_remaining, magnitude_masks, random_masks
 from .schedule import step_cost
 from .store import RunDir, StoreError, hostname
@@ -24,14 +25,17 @@ CONTROL_CODES = {None: 0, "random_reinit": 1, "random_mask": 2}
 
 @dataclass(frozen=True, order=True)
 class Task:
-    """One retraining: mask index, reset-point index, and control (None = the ticket itself)."""
+    """One retraining: mask index, reset-point index, and control (None = the ticket itself); for IMP the
+    level (1 …, 0 = a one-shot task), whose mask index is level - 1 (see imp.py)."""
     mask: int
     reset: int
     control: str | None = None
+    level: int = 0
 
     @property
     def id(self) -> str:
-        return f"m{self.mask:03d}_r{self.reset:02d}_{self.control or 'ticket'}"
+        head = f"l{self.level:02d}" if self.level else f"m{self.mask:03d}"
+        return f"{head}_r{self.reset:02d}_{self.control or 'ticket'}"
 
     def seed(self, base: int) -> list[int]:
         return [base, self.mask, self.reset, CONTROL_CODES[self.control]]
@@ -61,6 +65,8 @@ class Experiment:
         self.reset_iterations = [s.iterations(per_epoch) for s in cfg.reset_steps()]
         self.model = build_model(cfg.model.name, self.data.input_shape, self.data.num_classes, cfg.seed)
         self.prunable = [v.path for v in prunable_variables(self.model)]
+        self.sizes = {v.path: int(np.prod(v.shape)) for v in prunable_variables(self.model)}
+        validate_against_model(cfg, self.sizes)
         self.trainer = MaskedTrainer(self.model, self.data, cfg.train, cfg.seed, prunable_variables(self.model),
                                      augment=cfg.data.augment, sparse_below=cfg.parallel.sparse_below)
         self.initial_weights = self.trainer.get_weights()
@@ -127,7 +133,12 @@ class Experiment:
 
     # -- masks ----------------------------------------------------------------------------------
     def compute_masks(self):
-        """Masks from the *final* parent weights (never from a reset point's weights)."""
+        """Masks from the *final* parent weights (never from a reset point's weights); for IMP, every chain's
+        first level (the later levels' masks come from the levels before them)."""
+        if self.cfg.imp:
+            final = self.checkpoints[self.total]
+            imp.write_first_masks(self.run, self.cfg, {p: final[p] for p in self.prunable}, len(self.reset_iterations))
+            return self.load_masks()
         if os.path.exists(self.run.masks_path):
             return self.load_masks()
         final = self.checkpoints[self.total]
@@ -138,6 +149,9 @@ class Experiment:
         return self.load_masks()
 
     def load_masks(self):
+        if self.cfg.imp:  # each level reads its own chain's mask when it starts
+            self.masks, self.remaining = None, imp.planned_fractions(self.cfg, self.sizes)
+            return self.masks
         self.masks, self.remaining = self.run.read_masks()
         if len(self.masks) != len(self.cfg.remaining_fractions()):
             raise StoreError(f"mask file {self.run.masks_path} holds {len(self.masks)} masks, the config asks for "
@@ -153,6 +167,8 @@ class Experiment:
 
     # -- tasks ----------------------------------------------------------------------------------
     def tasks(self) -> list[Task]:
+        if self.cfg.imp:
+            return imp.tasks(self.cfg, len(self.reset_iterations), Task)
         controls = [None, *self.cfg.reset.controls]
         return [Task(m, r, c) for m in range(len(self.cfg.remaining_fractions()))
                 for r in range(len(self.reset_iterations)) for c in controls]
@@ -174,7 +190,7 @@ class Experiment:
     def start_weights(self, task: Task) -> tuple[dict, dict]:
         """Weights and mask a retraining starts from (the late reset, or a control)."""
         k = self.reset_iterations[task.reset]
-        mask = self.masks[task.mask]
+        mask = imp.mask_of(self.run, task) if task.level else self.masks[task.mask]
         weights = dict(self.checkpoints[k])
         if task.control == "random_mask":
             mask = random_masks(mask, task.seed(self.cfg.seed))
@@ -210,10 +226,14 @@ class Experiment:
                      iterations=end - start, diverged=h.diverged, replicas=h.replicas,
                      replicas_identical=h.replicas_identical, seconds=t1 - t0, start_time=t0, end_time=t1,
                      rank=self.rank, host=self.host, threads=tr.threads, kernels=tr.kernels)
+        if task.level:
+            attrs.update(level=task.level, method="imp")
         series = {"evals": _columns(h.evals, ("iteration", "train_loss", "val_loss", "val_accuracy")),
                   "epochs": _columns(h.epochs, ("epoch", "iteration", "train_loss", "val_loss", "val_accuracy",
                                                 "test_accuracy"))}
         if write:
+            if task.level:  # the next level's mask is on disk before this level counts as done
+                imp.write_next_mask(self.run, self.cfg, task, mask, tr.get_weights())
             self.run.write_task(task.id, attrs, series)
         if h.diverged:
             log.warning("task %s diverged (loss became NaN); recorded as diverged", task.id)

@@ -234,6 +234,10 @@ def _run(cfg, run_dir, t_start, quiet, comm, rank, size, host) -> int:
         def build():
             from .experiment import Experiment
 
+            if cfg.imp and size > 1:  # until the task-graph coordinator (issue 19) runs the chains in order
+                raise ConfigError("prune.method = \"imp\" runs on one process for now (its chains need the task-"
+                                  "graph coordinator): run it without mpirun")
+
             return Experiment(cfg, run.path, rank=rank, threads=threads)
 
         def create():  # only once the data and model are known good: no config.toml a rerun would trip on

@@ -189,6 +189,7 @@ class RunDir:
         self.config_path = os.path.join(self.path, "config.toml")
         self.parent_path = os.path.join(self.path, "parent.h5")
         self.masks_path = os.path.join(self.path, "masks.h5")
+        self.chains_dir = os.path.join(self.path, "imp_masks")  # IMP: one mask file per chain and level
         self.tasks_dir = os.path.join(self.path, "tasks")
         self.logs_dir = os.path.join(self.path, "logs")
         self.results_path = os.path.join(self.path, "results.h5")
@@ -259,8 +260,8 @@ class RunDir:
         """Temporary files a killed run left behind (never complete results); only under the run lock."""
         if self.path not in _HELD_LOCKS:
             return
-        for d in (self.path, self.tasks_dir):
-            for name in os.listdir(d):
+        for d in (self.path, self.tasks_dir, self.chains_dir):
+            for name in (os.listdir(d) if os.path.isdir(d) else ()):
                 if name.startswith(".tmp-"):
                     with contextlib.suppress(OSError):
                         os.unlink(os.path.join(d, name))
@@ -344,6 +345,27 @@ class RunDir:
             except (KeyError, ValueError, OSError) as e:
                 raise StoreError(f"mask file {self.masks_path} is corrupt ({e}); delete it to recompute it") from None
         return masks, remaining
+
+    def chain_mask_path(self, reset: int, level: int) -> str:
+        return os.path.join(self.chains_dir, f"r{reset:02d}_l{level:02d}.h5")
+
+    def write_chain_mask(self, reset: int, level: int, mask: dict, attrs: dict):
+        """One IMP level's mask of the chain for reset point index `reset`, with its attrs (fraction left)."""
+        os.makedirs(self.chains_dir, exist_ok=True)
+        with atomic_h5(self.chain_mask_path(reset, level)) as f:
+            write_arrays(f.create_group("mask"), {p: a.astype(bool) for p, a in mask.items()}, compression="gzip")
+            f.attrs.update(attrs)
+
+    def read_chain_mask(self, reset: int, level: int) -> tuple[dict, dict]:
+        path = self.chain_mask_path(reset, level)
+        with open_h5(path, "IMP mask file", "delete it and the task files of its chain from that level on") as f:
+            try:
+                mask = read_arrays(f["mask"], f"IMP mask file {path}")
+                attrs = {k: _plain(v) for k, v in f.attrs.items() if k != DIGEST}
+            except (KeyError, ValueError, OSError) as e:
+                raise StoreError(f"IMP mask file {path} is corrupt ({e}); delete it and the task files of its "
+                                 f"chain from that level on") from None
+        return mask, attrs
 
     # -- task results -----------------------------------------------------------------------------
     def write_task(self, task_id: str, attrs: dict, series: dict):

@@ -40,6 +40,13 @@ CASES = {
     "eval_every_zero_epochs": (["train.eval_every=0ep"], ["train.eval_every must be > 0"]),
     "quantile_negative": (["prune.quantiles=[50, -5]"], ["prune.quantiles entry -5", "(0, 100)"]),
     "layer_rate_too_big": (["prune.layer_rates={output=3.0}"], ["prune.layer_rates.output = 3.0"]),
+    # iterative magnitude pruning (the layer check needs the model: it runs before the run directory exists)
+    "imp_rate_one": (["prune.method=imp", "prune.imp_rate=1.0"], ["prune.imp_rate must be a fraction in (0, 1)"]),
+    "imp_rate_zero": (["prune.method=imp", "prune.imp_rate=0"], ["prune.imp_rate must be a fraction in (0, 1)"]),
+    "imp_levels_zero": (["prune.method=imp", "prune.levels=0"], ["prune.levels must be >= 1"]),
+    "imp_with_quantiles": (["prune.method=imp", "prune.quantiles=[60, 80]"], ["prune.quantiles cannot be combined"]),
+    "imp_levels_empty_a_layer": (["prune.method=imp", "prune.imp_rate=0.9", "prune.levels=8"],
+                                 ["global pool of layers with no weight at level 5", "use at most 4 levels"]),
     # unknown names
     "unknown_control": (['reset.controls=["random"]'], ["reset.controls entry 'random' is unknown", "random_reinit"]),
     "unknown_schedule": (["parallel.schedule=round_robin"], ["parallel.schedule 'round_robin'", "lpt"]),

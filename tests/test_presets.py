@@ -23,7 +23,19 @@ def test_presets_exist_for_every_model():
 def test_preset_resolves_and_round_trips(preset):
     cfg = resolve(str(preset))
     assert 0 < min(cfg.remaining_fractions()) < max(cfg.remaining_fractions()) < 1
-    assert len(cfg.reset.points) == 5
+    if not cfg.imp:  # the one-shot presets run the seed's five reset points; IMP presets the paper's own
+        assert len(cfg.reset.points) == 5
+
+
+def test_imp_presets_are_the_papers_recipes():
+    lenet = resolve(str(ROOT / "run/configs/lenet_mnist_frankle_imp.toml"))  # Frankle & Carbin 2019
+    assert (lenet.prune.method, lenet.prune.imp_rate, lenet.prune.layer_rates, lenet.prune.scope) == \
+        ("imp", 0.2, {"output": 0.5}, "layerwise")  # 20% a level, the output layer 10%
+    assert (lenet.train.optimizer, lenet.train.lr, lenet.train.batch_size, lenet.reset.points) == \
+        ("adam", 1.2e-3, 60, ["0it"])
+    resnet = resolve(str(ROOT / "run/configs/resnet20_cifar10_imp_rewind.toml"))  # Frankle et al. 2020
+    assert resnet.imp and "500it" in resnet.reset.points and resnet.prune.scope == "global"
+    assert (resnet.train.optimizer, resnet.train.lr, resnet.train.batch_size) == ("sgd", 0.1, 128)
 
 
 def test_default_preset_is_the_builtin_default():

@@ -56,31 +56,45 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def _series_panel(ax, g: Grid, metric: str, scale: float = 100.0):
+def _series_panel(ax, g: Grid, metric: str, scale: float = 100.0, variant: int = 0, prefix: str = ""):
+    """One curve per reset point (solid), each control dashed/dotted. `variant` 1 draws a second method on
+    the same axes (thin dash-dot tickets, open markers, controls in a lighter grey), `prefix` names it."""
     xs = np.array([100 * g.remaining[m] for m in g.masks])
     replicated = len(g.seeds) > 1
     for i, r in enumerate(g.resets):
-        color, marker = _style(i)
+        color, marker = _style(i + 3 * variant)
         ys = np.array([g.mean(metric, m, r) for m in g.masks]) * scale
-        ax.plot(xs, ys, color=color, marker=marker, linestyle="-", linewidth=1.5, markersize=6, label=g.label(r),
-                markerfacecolor=color if i % 2 == 0 else "white")
+        ax.plot(xs, ys, color=color, marker=marker, linestyle="-." if variant else "-", linewidth=1.0 if variant else 1.5,
+                markersize=6, label=prefix + g.label(r),
+                markerfacecolor="white" if variant or i % 2 else color)
         if replicated:
             lo, hi = np.array([g.spread(metric, m, r) for m in g.masks]).T * scale
             ax.fill_between(xs, lo, hi, color=color, alpha=0.15, linewidth=0, hatch=HATCHES[i % len(HATCHES)])
     for j, c in enumerate(g.controls):
         ls, color, marker = _control_style(j, c)
         ys = np.array([g.control_mean(metric, m, c) for m in g.masks]) * scale
-        ax.plot(xs, ys, color=color, linestyle=ls, marker=marker, linewidth=1.5, markersize=7,
-                label=f"{c} (mean over k)")
+        ax.plot(xs, ys, color="#b0b0b0" if variant else color, linestyle=ls, marker=["1", "2"][j % 2] if variant
+                else marker, linewidth=1.5, markersize=7, label=f"{prefix}{c} (mean over k)")
     return xs
 
 
-def accuracy_figure(g: Grid, path: str, tolerance: float, title: str = "") -> str:
-    """Test accuracy vs weights remaining: at early stop (left) and at the end of training (right)."""
+def _panels(ax, grids: dict, metric: str, scale: float = 100.0):
+    """Every grid of `grids` (name -> Grid; one unnamed grid, or IMP and one-shot) on one axes."""
+    xs = []
+    for variant, (name, g) in enumerate(grids.items()):
+        xs += list(_series_panel(ax, g, metric, scale, variant, f"{name} " if name else ""))
+    return xs
+
+
+def accuracy_figure(g: Grid | dict, path: str, tolerance: float, title: str = "") -> str:
+    """Test accuracy vs weights remaining: at early stop (left) and at the end of training (right).
+    `g` a dict of name -> Grid draws several methods of one parent (IMP and one-shot) on the same axes."""
+    grids = g if isinstance(g, dict) else {"": g}
+    g = next(iter(grids.values()))
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for ax, metric, name in ((axes[0], "early_stop_accuracy", "at early stop (min. validation loss)"),
                              (axes[1], "final_accuracy", "at the end of training")):
-        xs = _series_panel(ax, g, metric)
+        xs = _panels(ax, grids, metric)
         dense = g.dense_value(metric)
         if math.isfinite(dense):
             lo, hi = g.dense_spread(metric)
@@ -93,15 +107,19 @@ def accuracy_figure(g: Grid, path: str, tolerance: float, title: str = "") -> st
         ax.set_title(f"test accuracy {name}")
         ax.set_ylabel("test accuracy (%)")
     spread = f"; mean of {len(g.seeds)} seeds, band = min–max" if len(g.seeds) > 1 else ""
-    fig.suptitle((title + ": " if title else "") + f"accuracy of late-reset subnetworks{spread}")
+    what = " vs ".join(grids) if len(grids) > 1 else ("IMP" if g.method == "imp" else "")
+    fig.suptitle((title + ": " if title else "") + f"accuracy of {what + ' ' if what else ''}late-reset subnetworks{spread}")
     axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
     return _save(fig, path)
 
 
-def early_stop_figure(g: Grid, path: str, title: str = "") -> str:
-    """Early-stopping iteration (min. validation loss, iterations since the reset point) vs remaining."""
+def early_stop_figure(g: Grid | dict, path: str, title: str = "") -> str:
+    """Early-stopping iteration (min. validation loss, iterations since the reset point) vs remaining
+    (a dict of name -> Grid: several methods on the same axes)."""
+    grids = g if isinstance(g, dict) else {"": g}
+    g = next(iter(grids.values()))
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    xs = _series_panel(ax, g, "early_stop_iteration", scale=1.0)
+    xs = _panels(ax, grids, "early_stop_iteration", scale=1.0)
     dense = g.dense.get("early_stop_iteration", np.array([]))
     dense = dense[np.isfinite(dense)]
     if dense.size:

@@ -70,6 +70,23 @@ def _text_table(head, rows) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(cs, widths)) for cs in [head, *cells])
 
 
+def _comparison(imp_grid: tuple, oneshot_grid: tuple, out: str, suffix: str, tolerance: float, md, text, files):
+    """IMP and one-shot of the same parent on one figure, and their winning tickets side by side."""
+    grids = {"IMP": imp_grid[0], "one-shot": oneshot_grid[0]}
+    title = f"{imp_grid[1]} vs {oneshot_grid[1]}"
+    acc = plots.accuracy_figure(grids, os.path.join(out, f"accuracy_imp_vs_oneshot{suffix}.png"), tolerance, title)
+    es = plots.early_stop_figure(grids, os.path.join(out, f"early_stop_imp_vs_oneshot{suffix}.png"), title)
+    head, rows = science.comparison_rows(grids, tolerance)
+    name = f"Winning tickets, IMP vs one-shot: sparsest with early-stop accuracy >= dense - {100 * tolerance:.2f} pp"
+    md += [f"## IMP vs one-shot: {title}", "", "Same parent (data, model, training, seeds). IMP: solid lines, filled "
+           "markers; one-shot: dash-dot lines, open markers; controls dashed/dotted (one-shot's in lighter grey).", "",
+           f"![IMP vs one-shot accuracy]({os.path.basename(acc)})", "",
+           f"![IMP vs one-shot early-stop iteration]({os.path.basename(es)})", "",
+           f"### {name}", "", science.render(head, rows, markdown=True), ""]
+    text += [f"== IMP vs one-shot: {title} ==", name, science.render(head, rows), ""]
+    return md, text, files + [acc, es]
+
+
 def analyse(results: list[dict], out: str, tolerance: float = 0.005, weak: bool = False, command: str = "") -> dict:
     """Write the figures and report.md into `out`; return the terminal text and the files written."""
     os.makedirs(out, exist_ok=True)
@@ -87,6 +104,7 @@ def analyse(results: list[dict], out: str, tolerance: float = 0.005, weak: bool 
 
     # -- science ------------------------------------------------------------------------------------
     groups = science.science_groups(results)
+    grids: dict[int, tuple] = {}  # group index -> (Grid, title)
     for gi, group in enumerate(groups):
         sub = [results[i] for i in group]
         if not any(r["tasks"] for r in sub):
@@ -96,6 +114,7 @@ def analyse(results: list[dict], out: str, tolerance: float = 0.005, weak: bool 
         suffix = "" if len(groups) == 1 else f"_{gi + 1}"
         names = [per_run[i]["name"] for i in group]
         title = names[0] if len(names) == 1 else f"{names[0]} + {len(names) - 1} replicate(s)"
+        grids[gi] = (g, title)
         head = f"## Science: {title}" if len(groups) > 1 else "## Science"
         seeds = ", ".join(str(s) for s in g.seeds)
         md += [head, "", f"Runs: {', '.join(names)} (seeds {seeds}). Dataset `{g.config.get('data', {}).get('dataset')}`, "
@@ -106,6 +125,11 @@ def analyse(results: list[dict], out: str, tolerance: float = 0.005, weak: bool 
         files += [acc, es]
         md += [f"![test accuracy vs weights remaining]({os.path.basename(acc)})", "",
                f"![early-stop iteration vs weights remaining]({os.path.basename(es)})", ""]
+        if g.method == "imp":
+            p = g.config.get("prune", {})
+            md += [f"IMP: {p.get('levels')} levels pruning {100 * p.get('imp_rate', 0):g}% of the surviving weights each "
+                   f"(x the layer multipliers {p.get('layer_rates')}, scope {p.get('scope')}); one chain per reset point, "
+                   "each level rewound to its reset point's weights. Level l's controls use level l's mask.", ""]
         md += ["Controls are drawn as one dashed/dotted line each, their mean over reset points; the tables give "
                "them per reset point. The grey band is the dense parent's test accuracy ± the tolerance "
                f"({100 * tolerance:g} percentage points)" + (", widened to the range over seeds" if len(g.seeds) > 1 else "")
@@ -117,6 +141,11 @@ def analyse(results: list[dict], out: str, tolerance: float = 0.005, weak: bool 
             text += [name, table, ""]
         for name, table in science.tables(g, tolerance, markdown=True).items():
             md += [f"### {name}", "", table, ""]
+
+    pairs = [(a, b) for a, b in science.method_pairs(results, groups) if a in grids and b in grids]
+    for n, (a, b) in enumerate(pairs):
+        md, text, files = _comparison(grids[a], grids[b], out, "" if len(pairs) == 1 else f"_{n + 1}", tolerance,
+                                      md, text, files)
 
     # -- stability ----------------------------------------------------------------------------------
     for i, r in enumerate(results):

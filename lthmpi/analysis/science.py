@@ -18,6 +18,10 @@ Conventions (documented choices):
   is ticket accuracy − control accuracy at the same mask and reset point, in percentage points.
 - The best reset point at a sparsity is the argmax of the ticket's mean early-stop accuracy over reset
   points (first in config order on ties).
+- An IMP run (prune.method = "imp") is the same grid with levels in place of masks: mask index i is level
+  i + 1, and its fraction left is the same in every chain (exact counts), so "left %" is one number per level.
+  Its controls are per level and chain. An IMP run and a one-shot run of the same parent (same data, model,
+  training and seeds) are paired (`method_pairs`) and drawn on one figure.
 """
 from __future__ import annotations
 
@@ -44,9 +48,18 @@ class Grid:
     dense: dict = field(default_factory=dict)  # metric -> np.ndarray over replicates
     diverged: int = 0
     config: dict = field(default_factory=dict)
+    method: str = "oneshot"  # oneshot | imp (see the module docstring)
 
     def label(self, reset: str) -> str:
         return f"k={reset}"
+
+    @property
+    def mask_head(self) -> str:
+        return "level" if self.method == "imp" else "mask"
+
+    def mask_label(self, mask: int) -> int:
+        """How a mask is named in tables: its index, or for IMP its level (1-based)."""
+        return mask + 1 if self.method == "imp" else mask
 
     def cell(self, metric: str, mask: int, reset: str, control=TICKET) -> np.ndarray:
         return self.values.get((metric, mask, reset, control), np.array([]))
@@ -146,17 +159,40 @@ def build_grid(results: list[dict]) -> Grid:
                 resets=resets, controls=controls, masks=masks,
                 remaining={m: _nanmean(v) for m, v in rem.items()},
                 values={k: np.array(v, dtype=float) for k, v in values.items()}, dense=dense, diverged=diverged,
-                config=cfg)
+                config=cfg, method=method_of(cfg))
+
+
+def method_of(config: dict) -> str:
+    return config.get("prune", {}).get("method", "oneshot")
+
+
+def parent_key(results: list[dict]) -> str:
+    """What makes two groups of runs share their parent: data, model, training and the seeds."""
+    cfg = results[0]["config"]
+    return json.dumps({"parent": {k: cfg.get(k) for k in ("data", "model", "train")},
+                       "seeds": sorted(r["config"].get("seed") for r in results)}, sort_keys=True)
+
+
+def method_pairs(results: list[dict], groups: list[list[int]]) -> list[tuple[int, int]]:
+    """(IMP group, one-shot group) index pairs whose runs share their parent (first one-shot group for each)."""
+    keyed = [(parent_key([results[i] for i in g]), method_of(results[g[0]]["config"])) for g in groups]
+    pairs = []
+    for a, (key, method) in enumerate(keyed):
+        if method == "imp":
+            b = next((b for b, (k2, m2) in enumerate(keyed) if k2 == key and m2 == "oneshot"), None)
+            if b is not None:
+                pairs.append((a, b))
+    return pairs
 
 
 # -- tables (rows of plain values; rendering below) --------------------------------------------------
 def accuracy_rows(g: Grid, metric: str = "early_stop_accuracy") -> tuple[list[str], list[list]]:
     """Mask × reset table of `metric`, with each control per reset point after the tickets."""
-    head = ["mask", "left %"] + [g.label(r) for r in g.resets]
+    head = [g.mask_head, "left %"] + [g.label(r) for r in g.resets]
     head += [f"{c} {g.label(r)}" for c in g.controls for r in g.resets]
     rows = []
     for m in g.masks:
-        row = [m, 100 * g.remaining[m]] + [g.mean(metric, m, r) for r in g.resets]
+        row = [g.mask_label(m), 100 * g.remaining[m]] + [g.mean(metric, m, r) for r in g.resets]
         row += [g.mean(metric, m, r, c) for c in g.controls for r in g.resets]
         rows.append(row)
     return head, rows
@@ -199,19 +235,32 @@ def best_reset(g: Grid, metric: str = "early_stop_accuracy") -> list[dict]:
 
 
 def winning_rows(g: Grid, tolerance: float) -> tuple[list[str], list[list]]:
-    head = ["reset", "sparsest mask", "left %", "early-stop acc %", "dense %"]
+    head = ["reset", f"sparsest {g.mask_head}", "left %", "early-stop acc %", "dense %"]
     head += [f"margin vs {c} (pp)" for c in g.controls]
     rows = []
     for w in winning_tickets(g, tolerance):
-        row = [w["label"], w["mask"], None if w["remaining"] is None else 100 * w["remaining"], w["accuracy"], w["dense"]]
+        row = [w["label"], None if w["mask"] is None else g.mask_label(w["mask"]), None if w["remaining"] is None else 100 * w["remaining"], w["accuracy"], w["dense"]]
         row += [w["margin"][c] for c in g.controls]
         rows.append(row)
     return head, rows
 
 
+def comparison_rows(grids: dict, tolerance: float) -> tuple[list[str], list[list]]:
+    """IMP vs one-shot of one parent: per method and reset point, the winning ticket (sparsest within
+    tolerance of dense) and its margin over each control; `grids` maps a method name to its Grid."""
+    controls = list(dict.fromkeys(c for g in grids.values() for c in g.controls))
+    head = ["method", "reset", "left %", "early-stop acc %", "dense %"] + [f"margin vs {c} (pp)" for c in controls]
+    rows = []
+    for name, g in grids.items():
+        for w in winning_tickets(g, tolerance):
+            rows.append([name, w["label"], None if w["remaining"] is None else 100 * w["remaining"], w["accuracy"],
+                         w["dense"], *(w["margin"].get(c) for c in controls)])
+    return head, rows
+
+
 def best_rows(g: Grid) -> tuple[list[str], list[list]]:
-    head = ["mask", "left %", "best reset", "early-stop acc %", "lead over next (pp)"]
-    return head, [[b["mask"], 100 * b["remaining"], b["label"], b["accuracy"], b["lead"]] for b in best_reset(g)]
+    head = [g.mask_head, "left %", "best reset", "early-stop acc %", "lead over next (pp)"]
+    return head, [[g.mask_label(b["mask"]), 100 * b["remaining"], b["label"], b["accuracy"], b["lead"]] for b in best_reset(g)]
 
 
 # -- rendering ---------------------------------------------------------------------------------------
@@ -259,7 +308,7 @@ def tables(g: Grid, tolerance: float, markdown: bool = False) -> dict[str, str]:
     h, r = accuracy_rows(g, "early_stop_iteration")
     out[f"Early-stop iteration (iterations since the reset point){rep}"] = render(h, r, markdown, "iteration")
     h, r = winning_rows(g, tolerance)
-    out[f"Winning tickets: sparsest mask with early-stop accuracy >= dense - {100 * tolerance:.2f} pp"] = render(h, r, markdown)
+    out[f"Winning tickets: sparsest {g.mask_head} with early-stop accuracy >= dense - {100 * tolerance:.2f} pp"] = render(h, r, markdown)
     h, r = best_rows(g)
     out["Best reset point per sparsity (early-stop accuracy)"] = render(h, r, markdown)
     return out

@@ -1,0 +1,231 @@
+"""Iterative magnitude pruning (lthmpi/pruning.imp_step, lthmpi/imp.py): nested masks with exact counts,
+level 1 equal to the one-shot mask, the chains' start weights and controls, resume, analysis."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from lthmpi.config import ConfigError, from_dict, validate, validate_against_model
+from lthmpi.pruning import EmptyLayerError, fraction_remaining, imp_counts, imp_step, magnitude_masks
+
+SIZES = {"fc1/kernel": (40, 25), "fc2/kernel": (25, 12), "output/kernel": (12, 10)}
+
+# The tiny IMP run: digits, 30 iterations, 3 levels at 50% per level x 2 chains x (ticket + 2 controls).
+IMP_TINY = {
+    "seed": 3,
+    "data": {"dataset": "digits", "validation": 200},
+    "train": {"iterations": 30, "batch_size": 32, "eval_every": "10it"},
+    "prune": {"method": "imp", "levels": 3, "imp_rate": 0.5},
+    "reset": {"points": ["0it", "10it"], "controls": ["random_reinit", "random_mask"]},
+    "parallel": {"threads": 1},
+}
+
+
+def random_weights(seed=0):
+    rng = np.random.default_rng(seed)
+    return {p: rng.normal(size=s).astype(np.float32) for p, s in SIZES.items()}
+
+
+def chain(scope, rates, levels=5, rate=0.2):
+    """Masks of one chain where each level 'trains' to fresh random weights (the step only sees magnitudes)."""
+    masks, prev = [], None
+    for lv in range(levels):
+        prev = imp_step(random_weights(lv), prev, rate, scope, rates)
+        masks.append(prev)
+    return masks
+
+
+@pytest.mark.parametrize("scope,rates", [("global", {"output": 0.5}), ("layerwise", {"output": 0.5}),
+                                         ("global", {}), ("layerwise", {"fc2": 0.0})])
+def test_masks_are_nested_with_exact_counts(scope, rates):
+    masks = chain(scope, rates)
+    sizes = {p: int(np.prod(s)) for p, s in SIZES.items()}
+    counts = imp_counts(sizes, len(masks), 0.2, scope, rates)
+    for lv, (m, want) in enumerate(zip(masks, counts)):
+        prev = masks[lv - 1] if lv else None
+        for p in SIZES:
+            if prev is not None:
+                assert not (m[p] & ~prev[p]).any(), f"level {lv + 1} revives a weight of {p}"
+        for unit, n in want.items():
+            paths = [unit] if unit != "*" else [p for p in SIZES if p not in want]
+            assert sum(int(m[p].sum()) for p in paths) == n, (lv, unit)
+    # 20% of the survivors per level (rounded per unit): fc1's unit keeps ~0.8^5 of its weights after 5 levels
+    unit = "fc1/kernel" if "fc1/kernel" in counts[-1] else "*"
+    paths = [unit] if unit != "*" else [p for p in SIZES if p not in counts[-1]]
+    assert abs(counts[-1][unit] / sum(sizes[p] for p in paths) - 0.8 ** 5) < 0.002
+
+
+def test_each_level_prunes_the_smallest_survivors():
+    w0, w1 = random_weights(0), random_weights(1)
+    m1 = imp_step(w0, None, 0.3, "layerwise", {})
+    m2 = imp_step(w1, m1, 0.3, "layerwise", {})
+    for p in SIZES:
+        kept, dropped = np.abs(w1[p][m2[p]]), np.abs(w1[p][m1[p] & ~m2[p]])
+        assert kept.min() >= dropped.max()  # ranked by the magnitude of the weights the level ended with
+        assert int(m2[p].sum()) == int(m1[p].sum()) - int(round(0.3 * m1[p].sum()))
+
+
+@pytest.mark.parametrize("rate", [0.2, 0.1, 0.35, 0.5])
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_level_one_equals_the_one_shot_mask(rate, scope):
+    w = random_weights(7)
+    a = imp_step(w, None, rate, scope, {"output": 0.5})
+    b = magnitude_masks(w, 1 - rate, scope, {"output": 0.5})
+    assert all(np.array_equal(a[p], b[p]) for p in SIZES)
+
+
+def test_a_layer_emptied_by_a_level_is_refused():
+    w = {"a/kernel": np.ones((1, 1), np.float32), "b/kernel": np.ones((2, 2), np.float32)}
+    with pytest.raises(EmptyLayerError, match="layer a"):
+        imp_step(w, None, 0.6, "layerwise", {})  # round(0.6 * 1) = 1: the last weight would go
+
+
+def imp_cfg(**prune):
+    cfg = from_dict({"prune": {"method": "imp", **prune}})
+    validate(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("prune,words", [
+    ({"imp_rate": 1.0}, "prune.imp_rate must be a fraction in (0, 1)"),
+    ({"imp_rate": 0}, "prune.imp_rate must be a fraction in (0, 1)"),
+    ({"imp_rate": -0.2}, "prune.imp_rate must be a fraction in (0, 1)"),
+    ({"levels": 0}, "prune.levels must be >= 1"),
+    ({"quantiles": [60, 80]}, "prune.quantiles cannot be combined with prune.method = \"imp\""),
+    ({"method": "iterative"}, "prune.method 'iterative' is unknown"),
+])
+def test_bad_imp_config_is_one_line(prune, words):
+    with pytest.raises(ConfigError) as e:
+        imp_cfg(**prune)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_levels_that_empty_a_layer_are_refused_before_any_work():
+    sizes = {"fc1/kernel": 1000, "fc2/kernel": 300, "output/kernel": 10}
+    validate_against_model(imp_cfg(levels=5, imp_rate=0.5, scope="layerwise"), sizes)
+    # output: 10 -> 4 -> 2 -> 1 -> 0 at 60% a level
+    with pytest.raises(ConfigError, match=r"would leave layer output/kernel with no weight at level 4: use at most 3"):
+        validate_against_model(imp_cfg(levels=20, imp_rate=0.6, scope="layerwise", layer_rates={}), sizes)
+    validate_against_model(imp_cfg(levels=3, imp_rate=0.6, scope="layerwise", layer_rates={}), sizes)
+    # the pool fc1 + fc2: 1300 -> 520 -> 208 -> 83 -> 33 -> 13 -> 5 -> 2 -> 1, fewer than its 2 layers
+    with pytest.raises(ConfigError, match=r"global pool of layers with no weight at level 8: use at most 7"):
+        validate_against_model(imp_cfg(levels=30, imp_rate=0.6, layer_rates={"output": 0.0}), sizes)
+
+
+def test_identity_of_a_one_shot_config_ignores_the_imp_keys():
+    base = from_dict({})
+    assert from_dict({"prune": {"levels": 3, "imp_rate": 0.5}}).hash() == base.hash()
+    assert "method" not in base.identity()["prune"]
+    a, b = imp_cfg(levels=3), imp_cfg(levels=4)
+    assert a.hash() != b.hash() != base.hash()
+    assert imp_cfg(levels=3, remaining=[0.5]).hash() == a.hash()  # one-shot's thresholds mean nothing to IMP
+    assert a.remaining_fractions() == pytest.approx([0.8, 0.64, 0.512])
+
+
+# -- the chains, run end to end on digits -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def imp_run(tmp_path_factory, tf_runtime):
+    from lthmpi.driver import run_serial
+
+    cfg = from_dict(IMP_TINY)
+    validate(cfg)
+    path = str(tmp_path_factory.mktemp("imp") / "run")
+    run_serial(cfg, path, threads=1, quiet=True)
+    return cfg, path
+
+
+def chain_masks(run_dir, reset, levels):
+    from lthmpi.store import RunDir
+
+    run = RunDir(run_dir)
+    return [run.read_chain_mask(reset, lv) for lv in range(1, levels + 1)]
+
+
+def test_run_keeps_every_level_nested_per_chain(imp_run):
+    from lthmpi.experiment import Experiment
+    from lthmpi.results import load
+
+    cfg, path = imp_run
+    exp = Experiment(cfg, path)
+    planned = exp.remaining if exp.load_masks() is None else None
+    chains = [chain_masks(path, r, 3) for r in range(2)]
+    for masks in chains:
+        for lv, (m, attrs) in enumerate(masks, start=1):
+            assert attrs["level"] == lv and attrs["remaining"] == pytest.approx(fraction_remaining(m))
+            assert attrs["remaining"] == pytest.approx(planned[lv - 1])  # exact counts: known before training
+            if lv > 1:
+                prev = masks[lv - 2][0]
+                assert all(not (m[p] & ~prev[p]).any() for p in m)
+    # level 1 is the same in every chain; the chains part from level 2 on (their level-1 weights differ)
+    assert all(np.array_equal(chains[0][0][0][p], chains[1][0][0][p]) for p in chains[0][0][0])
+    assert any(not np.array_equal(chains[0][1][0][p], chains[1][1][0][p]) for p in chains[0][1][0])
+    res = load(path)
+    ids = sorted(t["task_id"] for t in res["tasks"])
+    assert len(ids) == 3 * 2 * 3 and "l03_r01_random_mask" in ids
+    for t in res["tasks"]:
+        lv = int(t["task_id"][1:3])
+        assert t["mask"] == lv - 1 and t["remaining"] == pytest.approx(planned[lv - 1])
+
+
+def test_level_one_is_the_one_shot_mask_of_the_parent(imp_run):
+    from lthmpi.store import RunDir
+
+    cfg, path = imp_run
+    ckpts, _, attrs = RunDir(path).read_checkpoints()
+    final = ckpts[int(attrs["iterations"])]
+    m1 = chain_masks(path, 0, 1)[0][0]
+    one_shot = magnitude_masks({p: final[p] for p in m1}, 1 - cfg.prune.imp_rate, cfg.prune.scope,
+                               cfg.prune.layer_rates)
+    assert all(np.array_equal(m1[p], one_shot[p]) for p in m1)
+
+
+def test_start_weights_and_controls_per_level(imp_run):
+    from lthmpi.experiment import Experiment, Task
+
+    cfg, path = imp_run
+    exp = Experiment(cfg, path)
+    exp.load_parent()
+    exp.load_masks()
+    for reset, k in enumerate(exp.reset_iterations):
+        theta_k = exp.checkpoints[k]
+        for lv, (m, _) in enumerate(chain_masks(path, reset, 3), start=1):
+            w, mask = exp.start_weights(Task(lv - 1, reset, None, level=lv))
+            assert mask is not None and all(np.array_equal(mask[p], m[p]) for p in m)
+            for p, v in w.items():  # exactly theta_k * m_l; biases exactly theta_k's
+                assert np.array_equal(v, theta_k[p] * m[p] if p in m else theta_k[p]), (reset, lv, p)
+            wr, mr = exp.start_weights(Task(lv - 1, reset, "random_mask", level=lv))
+            assert all(int(mr[p].sum()) == int(m[p].sum()) and not np.array_equal(mr[p], m[p]) for p in m)
+            assert all(np.array_equal(wr[p], theta_k[p] * mr[p]) for p in m)
+            wi, mi = exp.start_weights(Task(lv - 1, reset, "random_reinit", level=lv))
+            assert all(np.array_equal(mi[p], m[p]) for p in m)
+            assert all(not np.array_equal(wi[p], theta_k[p] * m[p]) and not (wi[p][~m[p]]).any() for p in m)
+
+
+def test_analysis_draws_imp_next_to_one_shot_of_the_same_parent(imp_run, tmp_path):
+    from lthmpi.analysis import load_runs
+    from lthmpi.analysis.report import analyse
+    from lthmpi.analysis.science import build_grid, method_pairs, science_groups
+    from lthmpi.driver import run_serial
+
+    cfg, path = imp_run
+    one_shot = from_dict({**IMP_TINY, "prune": {"remaining": [0.5, 0.25]}, "reset": {"points": ["0it"], "controls": []}})
+    validate(one_shot)
+    other = run_serial(one_shot, str(tmp_path / "oneshot"), threads=1, quiet=True)
+    results = load_runs([path, other])
+    groups = science_groups(results)
+    assert method_pairs(results, groups) == [(0, 1)]
+    g = build_grid([results[0]])
+    assert g.method == "imp" and g.masks == [0, 1, 2] and g.remaining[2] == pytest.approx(0.125, abs=0.01)
+    # the IMP level-1 ticket at k=0 starts exactly where one-shot's 50% ticket does: the same parent, mask, theta_0
+    imp1 = next(t for t in results[0]["tasks"] if t["task_id"] == "l01_r00_ticket")
+    os1 = next(t for t in results[1]["tasks"] if t["task_id"] == "m000_r00_ticket")
+    assert imp1["final_accuracy"] == os1["final_accuracy"] and imp1["best_val_loss"] == os1["best_val_loss"]
+    done = analyse(results, str(tmp_path / "out"), command="test")
+    names = sorted(os.path.basename(f) for f in done["files"])
+    assert "accuracy_imp_vs_oneshot.png" in names and "early_stop_imp_vs_oneshot.png" in names
+    report = open(done["report"]).read()
+    assert "## IMP vs one-shot" in report and "| IMP | k=0it |" in report and "| one-shot | k=0it |" in report
+    assert "sparsest level" in report  # the IMP grid's tables count levels, not masks

@@ -184,7 +184,8 @@ class Config:
         """What the results depend on: everything but the `parallel` section, the `stability` section only
         when it is enabled (so every run without stability pairs keeps its hash and run directory), and not
         where the data are held (data.in_memory: a run streamed from disk gives the same bits as one in memory).
-        data.image_size counts only for imagefolder, so the hashes of all other configs stay."""
+        data.image_size counts only for imagefolder, so the hashes of all other configs stay; the IMP keys
+        count only for IMP runs and prune.remaining/quantiles only for one-shot ones (docs/imp.md)."""
         d = self.to_dict()
         d.pop("parallel")
         if not self.stability.enabled:

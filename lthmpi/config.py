@@ -31,6 +31,8 @@ ONESHOT_KEYS = ("remaining", "quantiles")  # left out of an IMP config's identit
 CONTROLS = ("random_reinit", "random_mask")
 SCHEDULES = ("static", "lpt", "dynamic")
 NORMALIZATIONS = ("scale", "standardize")
+DEVICES = ("auto", "cpu", "gpu")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 class ConfigError(ValueError):
@@ -89,6 +91,10 @@ class TrainConfig:
                                   "train.lr_gamma")
     lr_gamma: float = key(0.1, "learning-rate factor at each of train.lr_milestones")
     eval_every: str = key("100it", "validation interval for early stopping (\"100it\", \"1ep\")")
+    precision: str = key("float32", "float32 | mixed_bfloat16 | mixed_float16 (with loss scaling): the compute "
+                                    "precision; weights, optimizer slots and masks stay float32 (docs/gpu.md)")
+    deterministic: bool = key(True, "TF op determinism; false for ops without a deterministic GPU kernel "
+                                    "(recorded per task)")
 
 
 @dataclass
@@ -130,6 +136,8 @@ class ParallelConfig:
     backend: str = key("mpi4py", "gradient averaging in subgroups: mpi4py | horovod (where installed)")
     sparse_below: float = key(0.3, "masks keeping at most this fraction of the prunable weights train on the "
                                    "sparse kernels (Dense/ReLU nets; 0 = never)")
+    device: str = key("auto", "auto (a GPU where TensorFlow sees one, else the CPU) | cpu | gpu (refuse to start "
+                              "without one); rank r of a node takes GPU r mod G (docs/gpu.md)")
 
 
 @dataclass
@@ -346,6 +354,7 @@ def validate(cfg: Config) -> None:
     if t.batch_size < 1:
         raise ConfigError(f"train.batch_size must be >= 1, not {t.batch_size}")
     _one_of("train.optimizer", t.optimizer, OPTIMIZERS)
+    _one_of("train.precision", t.precision, PRECISIONS)
     if not 0 < t.lr < float("inf"):
         raise ConfigError(f"train.lr must be a finite number > 0, not {t.lr}")
     if not 0 <= t.weight_decay < float("inf"):
@@ -407,6 +416,7 @@ def validate(cfg: Config) -> None:
                           f"not {q.sparse_below!r}")
     _one_of("parallel.schedule", q.schedule, SCHEDULES)
     validate_stability(cfg)
+    _one_of("parallel.device", q.device, DEVICES)
     if q.subgroups not in (True, False, "auto") or not isinstance(q.subgroups, (bool, str)):
         raise ConfigError(f"parallel.subgroups must be true, false or \"auto\", not {q.subgroups!r}")
     if q.backend not in ("mpi4py", "horovod"):

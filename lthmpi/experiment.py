@@ -44,9 +44,10 @@ class Task:
 class Experiment:
     """Data, model and trainer are built once; parent, masks and tasks are loaded or computed on demand."""
 
-    def __init__(self, cfg: Config, run_dir: str, rank: int = 0, threads: int | None = None):
+    def __init__(self, cfg: Config, run_dir: str, rank: int = 0, threads: int | None = None, slot=None):
         """With `threads`, TensorFlow is configured (and imported) only after the data are read and checked
-        against the config, so that a data or config error is reported in a second, not after TF's import."""
+        against the config, so that a data or config error is reported in a second, not after TF's import;
+        `slot` (a devices.NodeSlot) says where this rank sits on its node, for its GPU."""
         from .data import load_dataset
 
         self.cfg, self.rank, self.host = cfg, rank, hostname()
@@ -57,8 +58,10 @@ class Experiment:
         if threads is not None:
             from .runtime import configure_tensorflow
 
-            configure_tensorflow(threads)
-        from .models import build_model, prunable_variables
+            configure_tensorflow(threads, cfg.train.deterministic, cfg.parallel.device, slot)
+        from .devices import Placement, kernel_plan
+        from .models import build_model, has_convolutions, prunable_variables
+        from .runtime import configured_deterministic, configured_placement
         from .training import MaskedTrainer
 
         self.iterations_per_epoch = per_epoch
@@ -67,8 +70,13 @@ class Experiment:
         self.prunable = [v.path for v in prunable_variables(self.model)]
         self.sizes = {v.path: int(np.prod(v.shape)) for v in prunable_variables(self.model)}
         validate_against_model(cfg, self.sizes)
+        self.placement = configured_placement() or Placement("cpu")  # threads None: TF set up by the caller
+        self.deterministic = configured_deterministic()
+        if self.deterministic is None:
+            self.deterministic = cfg.train.deterministic
+        plan = kernel_plan(self.placement.kind, has_convolutions(self.model), cfg.parallel.sparse_below)
         self.trainer = MaskedTrainer(self.model, self.data, cfg.train, cfg.seed, prunable_variables(self.model),
-                                     augment=cfg.data.augment, sparse_below=cfg.parallel.sparse_below)
+                                     augment=cfg.data.augment, sparse_below=plan.sparse_below)
         self.initial_weights = self.trainer.get_weights()
         self.checkpoints: dict | None = None
         self.optimizer_states: dict = {}
@@ -225,7 +233,9 @@ class Experiment:
                      early_stop_accuracy=h.early_stop_accuracy, best_val_loss=h.best_val_loss,
                      iterations=end - start, diverged=h.diverged, replicas=h.replicas,
                      replicas_identical=h.replicas_identical, seconds=t1 - t0, start_time=t0, end_time=t1,
-                     rank=self.rank, host=self.host, threads=tr.threads, kernels=tr.kernels)
+                     rank=self.rank, host=self.host, threads=tr.threads, kernels=tr.kernels,
+                     device=self.placement.label, precision=self.cfg.train.precision,
+                     deterministic=self.deterministic)
         if task.level:
             attrs.update(level=task.level, method="imp")
         series = {"evals": _columns(h.evals, ("iteration", "train_loss", "val_loss", "val_accuracy")),

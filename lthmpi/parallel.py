@@ -214,6 +214,7 @@ def run_parallel(resolve, run_dir: str | None, t_start: float, quiet: bool = Fal
 def _run(cfg, run_dir, t_start, quiet, comm, rank, size, host) -> int:
     from mpi4py import MPI
 
+    from .devices import NodeSlot
     from .results import merge, provenance
     from .runtime import auto_threads
 
@@ -223,6 +224,7 @@ def _run(cfg, run_dir, t_start, quiet, comm, rank, size, host) -> int:
     run = RunDir(run_dir)
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     threads = auto_threads(local.Get_size(), cfg.parallel.threads)
+    slot = NodeSlot(local.Get_rank(), local.Get_size(), tuple(local.allgather(os.environ.get("CUDA_VISIBLE_DEVICES"))))
     local.Free()
     with timer.phase("startup"):
         def refuse_early():  # another experiment's directory, or one in use: before seconds of imports
@@ -238,7 +240,7 @@ def _run(cfg, run_dir, t_start, quiet, comm, rank, size, host) -> int:
                 raise ConfigError("prune.method = \"imp\" runs on one process for now (its chains need the task-"
                                   "graph coordinator): run it without mpirun")
 
-            return Experiment(cfg, run.path, rank=rank, threads=threads)
+            return Experiment(cfg, run.path, rank=rank, threads=threads, slot=slot)
 
         def create():  # only once the data and model are known good: no config.toml a rerun would trip on
             if rank == 0:

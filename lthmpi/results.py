@@ -31,7 +31,10 @@ from .store import DIGEST, RunDir, StoreError, atomic_h5, open_h5, read_arrays
 FORMAT = 1
 TASK_COLUMNS = ("task_id", "mask", "remaining", "target_remaining", "reset", "reset_iteration", "control",
                 "final_accuracy", "early_stop_iteration", "early_stop_accuracy", "best_val_loss", "iterations",
-                "diverged", "seconds", "start_time", "end_time", "rank", "host", "threads", "kernels")
+                "diverged", "seconds", "start_time", "end_time", "rank", "host", "threads", "kernels", "device", "precision", "deterministic")
+
+# Columns added after the first task files were written, and what a task file without them ran as.
+LATER_COLUMNS = {"kernels": "", "device": "cpu", "precision": "float32", "deterministic": True}
 
 
 def merge(run: RunDir, task_ids: list[str], timing: dict, provenance: dict, during=None, pair_ids=()) -> str:
@@ -57,7 +60,7 @@ def merge(run: RunDir, task_ids: list[str], timing: dict, provenance: dict, duri
             p.create_dataset(f"history/{k}", data=v)
         t = f.create_group("tasks")
         for col in TASK_COLUMNS:
-            values = [r.get(col, "" if col == "kernels" else None) for r in rows]  # tasks written before kernels were recorded
+            values = [r.get(col, LATER_COLUMNS.get(col)) for r in rows]  # tasks written before these were recorded
             if values and isinstance(values[0], str):
                 t.create_dataset(col, data=np.array(values, dtype=h5py.string_dtype()))
             else:

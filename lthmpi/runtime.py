@@ -53,6 +53,13 @@ def _load_tensorflow():
     try:
         import keras  # noqa: F401
         import tensorflow as tf
+    except ModuleNotFoundError as e:
+        if e.name not in ("tensorflow", "keras"):
+            raise
+        from .config import ConfigError
+
+        raise ConfigError(f"{e.name} is not installed: run ./run/setup.sh (LTHMPI_DEVICE=gpu for the CUDA build), "
+                          f"or pip install 'lthmpi[cpu]' (or 'lthmpi[gpu]')") from None
     finally:
         sys.meta_path.remove(hide)
     return tf
@@ -93,22 +100,81 @@ def _flush_stderr():
         sys.stderr.flush()
 
 
-def configure_tensorflow(threads: int, deterministic: bool = True):
-    """Import TF with `threads` intra-op threads and op determinism; later calls must agree."""
+def configure_tensorflow(threads: int, deterministic: bool = True, device: str = "auto", slot=None):
+    """Import TF with `threads` intra-op threads, op determinism, and this rank's device (lthmpi/devices.py:
+    `device` is parallel.device, `slot` the rank's NodeSlot); later calls must agree on the threads.
+
+    On a GPU only the rank's own GPU is made visible, and where several ranks share it each gets its share
+    of the memory; with device "cpu" any GPU is hidden. This must come before TF initialises its devices."""
+    from .devices import NodeSlot, place
+
     if _configured:
         if _configured["threads"] != threads:
             raise RuntimeError(f"TensorFlow already configured with {_configured['threads']} threads, not {threads}")
-        return _configured["tf"]
+        tf = _configured["tf"]
+        if device != "auto" and _configured["placement"].kind != device:  # e.g. "gpu" in a CPU-configured process
+            place(device, slot or NodeSlot(), len(tf.config.list_physical_devices("GPU")), host=_host(),
+                  built_with_cuda=tf.test.is_built_with_cuda())
+        return tf
     tf = import_tensorflow()
+    gpus = tf.config.list_physical_devices("GPU")
+    slot = slot or NodeSlot()
+    total = gpu_total_mb() if gpus and device != "cpu" and slot.local_size > 1 else None
+    placement = place(device, slot, len(gpus), total, host=_host(), built_with_cuda=tf.test.is_built_with_cuda())
+    _apply_placement(tf, gpus, placement)
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
         tf.random.set_seed(0)  # determinism refuses unseeded random ops; ours all take explicit seeds
     tf.get_logger().setLevel("ERROR")
-    _configured.update(threads=threads, tf=tf)
+    _configured.update(threads=threads, tf=tf, placement=placement, deterministic=deterministic)
     return tf
+
+
+def _apply_placement(tf, gpus, placement):
+    if placement.kind == "cpu":
+        if gpus:
+            tf.config.set_visible_devices([], "GPU")
+        return
+    gpu = gpus[placement.gpu]
+    tf.config.set_visible_devices([gpu], "GPU")
+    if placement.memory_limit_mb is not None:
+        tf.config.set_logical_device_configuration(
+            gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=placement.memory_limit_mb)])
+    elif placement.sharing > 1:  # the GPU's size is unknown: each rank takes memory as it needs it
+        tf.config.experimental.set_memory_growth(gpu, True)
+
+
+def gpu_total_mb() -> int | None:
+    """The smallest total memory (MiB) of this node's GPUs, from nvidia-smi; None where it cannot say."""
+    import subprocess
+
+    from .devices import parse_gpu_memory
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sizes = parse_gpu_memory(out)
+    return min(sizes) if sizes else None
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
 
 
 def configured_threads() -> int | None:
     return _configured.get("threads")
+
+
+def configured_placement():
+    """The Placement this process trains on (lthmpi/devices.py); None before configure_tensorflow."""
+    return _configured.get("placement")
+
+
+def configured_deterministic() -> bool | None:
+    return _configured.get("deterministic")

@@ -1,33 +1,61 @@
 #!/usr/bin/env bash
 # Idempotent set-up: .venv with lthmpi and its pinned dependencies, and Fashion-MNIST where apt can get it.
-# Re-running is cheap: the install is skipped while setup.cfg and the constraints are unchanged.
+# Re-running is cheap: the install is skipped while setup.cfg, the constraints and LTHMPI_DEVICE are unchanged.
+# LTHMPI_DEVICE=cpu (default) installs tensorflow-cpu; LTHMPI_DEVICE=gpu the CUDA build of the same TensorFlow
+# (tensorflow[and-cuda]) instead, removing the other build first: the two never share one environment.
+# LTHMPI_SETUP_DRY_RUN=1 prints the install commands instead of running them, and stops there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${LTHMPI_VENV:-.venv}
+DEVICE=${LTHMPI_DEVICE:-cpu}
+DRY=${LTHMPI_SETUP_DRY_RUN:-}
+
+case "$DEVICE" in
+  cpu) extra=cpu; other=$([ "$(uname -m)" = x86_64 ] && echo tensorflow || true) ;;  # elsewhere [cpu] is tensorflow
+  gpu) extra=gpu; other=tensorflow-cpu ;;
+  *) echo "setup: error: LTHMPI_DEVICE=$DEVICE is unknown: use cpu (the default) or gpu (an NVIDIA GPU)" >&2; exit 2 ;;
+esac
+run() { if [ -n "$DRY" ]; then echo "+ $*"; else "$@"; fi; }
 
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
   echo "setup: error: Python >= 3.10 is needed ($PYTHON is $("$PYTHON" --version 2>&1)); set PYTHON=/path/to/python3.x" >&2
   exit 1
 fi
 
+if [ "$DEVICE" = gpu ] && ! { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }; then
+  echo "setup: note: no NVIDIA GPU or driver found (nvidia-smi missing or failing): installing the CUDA build anyway; lthmpi trains on the CPU here with parallel.device = \"auto\" and refuses parallel.device = \"gpu\"" >&2
+fi
+
 stamp="$VENV/.lthmpi-setup"
-want=$(cat setup.cfg pyproject.toml run/constraints.txt | sha256sum | cut -d' ' -f1)
-if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
-  echo "setup: $VENV is up to date"
+want=$({ cat setup.cfg pyproject.toml run/constraints.txt; echo "device=$DEVICE"; } | sha256sum | cut -d' ' -f1)
+if [ -z "$DRY" ] && [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+  echo "setup: $VENV is up to date ($DEVICE build of TensorFlow)"
 else
   if [ ! -x "$VENV/bin/python" ]; then
-    "$PYTHON" -m venv "$VENV" || { echo "setup: error: cannot create $VENV (on Debian/Ubuntu: apt-get install python3-venv)" >&2; exit 1; }
+    run "$PYTHON" -m venv "$VENV" || { echo "setup: error: cannot create $VENV (on Debian/Ubuntu: apt-get install python3-venv)" >&2; exit 1; }
   fi
   log="$VENV/setup.log"
-  if ! { "$VENV/bin/python" -m pip install -q --upgrade pip &&
-         "$VENV/bin/python" -m pip install -q -c run/constraints.txt -e ".[local-mpi,test]"; } >"$log" 2>&1; then
+  pip=("$VENV/bin/python" -m pip)
+  has_other() { [ -n "$other" ] && [ -z "$DRY" ] && "${pip[@]}" show -q "$other" >/dev/null 2>&1; }
+  if [ -n "$DRY" ]; then
+    [ -n "$other" ] && echo "+ ${pip[*]} uninstall -y -q $other  (only where it is installed)"
+    run "${pip[@]}" install -q -c run/constraints.txt -e ".[$extra,local-mpi,test]"
+    exit 0
+  fi
+  if ! { "${pip[@]}" install -q --upgrade pip &&
+         { ! has_other || "${pip[@]}" uninstall -y -q "$other"; } &&
+         "${pip[@]}" install -q -c run/constraints.txt -e ".[$extra,local-mpi,test]"; } >"$log" 2>&1; then
     tail -n 30 "$log" >&2
     echo "setup: error: pip could not install the dependencies (full log: $log)" >&2
     exit 1
   fi
+  if has_other; then
+    echo "setup: error: both tensorflow and tensorflow-cpu are installed in $VENV; remove it and rerun" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
-  echo "setup: installed lthmpi and its dependencies into $VENV"
+  echo "setup: installed lthmpi and its dependencies ($DEVICE build of TensorFlow) into $VENV"
 fi
 
 # Fashion-MNIST, the default dataset: Debian's dataset-fashion-mnist (IDX files, Expat licence).

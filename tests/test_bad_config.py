@@ -55,6 +55,11 @@ CASES = {
     "unknown_normalize": (["data.normalize=zscore"], ["data.normalize 'zscore'", "standardize"]),
     "unknown_optimizer_state": (["reset.optimizer_state=keep"], ["reset.optimizer_state 'keep'", "restore"]),
     "unknown_reset_length": (["reset.length=half"], ["reset.length 'half'", "remaining"]),
+    "unknown_precision": (["train.precision=float16"], ["train.precision 'float16'", "mixed_bfloat16"]),
+    "unknown_device": (["parallel.device=tpu"], ["parallel.device 'tpu'", "auto, cpu, gpu"]),
+    # no GPU on this box: refused after TensorFlow looked for one, before the run directory exists
+    "device_gpu_without_gpu": (["parallel.device=gpu"], ['parallel.device = "gpu"', "sees no GPU",
+                                                         'parallel.device = "auto"']),
     "unknown_milestone_step": (['train.lr_milestones=["1ep", "soon"]'], ["soon"]),
     "model_name_empty": (['model.name=""'], ["unknown model ''", "lenet300_100"]),
     "dataset_without_reader": (["data.dataset=imagenet"], ["unknown dataset 'imagenet'", "npz"]),
@@ -116,7 +121,8 @@ def test_bad_config_serial(serial_runs, name):
     note(f"bad config: {name}", f"rc 2, {line[15:120]}")
 
 
-MPI_CASES = ["typo_in_file", "horovod_not_installed", "validation_not_smaller_than_training_set", "model_name_empty"]
+MPI_CASES = ["typo_in_file", "horovod_not_installed", "validation_not_smaller_than_training_set", "model_name_empty",
+             "device_gpu_without_gpu"]
 
 
 @pytest.mark.parametrize("name", [n for n in MPI_CASES if n in CASES])

@@ -98,3 +98,12 @@ def test_the_index_links_every_page_and_every_link_in_the_docs_resolves():
     for page in pages:
         missing = [link for link in _links(page) if not os.path.exists(os.path.join(REPO, link)) and link not in PENDING]
         assert missing == [], (page, missing)
+
+
+def test_every_results_column_is_explained_in_the_guide():
+    from lthmpi.results import TASK_COLUMNS
+
+    with open(os.path.join(REPO, "docs", "guide.md"), encoding="utf-8") as f:
+        rows = re.findall(r"^\| `([a-z_]+)`(?:, `([a-z_]+)`)? \|", f.read(), re.M)
+    documented = {c for row in rows for c in row if c}
+    assert [c for c in TASK_COLUMNS if c not in documented] == [], "explain new results columns in docs/guide.md"

@@ -24,6 +24,7 @@ else:  # pragma: no cover - exercised only on Python 3.10
 from .steps import Step, StepError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+WEIGHT_DECAY_MODES = ("decoupled", "l2")
 SCOPES = ("global", "layerwise")
 METHODS = ("oneshot", "imp")
 IMP_KEYS = ("method", "levels", "imp_rate")  # left out of a one-shot config's identity (hash unchanged)
@@ -86,7 +87,9 @@ class TrainConfig:
     optimizer: str = key("adam", "adam | adamw | sgd (with train.momentum)")
     lr: float = key(1.2e-3, "learning rate")
     momentum: float = key(0.9, "SGD momentum (sgd only)")
-    weight_decay: float = key(0.0, "decoupled weight decay")
+    weight_decay: float = key(0.0, "weight decay coefficient (train.weight_decay_mode says which form)")
+    weight_decay_mode: str = key("decoupled", "decoupled (Keras, AdamW: w -= lr * wd * w after the step) | l2 "
+                                              "(PyTorch, open_lth: g += wd * w before momentum)")
     lr_milestones: list = key([], "steps (\"80ep\", \"500it\") at which the learning rate is multiplied by "
                                   "train.lr_gamma")
     lr_gamma: float = key(0.1, "learning-rate factor at each of train.lr_milestones")
@@ -206,17 +209,58 @@ class Config:
         return d
 
     def hash(self) -> str:
-        text = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        """Names the default run directory: a hash of the identity's values that differ from the defaults,
+        so that a new field with a default leaves every existing name as it was."""
+        return identity_hash(self.identity(), Config().identity())
 
-    def default_run_name(self) -> str:
-        return f"{self.data.dataset}_{self.model.name}_{self.hash()}"
+    def legacy_hash(self) -> str | None:
+        """The name's hash as lthmpi <= 0.x made it (every identity field of LEGACY_KEYS, defaults too); None
+        when a field added since is set to other than its default (no such directory can exist)."""
+        ident, default = self.identity(), Config().identity()
+        old = {s: {k: v for k, v in sec.items() if f"{s}.{k}" in LEGACY_KEYS} if isinstance(sec, dict) else sec
+               for s, sec in ident.items()}
+        for s, sec in ident.items():
+            for k, v in (sec.items() if isinstance(sec, dict) else ()):
+                if f"{s}.{k}" not in LEGACY_KEYS and v != default[s].get(k):
+                    return None
+        return _digest(old)
+
+    def default_run_name(self, legacy: bool = False) -> str:
+        h = self.legacy_hash() if legacy else self.hash()
+        return f"{self.data.dataset}_{self.model.name}_{h}" if h else ""
 
     def to_toml(self) -> str:
         return to_toml(self.to_dict())
 
 
 SECTIONS = {f.name: f.type for f in fields(Config) if f.name != "seed"}
+
+# The identity fields that the run-directory hash covered before it hashed only non-default values (the
+# legacy name, still found by `main.default_run_dir`). Frozen: never add to it.
+LEGACY_KEYS = frozenset(
+    "data.dataset data.dir data.subset data.validation data.normalize data.augment data.prepared model.name "
+    "train.epochs train.iterations train.batch_size train.optimizer train.lr train.momentum train.weight_decay "
+    "train.lr_milestones train.lr_gamma train.eval_every prune.remaining prune.quantiles prune.scope "
+    "prune.layer_rates reset.points reset.controls reset.optimizer_state reset.length".split())
+
+
+def _digest(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+
+
+def identity_hash(identity: dict, defaults: dict) -> str:
+    """sha256 (12 hex digits) of the identity's values that differ from `defaults` (sections flattened to
+    "section.key"): a field added with a default value does not change it."""
+    flat = {}
+    for s, sec in identity.items():
+        if isinstance(sec, dict):
+            flat.update({f"{s}.{k}": v for k, v in sec.items() if v != defaults.get(s, {}).get(k, _MISSING)})
+        elif sec != defaults.get(s, _MISSING):
+            flat[s] = sec
+    return _digest(flat)
+
+
+_MISSING = object()
 
 
 def _section_types(cls) -> dict[str, Any]:
@@ -355,6 +399,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.batch_size must be >= 1, not {t.batch_size}")
     _one_of("train.optimizer", t.optimizer, OPTIMIZERS)
     _one_of("train.precision", t.precision, PRECISIONS)
+    _one_of("train.weight_decay_mode", t.weight_decay_mode, WEIGHT_DECAY_MODES)
+    if t.optimizer == "adamw" and t.weight_decay_mode == "l2":
+        raise ConfigError("train.optimizer 'adamw' is Adam with decoupled weight decay; for Adam with coupled L2 "
+                          "(PyTorch's Adam weight_decay) use train.optimizer = 'adam' with weight_decay_mode = 'l2'")
     if not 0 < t.lr < float("inf"):
         raise ConfigError(f"train.lr must be a finite number > 0, not {t.lr}")
     if not 0 <= t.weight_decay < float("inf"):

@@ -167,7 +167,8 @@ def check_finished(run: RunDir) -> int:
     return len(done)
 
 
-def run_serial(cfg: Config, run_dir: str, threads: int, t_start: float | None = None, quiet: bool = False) -> str:
+def run_serial(cfg: Config, run_dir: str, threads: int, t_start: float | None = None, quiet: bool = False,
+               allow_mixed: bool = False) -> str:
     from .experiment import Experiment
     from .results import merge, provenance
     from .store import hostname
@@ -185,6 +186,7 @@ def run_serial(cfg: Config, run_dir: str, threads: int, t_start: float | None = 
             # (unknown model, missing data, reset point past the end) must not leave a config.toml that
             # would refuse the corrected rerun in the same --run-dir.
             exp = Experiment(cfg, run.path, rank=0, threads=threads)
+            exp.check_rerun(allow_mixed)
             run.create(cfg)
             setup_logging(run.path, 0, verbose=not quiet)
             tasks = exp.tasks()

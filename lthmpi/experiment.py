@@ -16,7 +16,7 @@ from . import imp
 from .config import Config, validate_against_data, validate_against_model
 from .pruning import fraction_remaining, magnitude_masks, random_masks
 from .schedule import step_cost
-from .store import RunDir, StoreError, hostname
+from .store import RunDir, StoreError, hostname, mixed_kernels
 
 log = logging.getLogger("lthmpi")
 
@@ -83,6 +83,18 @@ class Experiment:
         self.parent_info: dict = {}
         self.masks: list | None = None
         self.remaining: list = []
+
+    def check_rerun(self, allow_mixed: bool = False):
+        """Before a rerun trains anything: finished tasks trained with another thread count or other kernels
+        are named, and refused unless `allow_mixed` (--allow-mixed-kernels); then only logged."""
+        done = {tid: self.run.read_task(tid)[0] for tid in self.run.done_tasks()}
+        lines = mixed_kernels(done, self.trainer.threads, self.trainer.kernels_for)
+        if lines and not allow_mixed:
+            raise StoreError(f"run directory {self.run.path} holds tasks trained otherwise than this run would train "
+                             f"the rest ({'; '.join(lines)}): rerun with the parallel.threads and "
+                             f"parallel.sparse_below they had, or pass --allow-mixed-kernels to mix them")
+        for line in lines:
+            log.warning("mixing kernels as allowed: %s", line)
 
     # -- parent ---------------------------------------------------------------------------------
     def parent_done(self) -> bool:

@@ -32,6 +32,9 @@ def parser(prog: str = "python -m lthmpi.main") -> argparse.ArgumentParser:
     p.add_argument("--describe", action="store_true",
                    help="print the model's layers and parameter count for the dataset's shape, then exit (no data read)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    p.add_argument("--allow-mixed-kernels", action="store_true", dest="allow_mixed",
+                   help="resume a run directory whose finished tasks were trained with another parallel.threads or "
+                        "on other kernels (parallel.sparse_below) than this run would use; refused without it")
     return p
 
 
@@ -91,7 +94,13 @@ def describe(cfg) -> str:
 
 
 def default_run_dir(cfg) -> str:
-    return os.path.join("runs", cfg.default_run_name())
+    """runs/<dataset>_<model>_<hash>; a directory named by the hash of older versions (every field, defaults
+    too) is found and resumed when it exists and the current name does not."""
+    path = os.path.join("runs", cfg.default_run_name())
+    legacy = cfg.default_run_name(legacy=True)
+    if not os.path.exists(path) and legacy and os.path.isdir(os.path.join("runs", legacy)):
+        return os.path.join("runs", legacy)
+    return path
 
 
 def main(argv=None, prog: str = "python -m lthmpi.main", signals: bool | None = None) -> int:
@@ -107,7 +116,7 @@ def main(argv=None, prog: str = "python -m lthmpi.main", signals: bool | None = 
             # Every rank reads the config inside the MPI start-up, so a rank that cannot (a file missing
             # on its host) is named by rank 0 instead of ending the job in silence.
             return run_parallel(lambda: resolve(args.config, args.sets), args.run_dir, t_start=t_start,
-                                quiet=args.quiet)
+                                quiet=args.quiet, allow_mixed=args.allow_mixed)
         cfg = resolve(args.config, args.sets)
         if args.describe:
             if not (launched_by_mpi() and mpi_rank_from_env() != 0):  # under mpirun, once
@@ -117,7 +126,8 @@ def main(argv=None, prog: str = "python -m lthmpi.main", signals: bool | None = 
         from .driver import run_serial
         from .runtime import auto_threads
 
-        path = run_serial(cfg, run_dir, auto_threads(1, cfg.parallel.threads), t_start=t_start, quiet=args.quiet)
+        path = run_serial(cfg, run_dir, auto_threads(1, cfg.parallel.threads), t_start=t_start, quiet=args.quiet,
+                          allow_mixed=args.allow_mixed)
         if not args.quiet:
             from .results import format_table, load
 

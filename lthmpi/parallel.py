@@ -180,7 +180,7 @@ def _same_config(comm, rank: int, host: str, resolve):
     return cfg
 
 
-def run_parallel(resolve, run_dir: str | None, t_start: float, quiet: bool = False) -> int:
+def run_parallel(resolve, run_dir: str | None, t_start: float, quiet: bool = False, allow_mixed: bool = False) -> int:
     """The MPI entry point: `resolve()` gives the Config (every rank calls it); run_dir None = the default."""
     from mpi4py import MPI
 
@@ -193,7 +193,7 @@ def run_parallel(resolve, run_dir: str | None, t_start: float, quiet: bool = Fal
     try:
         cfg = _same_config(comm, rank, host, resolve)
         run_dir = run_dir or default_run_dir(cfg)
-        return _run(cfg, run_dir, t_start, quiet, comm, rank, size, host)
+        return _run(cfg, run_dir, t_start, quiet, comm, rank, size, host, allow_mixed)
     except _StartupFailed as e:
         return e.code
     except KeyboardInterrupt as e:
@@ -211,7 +211,7 @@ def run_parallel(resolve, run_dir: str | None, t_start: float, quiet: bool = Fal
             RunDir(run_dir).unlock()
 
 
-def _run(cfg, run_dir, t_start, quiet, comm, rank, size, host) -> int:
+def _run(cfg, run_dir, t_start, quiet, comm, rank, size, host, allow_mixed=False) -> int:
     from mpi4py import MPI
 
     from .devices import NodeSlot
@@ -244,6 +244,7 @@ def _run(cfg, run_dir, t_start, quiet, comm, rank, size, host) -> int:
 
         def create():  # only once the data and model are known good: no config.toml a rerun would trip on
             if rank == 0:
+                exp.check_rerun(allow_mixed)
                 run.create(cfg)
                 setup_logging(run.path, rank, verbose=not quiet)
 

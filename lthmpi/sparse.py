@@ -45,7 +45,7 @@ class _Net(ctypes.Structure):
 class _Opt(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int64), ("beta1", ctypes.c_float), ("beta2", ctypes.c_float),
                 ("eps", ctypes.c_float), ("momentum", ctypes.c_float), ("weight_decay", ctypes.c_float),
-                ("iterations", ctypes.c_int64)]
+                ("l2", ctypes.c_float), ("iterations", ctypes.c_int64)]
 
 
 _library: ctypes.CDLL | None = None
@@ -141,7 +141,9 @@ class SparseMLP:
     """
 
     def __init__(self, kernels, biases, masks, optimizer: str, momentum: float = 0.0, weight_decay: float = 0.0,
-                 beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-7):
+                 beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-7, l2: float = 0.0):
+        """weight_decay: decoupled (Keras: w -= lr * wd * w); l2: coupled (PyTorch: g += l2 * w, before the
+        optimizer's slots see the gradient)."""
         lib = library()
         if lib is None:
             raise RuntimeError(f"sparse kernels unavailable: {_library_error}")
@@ -163,7 +165,7 @@ class SparseMLP:
             self.layers.append(dict(nin=nin, nout=nout, nblocks=nblocks, rows=rows, cols=cols.astype(np.int32),
                                     ptr=ptr, shape=(nin, nout)))
         self._opt = _Opt(kind=0 if optimizer in ("adam", "adamw") else 1, beta1=beta1, beta2=beta2, eps=eps,
-                         momentum=momentum, weight_decay=weight_decay, iterations=0)
+                         momentum=momentum, weight_decay=weight_decay, l2=l2, iterations=0)
         self.set_weights(kernels, biases)
         self.reset_slots()
 

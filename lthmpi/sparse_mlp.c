@@ -50,7 +50,8 @@ typedef struct {
 
 typedef struct {
     int64_t kind;                 /* 0 Adam (Keras 3 formulas), 1 SGD with momentum */
-    float beta1, beta2, eps, momentum, weight_decay;
+    float beta1, beta2, eps, momentum, weight_decay;  /* weight_decay: decoupled (Keras), after the update */
+    float l2;                     /* coupled L2 (PyTorch): g += l2 * w before the slots see g */
     int64_t iterations;           /* optimizer steps taken so far (Keras' `iterations`) */
 } Opt;
 
@@ -148,8 +149,11 @@ static double softmax_xent(const float *logits, int64_t classes, const int32_t *
     return total / (double)batch;
 }
 
-/* One update of n values as Keras 3 does it: decoupled weight decay, then Adam or SGD (momentum). */
-static void update(float *w, const float *g, float *m, float *v, int64_t n, const Opt *o, float lr, float alpha) {
+/* One update of n values as Keras 3 does it: decoupled weight decay, then Adam or SGD (momentum); with
+ * coupled L2 the gradient is first g + l2 * w (PyTorch's weight_decay), written back into the scratch g. */
+static void update(float *w, float *g, float *m, float *v, int64_t n, const Opt *o, float lr, float alpha) {
+    if (o->l2 != 0.0f)
+        for (int64_t i = 0; i < n; i++) g[i] += o->l2 * w[i];
     if (o->weight_decay != 0.0f)
         for (int64_t i = 0; i < n; i++) w[i] -= w[i] * o->weight_decay * lr;
     if (o->kind == 0) {

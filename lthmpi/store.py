@@ -389,6 +389,24 @@ class RunDir:
         return attrs, series
 
 
+def mixed_kernels(done: dict, threads: int, kernels_for) -> list[str]:
+    """Finished tasks that were trained otherwise than this run would train them (another TF thread count, or
+    other kernels: parallel.threads and parallel.sparse_below are outside the identity), so that a rerun does
+    not mix them into one grid unsaid. `done`: task id -> its attrs (threads, kernels, remaining);
+    `kernels_for(remaining)`: the kernels this run picks alone. A task trained data-parallel (replicas > 1) was
+    on the dense kernels whatever the mask: only its threads are compared. One line per kind of difference."""
+    groups: dict[str, list[str]] = {}
+    for tid, a in sorted(done.items()):
+        t0, k0 = int(a.get("threads", threads)), str(a.get("kernels") or "dense")
+        k1 = kernels_for(float(a.get("remaining", 1.0))) if int(a.get("replicas", 1)) <= 1 else k0
+        how = ", ".join(([f"{t0} TF threads (this run: {threads})"] if t0 != threads else []) +
+                        ([f"{k0} kernels (this run: {k1})"] if k0 != k1 else []))
+        if how:
+            groups.setdefault(how, []).append(tid)
+    return [f"{len(tids)} finished task(s) trained with {how}: " + ", ".join(tids[:3]) +
+            (f" and {len(tids) - 3} more" if len(tids) > 3 else "") for how, tids in groups.items()]
+
+
 def _plain(v):
     if isinstance(v, bytes):
         return v.decode()

@@ -71,21 +71,29 @@ class BatchOrder:
 
 
 def make_optimizer(train_cfg):
+    """The Keras optimizer of the config. Weight decay goes to Keras (decoupled: w -= lr * wd * w, after the
+    update) only in the "decoupled" mode; in "l2" the trainer adds wd * w to the gradients itself (PyTorch's
+    coupled form, before momentum or Adam's moments). AdamW with weight decay 0 is Adam, exactly."""
     import keras
 
     # A fixed name: Keras would name a process's second Adam "adam_1", and the optimizer state saved
     # at a reset point (keyed by variable path) would no longer restore into another trainer.
     kw = dict(learning_rate=train_cfg.lr, name=train_cfg.optimizer)
-    if train_cfg.weight_decay:
-        kw["weight_decay"] = train_cfg.weight_decay
-    if train_cfg.optimizer == "adam":
-        return keras.optimizers.Adam(**kw)
-    if train_cfg.optimizer == "adamw":
-        kw.setdefault("weight_decay", 0.004)
+    decoupled = train_cfg.weight_decay if getattr(train_cfg, "weight_decay_mode", "decoupled") == "decoupled" else 0.0
+    if decoupled:
+        kw["weight_decay"] = decoupled
+    if train_cfg.optimizer == "adamw" and decoupled:
         return keras.optimizers.AdamW(**kw)
+    if train_cfg.optimizer in ("adam", "adamw"):
+        return keras.optimizers.Adam(**kw)
     if train_cfg.optimizer == "sgd":
         return keras.optimizers.SGD(momentum=train_cfg.momentum, **kw)
     raise ValueError(f"unknown optimizer {train_cfg.optimizer!r}")
+
+
+def coupled_weight_decay(train_cfg) -> float:
+    """The L2 coefficient the trainer adds to the gradients (g += wd * w): train.weight_decay in mode "l2"."""
+    return float(train_cfg.weight_decay) if getattr(train_cfg, "weight_decay_mode", "decoupled") == "l2" else 0.0
 
 
 class MaskedTrainer:
@@ -140,6 +148,7 @@ class MaskedTrainer:
         milestones = tf.constant(self.milestones or [2**62], tf.int64)
         base_lr, gamma = float(self.cfg.lr), float(self.cfg.lr_gamma)
         seed = self.seed
+        l2 = coupled_weight_decay(self.cfg)
         augment_batch = None
         if augment:
             from .data.augment import augment_batch
@@ -158,6 +167,8 @@ class MaskedTrainer:
             spares each slot update a pass over the mask (docs/performance.md, "The masked trainer")."""
             drops = tf.reduce_sum(tf.cast(t >= milestones, tf.float32))
             opt.learning_rate.assign(base_lr * tf.pow(gamma, drops))
+            if l2:  # coupled L2 (train.weight_decay_mode = "l2"): before momentum or Adam's moments see it
+                grads = [g + l2 * v for g, v in zip(grads, trainable)]
             opt.apply_gradients(zip(grads, trainable))
             for v, m in masked:
                 v.assign(tf.where(m != 0, v, tf.zeros_like(v)))
@@ -293,7 +304,7 @@ class MaskedTrainer:
         hyper = ({"momentum": float(opt.momentum)} if self.cfg.optimizer == "sgd" else
                  {"beta1": float(opt.beta_1), "beta2": float(opt.beta_2), "eps": float(opt.epsilon)})
         engine = sparse.SparseMLP(kernels, biases, masks, self.cfg.optimizer,
-                                  weight_decay=float(opt.weight_decay or 0.0), **hyper)
+                                  weight_decay=float(opt.weight_decay or 0.0), l2=coupled_weight_decay(self.cfg), **hyper)
         engine.reset_slots(self._slot_arrays())
         return engine
 

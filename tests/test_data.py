@@ -581,3 +581,14 @@ def test_real_fashion_mnist(monkeypatch):
     assert (len(ds.y_train), len(ds.y_val), len(ds.y_test)) == (1000, 5000, 10000)
     assert ds.input_shape == (28, 28, 1) and ds.num_classes == 10
     assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+
+
+def test_prepare_defaults_agree_with_the_config():
+    """A file made by `python -m lthmpi.data prepare` with its defaults must be usable by the default config:
+    the same validation split and normalisation."""
+    from lthmpi.config import DataConfig
+    from lthmpi.data.__main__ import _parser
+
+    args = _parser().parse_args(["prepare", "--dataset", "digits", "--out", "x.h5"])
+    assert (args.validation, args.normalize, args.subset) == (DataConfig().validation, DataConfig().normalize,
+                                                              DataConfig().subset)

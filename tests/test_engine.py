@@ -313,3 +313,86 @@ def test_written_files_follow_the_umask(tmp_path):
         assert stat.S_IMODE(target.stat().st_mode) == 0o644
     finally:
         os.umask(old)
+
+
+# -- reruns: the directory's name, and tasks trained otherwise ----------------------------------------------
+
+def _old_config_toml(path):
+    """config.toml as lthmpi wrote it before fields were added (only the keys the legacy hash covered)."""
+    from lthmpi.config import LEGACY_KEYS
+
+    section, out = "", []
+    for line in open(path).read().splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+            out.append(line)
+        elif "=" in line and section and f"{section}.{line.split('=')[0].strip()}" not in LEGACY_KEYS:
+            continue
+        else:
+            out.append(line)
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+
+
+def test_run_directory_named_by_the_old_hash_still_resumes(tiny_run, tiny_config, tmp_path, monkeypatch):
+    """The default directory of a run made before fields with defaults were added (named by the hash of
+    every field) is found, and the rerun trains nothing; a new config gets the new, stable name."""
+    from lthmpi.config import Config, identity_hash
+    from lthmpi.driver import run_serial
+    from lthmpi.main import default_run_dir
+    from lthmpi.training import MaskedTrainer
+
+    legacy = tiny_config.default_run_name(legacy=True)
+    assert legacy and legacy != tiny_config.default_run_name()
+    shutil.copytree(tiny_run, tmp_path / "runs" / legacy)
+    _old_config_toml(tmp_path / "runs" / legacy / "config.toml")
+    monkeypatch.chdir(tmp_path)
+    assert default_run_dir(tiny_config) == os.path.join("runs", legacy)
+    monkeypatch.setattr(MaskedTrainer, "fit", lambda *a, **k: pytest.fail("a finished run trained again"))
+    run_serial(tiny_config, default_run_dir(tiny_config), threads=1, quiet=True)
+    # the new name hashes only what differs from the defaults: a field added with its default changes nothing
+    ident, defaults = tiny_config.identity(), Config().identity()
+    grown = {**ident, "train": {**ident["train"], "new_field": 1}}
+    assert identity_hash(grown, {**defaults, "train": {**defaults["train"], "new_field": 1}}) == tiny_config.hash()
+    os.rename(os.path.join("runs", legacy), "elsewhere")
+    assert default_run_dir(tiny_config) == os.path.join("runs", tiny_config.default_run_name())
+
+
+def test_mixed_kernels_names_the_tasks_and_how_they_differ():
+    from lthmpi.store import mixed_kernels
+
+    done = {"m000_r00_ticket": dict(threads=1, kernels="dense", remaining=0.5),
+            "m001_r00_ticket": dict(threads=1, kernels="sparse", remaining=0.2),
+            "m001_r01_ticket": dict(threads=2, kernels="sparse", remaining=0.2),
+            "m001_r01_random_mask": dict(threads=1, kernels="dense", remaining=0.2, replicas=2)}
+    kernels = lambda r: "sparse" if r <= 0.3 else "dense"  # noqa: E731
+    assert mixed_kernels(done, 1, kernels) == ["1 finished task(s) trained with 2 TF threads (this run: 1): m001_r01_ticket"]
+    assert mixed_kernels(done, 1, lambda r: "dense") == [
+        "1 finished task(s) trained with sparse kernels (this run: dense): m001_r00_ticket",
+        "1 finished task(s) trained with 2 TF threads (this run: 1), sparse kernels (this run: dense): m001_r01_ticket"]
+    assert mixed_kernels(done, 2, kernels) == [
+        "3 finished task(s) trained with 1 TF threads (this run: 2): m000_r00_ticket, m001_r00_ticket, "
+        "m001_r01_random_mask"]
+    assert mixed_kernels(done, 1, lambda r: "sparse" if r <= 0.3 else "dense") == mixed_kernels(done, 1, kernels)
+
+
+def test_rerun_on_other_kernels_is_refused_unless_allowed(tiny_run, tiny_config, tmp_path, monkeypatch):
+    from lthmpi.config import from_dict
+    from lthmpi.driver import run_serial
+    from lthmpi.store import StoreError
+    from lthmpi.training import MaskedTrainer
+
+    run = str(tmp_path / "mixed")
+    shutil.copytree(tiny_run, run)
+    os.unlink(os.path.join(run, "tasks", "m000_r00_ticket.h5"))  # one task left to train, on the dense kernels
+    before = {f: stat_of(os.path.join(run, f)) for f in files_under(run) if f.endswith((".h5", ".toml"))}
+    dense_only = from_dict({"parallel": {"sparse_below": 0.0}}, base=tiny_config)
+    with pytest.raises(StoreError, match=r"sparse kernels \(this run: dense\): m001_r00_random_mask, .*"
+                                         r"--allow-mixed-kernels"):
+        run_serial(dense_only, run, threads=1, quiet=True)
+    assert {f: stat_of(os.path.join(run, f)) for f in files_under(run) if f.endswith((".h5", ".toml"))} == before
+    calls = []
+    real_fit = MaskedTrainer.fit
+    monkeypatch.setattr(MaskedTrainer, "fit", lambda self, *a, **k: calls.append(a) or real_fit(self, *a, **k))
+    run_serial(dense_only, run, threads=1, quiet=True, allow_mixed=True)
+    assert len(calls) == 1 and os.path.exists(os.path.join(run, "results.h5"))

@@ -14,6 +14,8 @@ OPTIMIZERS = {
     "sgd_momentum_wd": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01,
                         "lr_milestones": ["30it", "60it"], "lr_gamma": 0.1},
     "adamw": {"optimizer": "adamw", "lr": 0.003, "weight_decay": 0.05},
+    "sgd_l2": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01, "weight_decay_mode": "l2",
+               "lr_milestones": ["30it", "60it"], "lr_gamma": 0.1},
 }
 DENSE_END = 40  # iterations of dense training before pruning
 RETRAIN_END = 80
@@ -226,6 +228,54 @@ def test_data_parallel_replicas_each_evaluate_their_share_once(rig, data, size):
             assert sum(s[0] for s in shares) == pytest.approx(loss * n, rel=1e-5)
     finally:
         tr.set_reducer(None)
+
+# -- weight decay -------------------------------------------------------------------------------------
+
+def _trained(data, steps, **train):
+    from lthmpi.models import build_model, prunable_variables
+    from lthmpi.training import MaskedTrainer
+
+    model = build_model("lenet300_100", data.input_shape, data.num_classes, 0)
+    tr = MaskedTrainer(model, data, train_cfg(**train).train, 0, prunable_variables(model))
+    tr.fit(0, steps)
+    return tr.get_weights()
+
+
+def test_adamw_without_weight_decay_trains_exactly_as_adam(data):
+    """train.weight_decay defaults to 0.0, and that is what results.h5 records: AdamW must not fall back to
+    Keras' own default of 0.004."""
+    adam, adamw = (_trained(data, 12, optimizer=o, lr=0.003) for o in ("adam", "adamw"))
+    assert all(np.array_equal(adam[p], adamw[p]) for p in adam)
+    decayed = _trained(data, 12, optimizer="adamw", lr=0.003, weight_decay=0.004)
+    assert not np.array_equal(adam["fc1/kernel"], decayed["fc1/kernel"])
+
+
+def test_l2_weight_decay_is_coupled_before_momentum(data):
+    """weight_decay_mode = "l2": each step adds wd * w to the gradient before momentum sees it (PyTorch's
+    SGD weight_decay), checked against a plain eager loop; "decoupled" (Keras) trains something else."""
+    import keras
+    import tensorflow as tf
+
+    from lthmpi.models import build_model
+
+    steps, wd, lr = 6, 0.05, 0.05
+    got = _trained(data, steps, optimizer="sgd", lr=lr, momentum=0.9, weight_decay=wd, weight_decay_mode="l2")
+    model = build_model("lenet300_100", data.input_shape, data.num_classes, 0)
+    opt = keras.optimizers.SGD(learning_rate=lr, momentum=0.9)
+    order = BatchOrder(len(data.x_train), 32, 0)
+    for t in range(steps):
+        rows = order.block(t, t + 1)[0]
+        with tf.GradientTape() as tape:
+            logits = model(data.x_train[rows], training=True)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=data.y_train[rows].astype(np.int32),
+                                                                                 logits=logits))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients([(g + wd * v, v) for g, v in zip(grads, model.trainable_variables)])
+    for v in model.variables:
+        assert np.allclose(got[v.path], v.numpy(), rtol=1e-4, atol=1e-6), v.path
+    decoupled = _trained(data, steps, optimizer="sgd", lr=lr, momentum=0.9, weight_decay=wd)
+    assert not np.allclose(decoupled["fc1/kernel"], got["fc1/kernel"], rtol=1e-4, atol=1e-6)
+
 
 # -- learning-rate schedule -------------------------------------------------------------------------
 

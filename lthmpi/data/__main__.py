@@ -11,6 +11,7 @@ import argparse
 import sys
 import types
 
+from ..config import DataConfig
 from .prepare import NORMALIZE, prepare, verify_prepared
 from .readers import DATASETS, DataError
 
@@ -28,11 +29,13 @@ def _parser(prog: str = "python -m lthmpi.data") -> argparse.ArgumentParser:
     pp.add_argument("--dir", default="",
                     help="data directory (or .npz file); default: $LTHMPI_DATA_DIR/<dataset> or "
                          "the system location")
-    pp.add_argument("--subset", type=int, default=0,
+    default = DataConfig()  # the defaults of data.* in a config, so that the default file fits the default config
+    pp.add_argument("--subset", type=int, default=default.subset,
                     help="keep the first N training examples after the split (0 = all)")
-    pp.add_argument("--validation", type=int, default=0,
-                    help="hold out the last N training examples for validation")
-    pp.add_argument("--normalize", choices=NORMALIZE, default="scale",
+    pp.add_argument("--validation", type=int, default=default.validation,
+                    help="hold out the last N training examples for validation (default: data.validation's "
+                         "default, %(default)s)")
+    pp.add_argument("--normalize", choices=NORMALIZE, default=default.normalize,
                     help="scale: divide by the value range; standardize: per-channel mean/std of "
                          "the training part")
     pp.add_argument("--image-size", type=int, default=224,

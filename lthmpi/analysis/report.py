@@ -118,7 +118,7 @@ def analyse(results: list[dict], out: str, tolerance: float = 0.005, weak: bool 
         head = f"## Science: {title}" if len(groups) > 1 else "## Science"
         seeds = ", ".join(str(s) for s in g.seeds)
         md += [head, "", f"Runs: {', '.join(names)} (seeds {seeds}). Dataset `{g.config.get('data', {}).get('dataset')}`, "
-               f"model `{g.config.get('model', {}).get('name')}`, {len(g.masks)} masks × {len(g.resets)} reset points"
+               f"model `{g.config.get('model', {}).get('name')}`, {len(g.masks)} {g.mask_head}s × {len(g.resets)} reset points"
                f" × (ticket + {len(g.controls)} controls). Diverged retrainings: {g.diverged}.", ""]
         acc = plots.accuracy_figure(g, os.path.join(out, f"accuracy{suffix}.png"), tolerance, title)
         es = plots.early_stop_figure(g, os.path.join(out, f"early_stop{suffix}.png"), title)

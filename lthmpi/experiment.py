@@ -8,13 +8,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from . import imp
 from .config import Config, validate_against_data, validate_against_model
 from .pruning import fraction_remaining, magnitude_masks, random_masks
+from .results import TaskResult
 from .schedule import step_cost
 from .store import RunDir, StoreError, hostname, mixed_kernels
 
@@ -238,16 +239,16 @@ class Experiment:
         t0 = time.time()
         h = tr.fit(start, end, progress=progress)
         t1 = time.time()
-        attrs = dict(task_id=task.id, mask=task.mask, remaining=fraction_remaining(mask),
-                     target_remaining=self.cfg.remaining_fractions()[task.mask],
-                     reset=self.cfg.reset.points[task.reset], reset_iteration=start, control=task.control or "",
-                     final_accuracy=h.final_accuracy, early_stop_iteration=h.early_stop_iteration,
-                     early_stop_accuracy=h.early_stop_accuracy, best_val_loss=h.best_val_loss,
-                     iterations=end - start, diverged=h.diverged, replicas=h.replicas,
-                     replicas_identical=h.replicas_identical, seconds=t1 - t0, start_time=t0, end_time=t1,
-                     rank=self.rank, host=self.host, threads=tr.threads, kernels=tr.kernels,
-                     device=self.placement.label, precision=self.cfg.train.precision,
-                     deterministic=self.deterministic)
+        result = TaskResult(task_id=task.id, mask=task.mask, remaining=fraction_remaining(mask),
+                            target_remaining=self.cfg.remaining_fractions()[task.mask],
+                            reset=self.cfg.reset.points[task.reset], reset_iteration=start,
+                            control=task.control or "", final_accuracy=h.final_accuracy,
+                            early_stop_iteration=h.early_stop_iteration, early_stop_accuracy=h.early_stop_accuracy,
+                            best_val_loss=h.best_val_loss, iterations=end - start, diverged=h.diverged,
+                            seconds=t1 - t0, start_time=t0, end_time=t1, rank=self.rank, host=self.host,
+                            threads=tr.threads, kernels=tr.kernels, device=self.placement.label,
+                            precision=self.cfg.train.precision, deterministic=self.deterministic)
+        attrs = dict(asdict(result), replicas=h.replicas, replicas_identical=h.replicas_identical)
         if task.level:
             attrs.update(level=task.level, method="imp")
         series = {"evals": _columns(h.evals, ("iteration", "train_loss", "val_loss", "val_accuracy")),

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass, fields
 
 import h5py
 import numpy as np
@@ -29,12 +30,51 @@ from .runtime import available_cores
 from .store import DIGEST, RunDir, StoreError, atomic_h5, open_h5, read_arrays
 
 FORMAT = 1
-TASK_COLUMNS = ("task_id", "mask", "remaining", "target_remaining", "reset", "reset_iteration", "control",
-                "final_accuracy", "early_stop_iteration", "early_stop_accuracy", "best_val_loss", "iterations",
-                "diverged", "seconds", "start_time", "end_time", "rank", "host", "threads", "kernels", "device", "precision", "deterministic")
 
-# Columns added after the first task files were written, and what a task file without them ran as.
-LATER_COLUMNS = {"kernels": "", "device": "cpu", "precision": "float32", "deterministic": True}
+
+@dataclass
+class TaskResult:
+    """The columns of a task result, declared once: the experiment writes them into tasks/<id>.h5, the merge
+    makes one /tasks/<column> dataset of each, the analysis reads them back. Columns a task file lacks (a
+    kind that is not a retraining, or a file written before the column existed) take their defaults here."""
+    task_id: str
+    mask: int = -1
+    remaining: float = math.nan
+    target_remaining: float = math.nan
+    reset: str = ""
+    reset_iteration: int = -1
+    control: str = ""
+    final_accuracy: float = math.nan
+    early_stop_iteration: int = -1
+    early_stop_accuracy: float = math.nan
+    best_val_loss: float = math.nan
+    iterations: int = 0
+    diverged: bool = False
+    seconds: float = math.nan
+    start_time: float = math.nan
+    end_time: float = math.nan
+    rank: int = -1
+    host: str = ""
+    threads: int = 0
+    kernels: str = ""
+    device: str = "cpu"
+    precision: str = "float32"
+    deterministic: bool = True
+    kind: str = "oneshot"
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> "TaskResult":
+        """From a task file's attributes: columns it lacks take their defaults, other attributes are ignored."""
+        return cls(**{f.name: attrs[f.name] for f in fields(cls) if f.name in attrs})
+
+    @staticmethod
+    def dtype(column: str):
+        """How the merged file stores a column: text, 64-bit integers, or 64-bit floats (booleans too)."""
+        kind = {f.name: f.type for f in fields(TaskResult)}[column]
+        return h5py.string_dtype() if kind == "str" else np.int64 if kind == "int" else np.float64
+
+
+TASK_COLUMNS = tuple(f.name for f in fields(TaskResult))
 
 
 def merge(run: RunDir, task_ids: list[str], timing: dict, provenance: dict, during=None, pair_ids=()) -> str:
@@ -59,14 +99,9 @@ def merge(run: RunDir, task_ids: list[str], timing: dict, provenance: dict, duri
         for k, v in parent_history.items():
             p.create_dataset(f"history/{k}", data=v)
         t = f.create_group("tasks")
+        records = [TaskResult.from_attrs(r) for r in rows]
         for col in TASK_COLUMNS:
-            values = [r.get(col, LATER_COLUMNS.get(col)) for r in rows]  # tasks written before these were recorded
-            if values and isinstance(values[0], str):
-                t.create_dataset(col, data=np.array(values, dtype=h5py.string_dtype()))
-            else:
-                t.create_dataset(col, data=np.asarray(values, dtype=np.float64 if col not in
-                                                        ("mask", "reset_iteration", "early_stop_iteration", "iterations",
-                                                         "rank", "threads") else np.int64))
+            t.create_dataset(col, data=np.array([getattr(r, col) for r in records], dtype=TaskResult.dtype(col)))
         if during:
             during()
         for tid, series in curves.items():

@@ -1,6 +1,6 @@
 """Predict the wall time of a run on P ranks from one measured run, and the classic scaling laws.
 
-The model follows the engine's phases (the names of ``Timer`` in ``driver.py`` / ``parallel.py``):
+The model follows the engine's phases (the names of ``PhaseTimer`` in ``coordinator.py``):
 
     T(P) = startup(P) + parent + masks + distribution(P) + makespan(P) + gather(P)
 

@@ -1,7 +1,7 @@
 """Task assignment as pure functions: static, LPT and dynamic schedules, their replay, and subgroups.
 
-Nothing here knows MPI or TensorFlow: a task is any value, a rank is an index. ``parallel.py`` uses the
-assignments to split the real work; ``scaling_model.py`` uses ``simulate`` to replay measured task
+Nothing here knows MPI or TensorFlow: a task is any value, a rank is an index. ``coordinator.py`` uses the
+assignments to split the real work; ``analysis/scaling_model.py`` uses ``simulate`` to replay measured task
 durations on another number of ranks. Keeping both on the same functions means the model predicts the
 schedule that the engine actually runs.
 
@@ -68,6 +68,41 @@ def assign_static(tasks: list, n_ranks: int, group_key: Callable = lambda t: t.m
     return out
 
 
+def list_schedule(graph, todo: list, n_ranks: int) -> list[list]:
+    """LPT on a task graph (lthmpi.graph.Graph): each task, highest priority (critical path, then cost) among
+    those whose dependencies are placed, onto the rank where it can start first (ties -> lowest rank), with
+    the tasks' estimated costs. Tasks not in `todo` are complete. On a graph without edges this is exactly
+    `assign_lpt` (longest first onto the least-loaded rank). Each rank's list is in order of planned start,
+    so running every list in order, each task waiting for its dependencies, never deadlocks."""
+    _check_ranks(n_ranks)
+    left = {t.id for t in todo}
+    end: dict[str, float] = {}
+    free = [0.0] * n_ranks
+    out: list[list] = [[] for _ in range(n_ranks)]
+    waiting = sorted(todo, key=graph.priority)
+    while waiting:
+        t = next(t for t in waiting if all(d not in left or d in end for d in t.deps))
+        waiting.remove(t)
+        after = max((end[d] for d in t.deps if d in end), default=0.0)
+        r = min(range(n_ranks), key=lambda i: (max(free[i], after), i))
+        end[t.id] = free[r] = max(free[r], after) + float(t.cost)
+        out[r].append(t)
+    return out
+
+
+def plan(graph, todo: list, scheduler: str, n_ranks: int) -> list[list] | None:
+    """Per-rank task lists for `static` (whole groups round-robin, each rank's list in graph order) and `lpt`
+    (list_schedule); None for `dynamic`, which hands tasks out while running."""
+    if scheduler == "static":
+        ordered = sorted(todo, key=lambda t: graph.position[t.id])
+        return assign_static(ordered, n_ranks, group_key=lambda t: t.unit)
+    if scheduler == "lpt":
+        return list_schedule(graph, todo, n_ranks)
+    if scheduler == "dynamic":
+        return None
+    raise ValueError(f"unknown scheduler {scheduler!r} (choose one of {', '.join(SCHEDULERS)})")
+
+
 def step_cost(kernels: str, remaining: float) -> float:
     """Relative cost of one training step: 1 on dense kernels; on sparse kernels (lthmpi/sparse.py), which
     multiply only the kept weights, about 0.1 + 1.6 x the fraction kept (LeNet-300-100 on one core:
@@ -110,7 +145,7 @@ def simulate(plan, durations: Sequence[float], n_ranks: int, overhead_per_task: 
       * a list of ``n_ranks`` lists of task indices (a static or LPT assignment; ``dynamic=False``);
       * a flat list of task indices, the order in which a coordinator hands tasks out (``dynamic=True``):
         each goes to the rank that becomes free first (ties -> lowest rank);
-      * a scheduler name from ``SCHEDULERS``: the assignment is made here, as ``parallel.py`` would make
+      * a scheduler name from ``SCHEDULERS``: the assignment is made here, as ``coordinator.py`` would make
         it: ``static`` deals ``groups`` (group key per task, default: each task its own group),
         ``lpt`` and ``dynamic`` order by ``costs`` (default: the durations themselves), longest first.
     ``overhead_per_task`` is added before every task (dispatch latency of the dynamic scheduler, or

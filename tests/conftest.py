@@ -54,7 +54,7 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tf_runtime, tiny_config):
     """A finished tiny experiment, run in this process; read it, never write to it (copy it first)."""
-    from lthmpi.driver import run_serial
+    from lthmpi.coordinator import run_serial
 
     path = str(tmp_path_factory.mktemp("tiny") / "run")
     run_serial(tiny_config, path, threads=1, quiet=True)

@@ -269,10 +269,35 @@ def test_timeline_imbalance(tmp_path):
     assert round(pr["imbalance"], 4) == 1.2857
     assert scaling.imbalance({0: 9.0, 1: 5.0}) == pytest.approx(9 / 7)
     assert scaling.imbalance({0: 9.0}, workers=2) == pytest.approx(2.0)  # an idle worker counts as 0
+    assert pr["idle_per_task_max"] >= pr["idle_per_task_mean"] >= 0
     done = analyse([res], str(tmp_path / "out"), 0.005)
     assert "1.2857" in done["text"]
     timeline = os.path.join(str(tmp_path / "out"), "timeline.png")
     assert_png(timeline)
+
+
+def test_idle_time_before_each_task():
+    """A rank's idle time before a task: since its previous task ended, or since the training phase began."""
+    tasks = [dict(task_id="a", rank=0, start_time=10.5, end_time=12.0), dict(task_id="b", rank=0, start_time=12.25,
+                                                                            end_time=13.0),
+             dict(task_id="c", rank=1, start_time=11.0, end_time=11.5), dict(task_id="d", rank=1, start_time=14.0,
+                                                                            end_time=15.0)]
+    assert scaling.idle_before(tasks, start=10.0) == {"a": 0.5, "b": 0.25, "c": 1.0, "d": 2.5}
+    assert scaling.idle_before(tasks) == {"b": 0.25, "d": 2.5}
+    timing = dict(start_time=100.0, startup=1.0, parent=2.0, masks=0.5, distribution=0.25, training=9.0)
+    assert scaling.training_start(dict(timing=timing)) == 103.75
+
+
+def test_efficiency_against_the_bound_of_the_serial_phases():
+    ref = dict(timing=dict(total=100.0, training=90.0), provenance=dict(ranks=1), path="/x/p1")
+    run = dict(timing=dict(total=55.0, distribution=1.0, training=45.0), provenance=dict(ranks=2), path="/x/p2")
+    e = scaling.efficiency_against_bound(ref, run)
+    assert e["serial_1"] == 10.0 and e["serial_p"] == 9.0
+    assert e["e_training"] == 1.0 and e["e_wall"] == pytest.approx(100 / 110)
+    assert e["bound"] == pytest.approx(100 / (2 * (9.0 + 90.0 / 2)))  # the serial phases cap E at 0.926
+    assert e["wall_vs_bound"] == pytest.approx((100 / 110) / (100 / 108))
+    (head, row) = scaling.efficiency_lines(ref, [run])
+    assert row.split()[:2] == ["p2", "2"] and row.split()[-4:] == ["1.000", "0.909", "0.926", "0.982"]
 
 
 def test_phase_labels_that_would_overlap_go_up_a_row():

@@ -1,4 +1,4 @@
-"""Tests of the single-process engine (experiment.py, driver.py, store.py, results.py) on the tiny run:
+"""Tests of the single-process engine (experiment.py, coordinator.py, store.py, results.py) on the tiny run:
 reproducibility, resume after deletion and interruption, refusal of another config, atomic files."""
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def test_masks_are_cut_from_the_final_parent_weights(tiny_run, tiny_config):
 
 @pytest.fixture(scope="module")
 def second_run(tmp_path_factory, tiny_config, tf_runtime):
-    from lthmpi.driver import run_serial
+    from lthmpi.coordinator import run_serial
 
     path = str(tmp_path_factory.mktemp("again") / "run")
     run_serial(tiny_config, path, threads=1, quiet=True)
@@ -163,7 +163,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 def test_resume_after_deletion_and_interruption(tiny_run, tiny_config, tmp_path, monkeypatch):
-    from lthmpi.driver import run_serial
+    from lthmpi.config import from_dict
+    from lthmpi.coordinator import run_serial
     from lthmpi.training import MaskedTrainer
 
     run = str(tmp_path / "resumed")
@@ -186,10 +187,13 @@ def test_resume_after_deletion_and_interruption(tiny_run, tiny_config, tmp_path,
 
     monkeypatch.setattr(MaskedTrainer, "fit", counting_fit)
 
+    # `static` on one rank runs the grid in its order (lpt would run the longest first)
+    grid_order = from_dict({"parallel": {"schedule": "static"}}, base=tiny_config)
+
     # 1. interrupted during the second retraining: the first one is on disk, nothing half-written
     interrupt_at = 2
     with pytest.raises(Interrupted):
-        run_serial(tiny_config, run, threads=1, quiet=True)
+        run_serial(grid_order, run, threads=1, quiet=True)
     assert len(calls) == 2  # the parent was not retrained: it is complete on disk
     assert not os.path.exists(os.path.join(run, "results.h5"))
     assert temporaries(run) == []
@@ -201,7 +205,7 @@ def test_resume_after_deletion_and_interruption(tiny_run, tiny_config, tmp_path,
     # 2. the rerun trains only the two tasks still missing and merges
     calls.clear()
     interrupt_at = None
-    run_serial(tiny_config, run, threads=1, quiet=True)
+    run_serial(grid_order, run, threads=1, quiet=True)
     assert calls == [(0, TINY_TOTAL), (10, TINY_TOTAL)]  # m001_r00_random_mask, then m001_r01_random_reinit
     for f, s in stats.items():
         assert stat_of(os.path.join(run, f)) == s, f  # finished work is never rewritten
@@ -211,7 +215,7 @@ def test_resume_after_deletion_and_interruption(tiny_run, tiny_config, tmp_path,
 
 
 def test_rerun_of_a_finished_run_trains_nothing(tiny_run, tiny_config, tmp_path, monkeypatch):
-    from lthmpi.driver import run_serial
+    from lthmpi.coordinator import run_serial
     from lthmpi.training import MaskedTrainer
 
     run = str(tmp_path / "again")
@@ -234,7 +238,7 @@ def test_rerun_of_a_finished_run_trains_nothing(tiny_run, tiny_config, tmp_path,
 ])
 def test_other_config_is_refused_and_files_untouched(tiny_run, tiny_config, tmp_path, monkeypatch, change, words):
     from lthmpi.config import from_dict
-    from lthmpi.driver import run_serial
+    from lthmpi.coordinator import run_serial
     from lthmpi.store import StoreError
     from lthmpi.training import MaskedTrainer
 

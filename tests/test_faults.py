@@ -64,7 +64,7 @@ def mtimes(run) -> dict:
 # -- units: the pieces the end-to-end cases rely on ------------------------------------------------------
 
 def test_disk_errors_are_recognised_with_or_without_errno():
-    from lthmpi.main import describe_error
+    from lthmpi.errors import describe_error
     from lthmpi.store import disk_errno
 
     h5_text = ("Can't synchronously write data (file write failed: time = Tue Nov 24 08:48:06 2026\n, filename = "
@@ -97,7 +97,7 @@ def test_full_disk_write_names_the_file_and_leaves_nothing(tmp_path):
 
 
 def test_fault_spec_is_checked():
-    from lthmpi.driver import FaultInjection
+    from lthmpi.faults import FaultInjection
 
     f = FaultInjection(1, "kill:1:gather")
     assert f.active and f.kind == "kill" and f.where == "gather"

@@ -1,7 +1,9 @@
-"""The MPI coordinator under real `mpirun`: every task once, results independent of P and scheduler,
-data-parallel subgroups in sync, a failing rank ends the job, and a rerun resumes."""
+"""The coordinator under real `mpirun`: every task once, results independent of P and scheduler and equal to
+the code before the task graph (tests/data/flat_reference.json), data-parallel subgroups in sync, a failing
+rank ends the job, and a rerun resumes."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -49,11 +51,36 @@ MEASURED = ("final_accuracy", "early_stop_iteration", "early_stop_accuracy", "be
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """P = 1 without mpirun: the serial path."""
+    """P = 1 without mpirun: the one-rank communicator."""
     run = tmp_path_factory.mktemp("p1") / "run"
     r = launch(run)
     assert r.returncode == 0, r.stderr
     return run
+
+
+def test_p1_equals_the_code_before_the_task_graph(reference):
+    """Bitwise the per-task results that commit dd455de gave (tests/data/make_flat_reference.py): the other
+    tests compare every P and scheduler with `reference`, so they equal the old code too."""
+    old = json.loads((ROOT / "tests" / "data" / "flat_reference.json").read_text())
+    assert old["sets"] == [v for k, v in zip(TINY[::2], TINY[1::2]) if k == "--set"], "made on this grid"
+    got, c_got = task_records(reference), curves(reference)
+    assert sorted(got) == sorted(old["tasks"]) and len(got) == N_TASKS
+    for tid, want in old["tasks"].items():
+        for k, v in want["attrs"].items():
+            a = got[tid][k]
+            assert (a or "") == v if k == "control" else a == v, (tid, k, a, v)
+        for key, values in want["curves"].items():
+            name, col = key.split("/")
+            np.testing.assert_array_equal(c_got[(tid, name, col)], np.asarray(values), err_msg=f"{tid} {key}")
+
+
+@pytest.mark.parametrize("schedule", ["static", "lpt", "dynamic"])
+def test_p1_under_mpirun_equals_p1(reference, tmp_path, schedule):
+    run = tmp_path / "run"
+    r = launch(run, 1, ["--set", f"parallel.schedule={schedule}"])
+    assert r.returncode == 0, r.stderr
+    assert_equal_runs(run, reference)
+    assert sorted(done_lines(run)) == sorted(task_records(reference)), "every task trained exactly once"
 
 
 @pytest.mark.parametrize("schedule", ["static", "lpt", "dynamic"])
@@ -61,10 +88,19 @@ def test_p3_equals_p1_and_runs_every_task_once(reference, tmp_path, schedule):
     run = tmp_path / "run"
     r = launch(run, 3, ["--set", f"parallel.schedule={schedule}"])
     assert r.returncode == 0, r.stderr
-    got, want = task_records(run), task_records(reference)
-    assert sorted(got) == sorted(want) and len(got) == N_TASKS
+    got, want = assert_equal_runs(run, reference)
     trained = done_lines(run)
     assert sorted(trained) == sorted(want), "every task trained exactly once"
+    used = {t["rank"] for t in got.values()}
+    assert used == {0, 1, 2}, f"all three ranks train ({schedule}): {used}"
+    prov = results.load(str(run))["provenance"]
+    assert prov["ranks"] == 3 and prov["schedule"] == schedule
+
+
+def assert_equal_runs(run, reference):
+    """Every task's measured columns and curves bitwise equal; returns both runs' records."""
+    got, want = task_records(run), task_records(reference)
+    assert sorted(got) == sorted(want) and len(got) == N_TASKS
     for tid in want:
         for k in MEASURED:
             assert got[tid][k] == want[tid][k], (tid, k)
@@ -72,19 +108,15 @@ def test_p3_equals_p1_and_runs_every_task_once(reference, tmp_path, schedule):
     assert c_got.keys() == c_want.keys()
     for key in c_want:
         np.testing.assert_array_equal(c_got[key], c_want[key], err_msg=str(key))
-    used = {t["rank"] for t in got.values()}
-    assert used == {0, 1, 2}, f"all three ranks train ({schedule}): {used}"
-    prov = results.load(str(run))["provenance"]
-    assert prov["ranks"] == 3 and prov["schedule"] == schedule
+    return got, want
 
 
-def test_p2_mpirun_and_phase_timings(reference, tmp_path):
+@pytest.mark.parametrize("schedule", ["static", "lpt", "dynamic"])
+def test_p2_mpirun_and_phase_timings(reference, tmp_path, schedule):
     run = tmp_path / "run"
-    r = launch(run, 2)
+    r = launch(run, 2, ["--set", f"parallel.schedule={schedule}"])
     assert r.returncode == 0, r.stderr
-    got, want = task_records(run), task_records(reference)
-    assert {tid: got[tid]["early_stop_accuracy"] for tid in got} == \
-           {tid: want[tid]["early_stop_accuracy"] for tid in want}
+    got, want = assert_equal_runs(run, reference)
     timing = results.load(str(run))["timing"]
     for phase in ("startup", "parent", "masks", "distribution", "training", "gather", "total"):
         assert timing[phase] >= 0, phase

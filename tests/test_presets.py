@@ -56,7 +56,7 @@ def test_describe_prints_layers_and_paper_parameter_count(model, dataset, total,
 def test_training_from_prepared_file_equals_raw(tmp_path):
     """The prepared HDF5 is a cache of the raw data: the experiment's results must not change."""
     from lthmpi.data.prepare import prepare
-    from lthmpi.driver import run_serial
+    from lthmpi.coordinator import run_serial
     from lthmpi.results import load
 
     sets = ["data.dataset=digits", "data.validation=200", "train.epochs=2", "train.batch_size=32",

@@ -193,7 +193,7 @@ def test_which_kernels(data):
 
 
 def test_experiment_records_which_kernels_trained_each_task(tmp_path, tf_runtime):
-    from lthmpi.driver import run_serial
+    from lthmpi.coordinator import run_serial
     from lthmpi.results import load
 
     cfg = from_dict({"seed": 1, "data": {"dataset": "digits", "validation": 200},

@@ -1,5 +1,7 @@
 """python -m lthmpi.analysis RUN_DIR [RUN_DIR ...] [--out DIR] [--json] [--csv] [--tolerance 0.005] [--weak]
    python -m lthmpi.analysis model RUN_DIR [...]   (the scaling model, see model_cli.py)
+   python -m lthmpi.analysis efficiency P1_RUN_DIR RUN_DIR [...]   (E(P) on training and wall time, and the
+                                                   wall-time bound of each run's serial phases)
 
 Without --json: prints the key tables, writes the figures and report.md to --out (default
 ./analysis_out/<name of the first run dir>). --json alone prints the JSON summary (one object for one run,
@@ -43,6 +45,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         from .model_cli import main as model_main
 
         return model_main(argv[1:], *([f"{prog} model"] if prog else []))
+    if argv and argv[0] == "efficiency":
+        return efficiency_main(argv[1:], f"{prog or PROG} efficiency")
     args = parser(prog or PROG).parse_args(argv)
     if not 0 <= args.tolerance < 1:
         return fail(f"--tolerance {args.tolerance} must be a fraction in [0, 1), e.g. 0.005 for 0.5 percentage points")
@@ -79,6 +83,27 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(f"wrote {done['report']} and {len(done['files']) - 1} figures in {out}")
     except OSError as e:
         return fail(f"cannot write to {out}: {e.strerror or e}; choose another --out")
+    return 0
+
+
+def efficiency_main(argv: list[str], prog: str) -> int:
+    p = argparse.ArgumentParser(prog=prog, description="Strong-scaling efficiency of each RUN_DIR against the "
+                                "P = 1 run, on the training phase and on wall time, next to the wall-time "
+                                "efficiency that the run's own serial phases allow.")
+    p.add_argument("ref", metavar="P1_RUN_DIR", help="the same work on one rank")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    args = p.parse_args(argv)
+    from . import AnalysisError, load_runs
+    from .scaling import efficiency_lines, work_key
+
+    try:
+        ref, *runs = load_runs([args.ref, *args.runs])
+    except AnalysisError as e:
+        return fail(str(e))
+    other = [r["path"] for r in runs if work_key(r) != work_key(ref)]
+    if other:
+        return fail(f"{other[0]} is not the same experiment as {args.ref} (configs differ outside `parallel`)")
+    print("\n".join(efficiency_lines(ref, runs)))
     return 0
 
 

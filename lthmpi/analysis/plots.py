@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 
+from . import scaling as _scaling  # noqa: E402
 from .science import Grid  # noqa: E402
 
 # Okabe–Ito colours (colour-blind safe), then markers, dashes and hatches so that grey prints still separate.
@@ -186,6 +187,12 @@ def timeline_figure(res: dict, pr: dict, tasks: list[dict], resets: list[str], p
         ax.barh(int(t["rank"]), t["end_time"] - t["start_time"], left=t["start_time"] - t0, height=0.7,
                 color=color, alpha=alpha.get(t["control"], 0.3), hatch=HATCHES[i % len(HATCHES)], edgecolor="black",
                 linewidth=0.5)
+    # idle time before each task (waiting for it to be handed out, or for its inputs): a thin red bar
+    idle = _scaling.idle_before(tasks, _scaling.training_start(res))
+    for t in tasks:
+        wait = idle.get(t["task_id"], 0.0)
+        if wait > 0:
+            ax.barh(int(t["rank"]), wait, left=t["start_time"] - t0 - wait, height=0.2, color="#d62728")
     # phase boundaries (phases run one after another from the launch); the parent run shaded
     x_max = max(pr["total_seconds"], max((t["end_time"] - t0 for t in tasks), default=0)) * 1.02 or 1
     at, marks = 0.0, []
@@ -208,6 +215,8 @@ def timeline_figure(res: dict, pr: dict, tasks: list[dict], resets: list[str], p
                 for c in [None, *controls]]
     if pr["phases"].get("parent"):
         handles.append(Patch(facecolor="#dddddd", hatch="//", alpha=0.5, label="parent run (serial part)"))
+    if any(v > 0 for v in idle.values()):
+        handles.append(Patch(facecolor="#d62728", label="rank idle before its task"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.set_yticks(ranks)
     ax.set_ylim(max(ranks, default=0) + 0.6, -1.0 - 0.35 * max(rows, default=0))
@@ -215,7 +224,10 @@ def timeline_figure(res: dict, pr: dict, tasks: list[dict], resets: list[str], p
     ax.set_xlabel("wall time since launch (s)")
     ax.set_xlim(0, x_max)
     earlier = f"; {pr['tasks_from_earlier_run']} tasks from an earlier run not shown" if pr["tasks_from_earlier_run"] else ""
-    ax.set_title(f"{pr['name']}: P={pr['ranks']}, imbalance {pr['imbalance']:.4f} (max/mean rank busy time){earlier}")
+    waits = f"; idle before a task: mean {pr['idle_per_task_mean']:.3f} s, max {pr['idle_per_task_max']:.3f} s" \
+        if idle else ""
+    ax.set_title(f"{pr['name']}: P={pr['ranks']}, imbalance {pr['imbalance']:.4f} (max/mean rank busy time)"
+                 f"{waits}{earlier}", fontsize=9)
     ax.grid(True, axis="x", alpha=0.3)
     return _save(fig, path)
 

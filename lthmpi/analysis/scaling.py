@@ -21,6 +21,10 @@ the whole run from launch to merged results):
   ranks that train tasks (subgroup leaders when ranks form data-parallel subgroups, provenance["workers"]);
   a worker that ran nothing counts as busy 0. Tasks that ended before this session started (done by an
   earlier, interrupted run and skipped on resume) are left out of the timeline and of the imbalance.
+- idle time before a task = its start_time − the end_time of the task its rank ran before it (for a rank's
+  first task: − the start of the training phase). It is what a worker spends waiting for its next task
+  (the dynamic scheduler's round trip to rank 0, or a task's inputs under a task graph), plus the few
+  milliseconds of setting up the task.
 """
 from __future__ import annotations
 
@@ -140,6 +144,30 @@ def rank_busy(tasks: list[dict]) -> dict[int, float]:
     return dict(sorted(busy.items()))
 
 
+def training_start(res: dict) -> float | None:
+    """When the training phase began: the launch plus every phase before it."""
+    t = res["timing"]
+    if t.get("start_time") is None or t.get("training") is None:
+        return None
+    return float(t["start_time"]) + sum(float(t.get(p, 0.0)) for p in PHASES[:PHASES.index("training")])
+
+
+def idle_before(tasks: list[dict], start: float | None = None) -> dict[str, float]:
+    """Per task id: seconds its rank sat idle before it (see the module's definition). A rank's first task
+    counts from `start` (the training phase's), or not at all without one."""
+    out: dict[str, float] = {}
+    by_rank: dict[int, list[dict]] = {}
+    for t in tasks:
+        by_rank.setdefault(int(t["rank"]), []).append(t)
+    for lst in by_rank.values():
+        prev = start
+        for t in sorted(lst, key=lambda t: float(t["start_time"])):
+            if prev is not None:
+                out[t["task_id"]] = max(0.0, float(t["start_time"]) - prev)
+            prev = float(t["end_time"])
+    return out
+
+
 def imbalance(busy, workers: int | None = None) -> float:
     """max busy / mean busy over `workers` workers (those absent from `busy` count as 0); NaN if none ran."""
     values = list(busy.values()) if isinstance(busy, dict) else list(busy)
@@ -171,6 +199,7 @@ def profile(res: dict) -> dict:
     """Everything the scaling figures need from one run, JSON-ready."""
     mine, earlier = session_tasks(res)
     busy = rank_busy(mine)
+    idle = list(idle_before(mine, training_start(res)).values())
     workers = workers_of(res)
     hosts = _provenance_list(res["provenance"].get("hosts", []))
     threads = res["provenance"].get("threads_per_rank")
@@ -181,7 +210,8 @@ def profile(res: dict) -> dict:
                 total_seconds=float(res["timing"].get("total", math.nan)), phases=phases(res["timing"]),
                 busy_seconds={str(k): v for k, v in busy.items()}, imbalance=imbalance(busy, workers),
                 tasks=len(res["tasks"]), tasks_this_session=len(mine), tasks_from_earlier_run=earlier,
-                work_iterations=work_iterations(res))
+                work_iterations=work_iterations(res), idle_per_task_mean=float(np.mean(idle)) if idle else math.nan,
+                idle_per_task_max=max(idle, default=math.nan))
 
 
 # -- several runs ------------------------------------------------------------------------------------
@@ -258,4 +288,39 @@ def series(profiles: list[dict], weak: bool = False) -> dict | None:
     else:
         f, t1 = amdahl_fit([r["ranks"] for r in rows], [r["seconds"] for r in rows])
         out.update(amdahl_serial_fraction=f, amdahl_t1_seconds=t1)
+    return out
+
+
+# -- strong-scaling efficiency against the bound of the serial phases ---------------------------------
+PARALLEL_PHASES = ("distribution", "training")
+
+
+def efficiency_against_bound(ref: dict, run: dict) -> dict:
+    """E(P) of `run` against the P = 1 run `ref`, on wall time and on the training phase, and the wall-time
+    efficiency that `run`'s own serial phases allow.
+
+    Serial part S = the run's wall time outside its distribution and training phases (start-up, parent,
+    masks, gather, merge): it does not shrink with P. Were the P = 1 run's parallel part W1 = T1 - S1 divided
+    perfectly, `run` would take S_P + W1 / P, so its wall-time efficiency is at most
+    bound = T1 / (P (S_P + W1 / P)). `wall_vs_bound` = E_wall / bound is 1 for a perfect training phase."""
+    p = ranks_of(run)
+    t1, tp = float(ref["timing"]["total"]), float(run["timing"]["total"])
+    train1, trainp = float(ref["timing"]["training"]), float(run["timing"]["training"])
+    s1 = t1 - sum(float(ref["timing"].get(k, 0.0)) for k in PARALLEL_PHASES)
+    sp = tp - sum(float(run["timing"].get(k, 0.0)) for k in PARALLEL_PHASES)
+    bound = t1 / (p * (sp + (t1 - s1) / p))
+    e_wall = t1 / (p * tp)
+    return dict(ranks=p, wall_1=t1, wall_p=tp, training_1=train1, training_p=trainp, serial_1=s1, serial_p=sp,
+                e_training=train1 / (p * trainp), e_wall=e_wall, bound=bound, wall_vs_bound=e_wall / bound)
+
+
+def efficiency_lines(ref: dict, runs: list[dict]) -> list[str]:
+    """The table run/strong_scaling.sh prints: training-phase E(P), wall-time E(P) and its bound."""
+    out = [f"{'run':<28} {'P':>3} {'T1 s':>8} {'TP s':>8} {'serial1 s':>9} {'serialP s':>9} {'E_train':>8} "
+           f"{'E_wall':>7} {'bound':>7} {'E_wall/bound':>12}"]
+    for r in runs:
+        e = efficiency_against_bound(ref, r)
+        out.append(f"{run_name(r.get('path', '')):<28} {e['ranks']:>3} {e['wall_1']:>8.2f} {e['wall_p']:>8.2f} "
+                   f"{e['serial_1']:>9.2f} {e['serial_p']:>9.2f} {e['e_training']:>8.3f} {e['e_wall']:>7.3f} "
+                   f"{e['bound']:>7.3f} {e['wall_vs_bound']:>12.3f}")
     return out

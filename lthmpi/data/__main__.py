@@ -57,7 +57,8 @@ def _summary(out: str, ds) -> str:
 
 
 def main(argv=None, prog: str = "python -m lthmpi.data", signals: bool = False) -> int:
-    from ..main import install_signal_handlers, interrupt_code, interrupt_line, launched_by_mpi
+    from ..errors import install_signal_handlers, interrupt_code, interrupt_line
+    from ..main import launched_by_mpi
 
     args = _parser(prog).parse_args(argv)
     if args.command == "verify":
@@ -75,11 +76,11 @@ def main(argv=None, prog: str = "python -m lthmpi.data", signals: bool = False) 
     if argv is None or signals:  # the command line, not a test calling main() in its own process
         install_signal_handlers()
     if launched_by_mpi():
-        from ..parallel import world_comm
+        from ..mpi import world
 
-        comm = world_comm()
+        comm = world()
     rank = comm.rank if comm else 0
-    from ..driver import set_fault
+    from ..faults import set_fault
 
     fault = set_fault(rank)  # LTHMPI_FAULT=...:prepare, for the interruption tests
     try:

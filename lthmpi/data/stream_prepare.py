@@ -11,7 +11,7 @@ into place: whole or not at all.
 
 Any rank's failure (a damaged image, a full disk) is gathered, the lowest-numbered image's message is
 raised on every rank as one DataError, and the temporary file is removed. The communicator is anything
-with rank, size, bcast, allgather and barrier (lthmpi.parallel.world_comm under mpirun, ONE_RANK alone).
+with rank, size, bcast, allgather and barrier (lthmpi.mpi.world() under mpirun, ONE_RANK alone).
 """
 from __future__ import annotations
 

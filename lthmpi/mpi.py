@@ -1,0 +1,150 @@
+"""The communicator over MPI (lthmpi.comm's interface): the only module that imports mpi4py.
+
+Waits sleep between tests of a pending request instead of blocking in MPI: a blocking MPICH call spins a core
+(on an oversubscribed host, one that a training rank needs) and defers Python's signal handlers.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+POLL_S = 0.01  # sleep between tests of a pending barrier or message
+
+
+class MpiReducer:
+    """Sums a flat gradient buffer over a subgroup with one Allreduce per step."""
+
+    def __init__(self, comm):
+        self.comm, self.size, self.rank = comm, comm.Get_size(), comm.Get_rank()
+
+    def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
+        from mpi4py import MPI
+
+        out = np.empty_like(buf)
+        self.comm.Allreduce(buf, out, op=MPI.SUM)
+        return out
+
+    def all_equal(self, value) -> bool:
+        return len(set(self.comm.allgather(value))) == 1
+
+
+class MpiComm:
+    def __init__(self, comm=None):
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.host = MPI.Get_processor_name()
+        self._stop = None
+
+    def barrier(self):
+        req = self.comm.Ibarrier()
+        while not req.Test():
+            time.sleep(POLL_S)
+
+    def bcast(self, obj, root=0):
+        return self.comm.bcast(obj, root=root)
+
+    def gather(self, obj, root=0):
+        return self.comm.gather(obj, root=root)
+
+    def allgather(self, obj):
+        return self.comm.allgather(obj)
+
+    def send(self, obj, dest, tag):
+        self.comm.send(obj, dest=dest, tag=tag)
+
+    def recv(self, source, tag):
+        req = self.comm.irecv(source=source, tag=tag)
+        while True:
+            done, msg = req.test()
+            if done:
+                return msg
+            time.sleep(POLL_S / 2)
+
+    def poll(self, tag):
+        status = self.MPI.Status()
+        if not self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=tag, status=status):
+            return None
+        src = status.Get_source()
+        return src, self.comm.recv(source=src, tag=tag)
+
+    def split(self, color, key):
+        return MpiComm(self.comm.Split(color, key))
+
+    def reducer(self):
+        return MpiReducer(self.comm)
+
+    def node_slot(self):
+        """Where this rank sits on its host (devices.NodeSlot: its GPU follows from it). Collective."""
+        from .devices import NodeSlot
+
+        local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED)
+        slot = NodeSlot(local.Get_rank(), local.Get_size(),
+                        tuple(local.allgather(os.environ.get("CUDA_VISIBLE_DEVICES"))))
+        local.Free()
+        return slot
+
+    def library(self) -> str:
+        return self.MPI.Get_library_version().splitlines()[0].strip()
+
+    def threads_ok(self) -> bool:
+        return self.MPI.Query_thread() == self.MPI.THREAD_MULTIPLE
+
+    def free(self):
+        if self.comm != self.MPI.COMM_WORLD:
+            self.comm.Free()
+
+    def abort(self, code: int):
+        sys.stderr.flush()
+        time.sleep(1.0)  # let mpirun forward the last line: MPI_Abort kills the forwarding proxies at once
+        self.comm.Abort(code)
+
+    def prepare_stop(self):
+        """A duplicate of the world for stop_together: its barriers cannot match one pending on the world."""
+        self._stop = self.comm.Dup()
+
+    def settle(self, seconds: float = 15.0) -> bool:
+        """Interrupted (outside the coordinator: `lthmpi.data prepare`): wait at most `seconds` until every rank
+        has unwound, so that no rank's exit makes mpirun kill another still cleaning up. True when all arrived."""
+        req = self._stop.Ibarrier()
+        deadline = time.time() + seconds
+        while not req.Test():
+            if time.time() > deadline:
+                return False
+            time.sleep(POLL_S)
+        return True
+
+    def stop_together(self, code: int, grace_s: float, said):
+        """Interrupted: this rank has unwound. If every rank stops within grace_s, rank 0 says so (`said()`) and
+        all exit with `code`; else the ranks that did not hear it are aborted."""
+        req = self._stop.Ibarrier()
+        deadline = time.time() + grace_s
+        while not req.Test():
+            if time.time() > deadline:
+                print(f"lthmpi: rank {self.rank} interrupted, the others did not stop; aborting them", file=sys.stderr,
+                      flush=True)
+                self.comm.Abort(code)
+            time.sleep(POLL_S)
+        if self.rank == 0:
+            said()
+        req = self._stop.Ibarrier()  # no rank exits (which makes mpirun kill the rest) before rank 0 has said it
+        deadline = time.time() + grace_s
+        while not req.Test() and time.time() < deadline:
+            time.sleep(POLL_S)
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # not MPI_Finalize: requests interrupted mid-wait are still pending
+
+
+def world() -> MpiComm:
+    comm = MpiComm()
+    comm.prepare_stop()
+    return comm

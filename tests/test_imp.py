@@ -128,7 +128,7 @@ def test_identity_of_a_one_shot_config_ignores_the_imp_keys():
 
 @pytest.fixture(scope="module")
 def imp_run(tmp_path_factory, tf_runtime):
-    from lthmpi.driver import run_serial
+    from lthmpi.coordinator import run_serial
 
     cfg = from_dict(IMP_TINY)
     validate(cfg)
@@ -208,7 +208,7 @@ def test_analysis_draws_imp_next_to_one_shot_of_the_same_parent(imp_run, tmp_pat
     from lthmpi.analysis import load_runs
     from lthmpi.analysis.report import analyse
     from lthmpi.analysis.science import build_grid, method_pairs, science_groups
-    from lthmpi.driver import run_serial
+    from lthmpi.coordinator import run_serial
 
     cfg, path = imp_run
     one_shot = from_dict({**IMP_TINY, "prune": {"remaining": [0.5, 0.25]}, "reset": {"points": ["0it"], "controls": []}})

@@ -12,7 +12,7 @@ import sys
 import types
 
 from ..config import DataConfig
-from .prepare import NORMALIZE, prepare, verify_prepared
+from .prepare import NORMALIZE, prepare, settings_of, verify_prepared
 from .readers import DATASETS, DataError
 
 
@@ -84,7 +84,14 @@ def main(argv=None, prog: str = "python -m lthmpi.data", signals: bool = False) 
 
     fault = set_fault(rank)  # LTHMPI_FAULT=...:prepare, for the interruption tests
     try:
-        ds = prepare(cfg, args.out, comm, lambda: fault.at("prepare"))
+        if cfg.dataset == "imagefolder":  # streamed by every rank (stream_prepare imports prepare, not back)
+            from .readers import resolve_dir
+            from .stream_prepare import ONE_RANK, prepare_images
+
+            ds = prepare_images(settings_of(cfg), resolve_dir("imagefolder", str(cfg.dir or "")), args.out,
+                                comm or ONE_RANK, lambda: fault.at("prepare"))
+        else:
+            ds = prepare(cfg, args.out)
     except DataError as e:
         if rank == 0:  # every rank raised the same line
             print(f"error: {e}", file=sys.stderr)

@@ -305,16 +305,10 @@ def verify_prepared(path: str) -> Dataset:
 # ---------------------------------------------------------------------------------------------------
 # entry points
 
-def prepare(cfg, out: str, comm=None, after_write=lambda: None):
-    """Read the raw files that `cfg` names, build the Dataset and write it to `out`. An image tree is
-    streamed instead (stream_prepare), by every rank of `comm`; it returns a summary dict, not a Dataset."""
+def prepare(cfg, out: str):
+    """Read the raw files that `cfg` names, build the Dataset and write it to `out`. (An image tree is
+    streamed instead, by stream_prepare.prepare_images: `python -m lthmpi.data prepare` picks which.)"""
     settings = settings_of(cfg)
-    if settings["dataset"] == "imagefolder":
-        from .stream_prepare import ONE_RANK, prepare_images
-        from .readers import resolve_dir
-
-        root = resolve_dir("imagefolder", str(getattr(cfg, "dir", "") or ""))
-        return prepare_images(settings, root, out, comm or ONE_RANK, after_write)
     raw = read_raw(settings["dataset"], str(getattr(cfg, "dir", "") or ""))
     ds = build(raw, settings)
     write_prepared(ds, settings, out, source=raw.source)

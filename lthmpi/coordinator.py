@@ -355,7 +355,8 @@ def execute(cfg: Config, run_dir: str, comm, t_start: float | None, quiet: bool,
 
     prov = provenance(size, hosts, threads, comm.library())
     prov.update(schedule=schedule, subgroups=layout.n_workers != size, workers=layout.n_workers)
-    return merge(run, [t.id for t in graph.tasks], timer.as_attrs(), prov, during=lambda: fault.at("merge"))
+    return merge(run, [t.id for t in graph.tasks], timer.as_attrs(), prov, during=lambda: fault.at("merge"),
+                 deps={t.id: t.deps for t in graph.tasks if t.deps})
 
 
 class _Layout:

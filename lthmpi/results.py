@@ -61,6 +61,7 @@ class TaskResult:
     precision: str = "float32"
     deterministic: bool = True
     kind: str = "oneshot"
+    deps: str = ""  # the ids of the tasks it waited for, comma-separated (the merge fills it from the graph)
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> "TaskResult":
@@ -77,10 +78,12 @@ class TaskResult:
 TASK_COLUMNS = tuple(f.name for f in fields(TaskResult))
 
 
-def merge(run: RunDir, task_ids: list[str], timing: dict, provenance: dict, during=None, pair_ids=()) -> str:
+def merge(run: RunDir, task_ids: list[str], timing: dict, provenance: dict, during=None, pair_ids=(),
+          deps: dict | None = None) -> str:
     """Gather the per-task files named by `task_ids` into results.h5 (written atomically; it is derived, so a
     damaged one is simply rebuilt by the next run), and the stability evaluations named by `pair_ids` into
-    /stability. `during()` is called with the file half-written (fault tests)."""
+    /stability. `deps` (task id -> ids it depends on) fills the `deps` column. `during()` is called with the
+    file half-written (fault tests)."""
     pairs = {pid: run.read_task(pid) for pid in pair_ids}
     rows, curves = [], {}
     for tid in task_ids:
@@ -100,6 +103,8 @@ def merge(run: RunDir, task_ids: list[str], timing: dict, provenance: dict, duri
             p.create_dataset(f"history/{k}", data=v)
         t = f.create_group("tasks")
         records = [TaskResult.from_attrs(r) for r in rows]
+        for r in records:
+            r.deps = ",".join((deps or {}).get(r.task_id, ()))
         for col in TASK_COLUMNS:
             t.create_dataset(col, data=np.array([getattr(r, col) for r in records], dtype=TaskResult.dtype(col)))
         if during:

@@ -199,6 +199,62 @@ def simulate(plan, durations: Sequence[float], n_ranks: int, overhead_per_task: 
     return Schedule(per_rank, busy, makespan)
 
 
+def simulate_graph(scheduler: str, durations: Sequence[float], deps: Sequence[Sequence[int]], n_ranks: int,
+                   overhead_per_task: float = 0.0, *, costs: Sequence[float] | None = None,
+                   groups: Sequence | None = None, speeds: Sequence[float] | None = None) -> Schedule:
+    """``simulate`` for tasks with dependencies (``deps[i]``: indices of the tasks task i waits for), as the
+    coordinator runs them: ``static``/``lpt`` plan per-rank lists (``plan``) that each rank runs in order,
+    a task starting once its rank is free and its inputs are done; ``dynamic`` gives the earliest-free
+    rank the highest-priority task ready at that moment. Priorities and plans use ``costs`` (default: the
+    durations). ``extra["critical_path"]`` is the longest chain of durations (at the fastest speed): no
+    number of ranks finishes sooner. On tasks without dependencies this gives ``simulate``'s schedules."""
+    from .graph import Graph, Task
+
+    _check_ranks(n_ranks)
+    n = len(durations)
+    c = list(durations) if costs is None else list(costs)
+    speeds = [1.0] * n_ranks if speeds is None else [float(v) for v in speeds]
+    graph = Graph([Task(str(i), "sim", tuple(str(d) for d in deps[i]), float(c[i]),
+                        None if groups is None else groups[i]) for i in range(n)])
+    end: dict[int, float] = {}
+    per_rank: list[list[tuple[int, float, float]]] = [[] for _ in range(n_ranks)]
+    busy = [0.0] * n_ranks
+
+    def place(i: int, r: int, free: float) -> float:
+        start = max(free, max((end[d] for d in deps[i]), default=0.0)) + overhead_per_task
+        end[i] = start + float(durations[i]) / speeds[r]
+        per_rank[r].append((i, start, end[i]))
+        busy[r] += end[i] - start + overhead_per_task
+        return end[i]
+
+    if scheduler in ("static", "lpt"):
+        lists = [[int(t.id) for t in lst] for lst in plan(graph, graph.tasks, scheduler, n_ranks)]
+        free = [0.0] * n_ranks
+        while any(lists):
+            for r, lst in enumerate(lists):
+                while lst and all(d in end for d in deps[lst[0]]):
+                    free[r] = place(lst.pop(0), r, free[r])
+    elif scheduler == "dynamic":
+        heap = [(0.0, r) for r in range(n_ranks)]
+        taken: set[int] = set()
+        while len(taken) < n:
+            t, r = heapq.heappop(heap)
+            ready = [i for i in range(n) if i not in taken and all(d in end and end[d] <= t for d in deps[i])]
+            if ready:
+                i = min(ready, key=lambda i: graph.priority(graph.tasks[i]))
+                taken.add(i)
+                heapq.heappush(heap, (place(i, r, t), r))
+            else:  # nothing ready yet: this rank waits for the next running task to finish
+                heapq.heappush(heap, (min(e for e in end.values() if e > t), r))
+    else:
+        raise ValueError(f"unknown scheduler {scheduler!r} (choose one of {', '.join(SCHEDULERS)})")
+    makespan = max((lst[-1][2] for lst in per_rank if lst), default=0.0)
+    fastest = max(speeds)
+    path = Graph([Task(str(i), "sim", tuple(str(d) for d in deps[i]), float(durations[i]) / fastest)
+                  for i in range(n)]).critical_path()
+    return Schedule(per_rank, busy, makespan, extra={"critical_path": path})
+
+
 def imbalance(busy: Sequence[float]) -> float:
     """max busy / mean busy: 1.0 is perfect balance, p means one rank did all the work."""
     if len(busy) == 0:

@@ -2,9 +2,11 @@
 # Strong scaling: the same experiment (default: the default M x N grid) on P = 1, 2, 4, ... MPI ranks, each in a
 # fresh run directory under one benchmark folder, plus a baseline of the same work as ONE process without
 # mpirun with TensorFlow using all cores. Prints the wall time of every run, then the analysis (speed-up,
-# efficiency, Amdahl / Karp-Flatt) over all runs and the scaling model fitted on the P = 1 run, checked
-# against the other runs; with two or more MPI runs beyond P = 1, also the model calibrated on the smaller
-# half of them (how start-up and task times grow with P) and checked against the larger half.
+# efficiency, Amdahl / Karp-Flatt) over all runs, E(P) on the training phase and on wall time next to the
+# wall-time E that each run's own serial phases allow (python -m lthmpi.analysis efficiency), and the scaling
+# model fitted on the P = 1 run, checked against the other runs; with two or more MPI runs beyond P = 1, also
+# the model calibrated on the smaller half of them (how start-up and task times grow with P) and checked
+# against the larger half.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -33,7 +35,8 @@ options:
 environment: PYTHON (default .venv/bin/python), MPIRUN (default .venv/bin/mpirun), MPIRUN_ARGS (extra mpirun options)
 
 layout of DIR: p1/, p2/, ..., pP-oversubscribed/, baseline-1proc-<cores>threads/ (run directories),
-  <run>.out (their output), walltimes.tsv, analysis/ (python -m lthmpi.analysis), model.txt (scaling model),
+  <run>.out (their output), walltimes.tsv, analysis/ (python -m lthmpi.analysis), efficiency.txt,
+  model.txt (scaling model),
   model_calibrated.txt (with two or more MPI runs beyond P = 1)
 example (a tiny grid in ~1 min):
   run/$PROG --out /tmp/strong --set data.dataset=digits --set data.validation=200 --set train.epochs=2 \\
@@ -99,6 +102,14 @@ echo
 echo "+ $PY -m lthmpi.analysis ${DIRS[*]} --out $OUT/analysis"
 "$PY" -m lthmpi.analysis "${DIRS[@]}" --out "$OUT/analysis" | tee "$OUT/analysis.txt"
 
+if [ ${#CHECK[@]} -gt 0 ]; then  # E(P) on the training phase and on wall time, and the bound of the serial phases
+  echo
+  echo "+ $PY -m lthmpi.analysis efficiency $OUT/${NAMES[0]} ${CHECK[*]}"
+  "$PY" -m lthmpi.analysis efficiency "$OUT/${NAMES[0]}" "${CHECK[@]}" | tee "$OUT/efficiency.txt"
+  echo "(E_train = training phase at P = 1 / (P x at P); E_wall likewise on wall time; bound = the wall-time E that"
+  echo " the run's own serial phases (start-up, parent, masks, gather, merge) allow with a perfect training phase)"
+fi
+
 # The model's P: the measured ones, then doubling to 64 (what more ranks would give on this work).
 ranks_list=$(printf '%s\n' "${RANKS[@]}" 1 2 4 8 16 32 64 | sort -n | uniq | paste -sd, -)
 model=("$PY" -m lthmpi.analysis model "$OUT/${NAMES[0]}" --cores "$CORES" --ranks "$ranks_list")
@@ -106,7 +117,7 @@ model=("$PY" -m lthmpi.analysis model "$OUT/${NAMES[0]}" --cores "$CORES" --rank
 echo
 echo "+ ${model[*]}"
 "${model[@]}" | tee "$OUT/model.txt"
-done_files="walltimes.tsv, analysis/report.md, model.txt"
+done_files="walltimes.tsv, analysis/report.md, efficiency.txt, model.txt"
 if [ ${#CHECK[@]} -ge 2 ]; then  # calibrate on the smaller half, check on the rest: honest predictions
   half=$((${#CHECK[@]} / 2))
   model=("$PY" -m lthmpi.analysis model "$OUT/${NAMES[0]}" --cores "$CORES" --ranks "$ranks_list"

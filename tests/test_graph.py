@@ -102,30 +102,29 @@ def test_list_schedule_starts_the_critical_path_first():
     assert [t.id for t in lists[0]][:2] == ["a", "b"] and lists[1][0].id == "e"
 
 
-def _imports(path: Path) -> set[str]:
-    """lthmpi modules that `path` imports (absolute or relative), at any depth of the file."""
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """lthmpi modules that `path` imports (absolute or relative), at any depth of the file. `from P import m`
+    of a submodule m is an import of P.m (P's __init__ is running or has run by then)."""
     base = list(path.relative_to(ROOT).with_suffix("").parts[:-1])  # the package the file is in
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names if a.name.startswith("lthmpi")}
+            out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                parts = base[:len(base) - node.level + 1]
-                mod = ".".join(parts + ([node.module] if node.module else []))
+                mod = ".".join(base[:len(base) - node.level + 1] + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            if mod.startswith("lthmpi"):
-                out.add(mod)
-                out |= {f"{mod}.{a.name}" for a in node.names}
-    return out
+            subs = {f"{mod}.{a.name}" for a in node.names}
+            out |= subs if subs <= modules else {mod}
+    return {m for m in out if m in modules}
 
 
 def test_no_import_circles_in_lthmpi():
     """Every import, also those inside functions, between lthmpi's modules: the graph has no cycle."""
     files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
              for p in (ROOT / "lthmpi").rglob("*.py")}
-    edges = {m: sorted({i for i in _imports(p) if i in files and i != m}) for m, p in files.items()}
+    edges = {m: sorted(_imports(p, set(files)) - {m}) for m, p in files.items()}
     assert "lthmpi.errors" in edges["lthmpi.main"] and "lthmpi.coordinator" in edges["lthmpi.main"]
     state: dict[str, int] = {}
 
@@ -154,3 +153,109 @@ def test_mpi4py_is_imported_in_one_module_only():
 
     users = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "lthmpi").rglob("*.py") if imports_mpi4py(p))
     assert users == ["lthmpi/mpi.py"]
+
+
+@pytest.mark.parametrize("scheduler", ["static", "lpt", "dynamic"])
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_graph_replay_without_edges_is_the_flat_replay(scheduler, n):
+    from lthmpi.schedule import simulate, simulate_graph
+
+    durations = [3.0, 7.0, 2.0, 7.0, 5.0, 1.0, 4.0, 2.5]
+    groups = [0, 0, 1, 1, 2, 2, 3, 3]
+    flat = simulate(scheduler, durations, n, 0.25, groups=groups)
+    g = simulate_graph(scheduler, durations, [()] * len(durations), n, 0.25, groups=groups)
+    assert g.per_rank == flat.per_rank and g.makespan == flat.makespan
+    assert g.extra["critical_path"] == 7.0
+
+
+@pytest.mark.parametrize("scheduler", ["static", "lpt", "dynamic"])
+def test_graph_replay_respects_dependencies_and_the_critical_path(scheduler):
+    from lthmpi.schedule import simulate_graph
+
+    # a chain 0 -> 1 -> 2 (4 s each) and six 1-s leaves, two of them off the chain's first task
+    durations = [4.0, 4.0, 4.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    deps = [(), (0,), (1,), (0,), (0,), (), (), (), ()]
+    for n in (1, 2, 3, 9):
+        s = simulate_graph(scheduler, durations, deps, n)
+        runs = {i: (a, b) for lst in s.per_rank for i, a, b in lst}
+        assert sorted(runs) == list(range(9))
+        for i, ds in enumerate(deps):
+            assert all(runs[d][1] <= runs[i][0] + 1e-12 for d in ds), (n, i)
+        assert s.extra["critical_path"] == 12.0 and s.makespan >= 12.0
+        assert s.makespan >= sum(durations) / n - 1e-9
+    assert simulate_graph("dynamic", durations, deps, 3).makespan == 12.0  # the chain first: nothing waits
+
+
+class FakeComm:
+    """Rank 0's side of the request/answer protocol, in one process: requests are queued, answers recorded."""
+
+    def __init__(self):
+        import queue
+
+        self.requests, self.answers = queue.Queue(), queue.Queue()
+
+    def poll(self, tag):
+        import queue
+
+        try:
+            return self.requests.get_nowait()
+        except queue.Empty:
+            return None
+
+    def send(self, obj, dest, tag):
+        self.answers.put((dest, obj))
+
+
+def test_dispatcher_hands_out_ready_tasks_only_and_says_stop_at_the_end():
+    from lthmpi.coordinator import WAIT, Dispatcher
+
+    g = diamond()
+    d = Dispatcher(g, g.tasks, done=set())
+    assert d.take().id == "a" and d.take().id == "e"
+    assert d.take() is WAIT, "b and c wait for a"
+    d.finished("a")
+    assert [d.take().id, d.take().id] == ["b", "c"]
+    assert d.take() is WAIT
+    d.finished("b")
+    assert d.take() is WAIT, "d waits for c too"
+    d.finished("c")
+    assert d.take().id == "d"
+    assert d.take() is None, "all handed out: stop"
+    resumed = Dispatcher(g, [t for t in g.tasks if t.id in ("d", "e")], done={"a", "b", "c"})
+    assert [resumed.take().id, resumed.take().id, resumed.take()] == ["e", "d", None]
+
+
+def test_rank_0_answers_requests_while_its_own_task_runs():
+    """The serving thread answers a worker at once although rank 0's main thread is busy (blocked here),
+    and keeps a request that finds no ready task until one is ready."""
+    import threading
+
+    from lthmpi.coordinator import Dispatcher, Server
+
+    g = diamond()
+    d = Dispatcher(g, g.tasks, done=set())
+    comm = FakeComm()
+    server = Server(comm, d, workers=[1, 2])
+    busy = threading.Event()  # rank 0's "training": its main thread does nothing until released
+    own = d.take()  # rank 0 trains `a`
+    server.start_thread()
+    try:
+        comm.requests.put((1, None))
+        assert comm.answers.get(timeout=30) == (1, g.by_id["e"])
+        comm.requests.put((2, None))  # nothing ready: b and c need a, still training on rank 0
+        comm.requests.put((1, "e"))
+        assert not busy.wait(0.5) and comm.answers.empty()
+        d.finished(own.id)  # rank 0's task ends: the waiting workers get b and c
+        got = {comm.answers.get(timeout=30), comm.answers.get(timeout=30)}
+        assert {src for src, _ in got} == {1, 2} and {t.id for _, t in got} == {"b", "c"}
+        d.finished("b")
+        comm.requests.put((2, "c"))
+        assert comm.answers.get(timeout=30) == (2, g.by_id["d"])
+        comm.requests.put((1, "b"))
+        comm.requests.put((2, "d"))
+        assert {comm.answers.get(timeout=30), comm.answers.get(timeout=30)} == {(1, None), (2, None)}
+        server.thread.join(timeout=30)
+        assert server.over and not server.thread.is_alive()
+        server.check()
+    finally:
+        busy.set()

@@ -2,7 +2,7 @@
                                    [--cores N] [--calibrate RUN_DIR ...] [--check RUN_DIR ...]
                                    [--seed-study] [--json]
 
-The scaling model (lthmpi.scaling_model) driven by a measured run: the run's results give a RunProfile
+The scaling model (lthmpi.analysis.scaling_model) driven by a measured run: the run's results give a RunProfile
 (per-task durations = the `seconds` column, costs = `iterations` x schedule.step_cost, groups = `mask`,
 the phase times of `/timing`, P = provenance ranks); the model predicts wall time, speed-up S and
 efficiency E on other P for each scheduler. ``--check`` names other measured runs of the same work (other P, other scheduler):
@@ -96,7 +96,7 @@ def parser(prog: str = f"python -m {PROG}") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Predict wall time, speed-up and efficiency on P ranks per scheduler from one measured run "
-                    "(lthmpi.scaling_model), and check the prediction against runs measured at other P.",
+                    "(lthmpi.analysis.scaling_model), and check the prediction against runs measured at other P.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  python -m lthmpi.analysis model runs/strong/p1 --ranks 1,2,4,...,1000\n"
@@ -150,7 +150,7 @@ def scheduler_of(res: dict) -> str:
 def profile_from_results(res: dict, cores: int | None = None, overhead: float | None = None,
                          dp_efficiency: float | None = None):
     """A scaling_model.RunProfile from one loaded results dict (lthmpi.results.load)."""
-    from ..scaling_model import RunProfile
+    from .scaling_model import RunProfile
     from .scaling import ranks_of, rank_busy, session_tasks
 
     tasks = res["tasks"]
@@ -179,8 +179,11 @@ def profile_from_results(res: dict, cores: int | None = None, overhead: float | 
             overhead = max(0.0, (training - busy[r]) / n) if n else 0.0
         else:
             overhead = 0.0
+    index = {t["task_id"]: i for i, t in enumerate(tasks)}
+    deps = [tuple(index[d] for d in str(t.get("deps") or "").split(",") if d in index) for t in tasks]
     return RunProfile(durations, costs, phases, ranks=ranks_of(res), cores=cores, task_groups=groups,
-                      overhead_per_task=float(overhead), data_parallel_efficiency=dp_efficiency)
+                      overhead_per_task=float(overhead), data_parallel_efficiency=dp_efficiency,
+                      task_deps=deps if any(deps) else None)
 
 
 def default_ranks(profile) -> list[int]:
@@ -197,14 +200,14 @@ def default_ranks(profile) -> list[int]:
 
 def predictions(profile, ranks, schedulers, cores, warmup: float = 0.0) -> list[dict]:
     """scaling_model.predict_many, plus the warm-up of ranks other than 0 on every P >= 2 (S, E redone)."""
-    from ..scaling_model import predict_many
+    from .scaling_model import predict_many
 
     rows = predict_many(profile, ranks, schedulers, cores)
     return [with_warmup(profile, r, cores, warmup) for r in rows]
 
 
 def with_warmup(profile, row: dict, cores, warmup: float) -> dict:
-    from ..scaling_model import predict, task_time_factor
+    from .scaling_model import predict, task_time_factor
 
     row = dict(row, phases=dict(row["phases"]), warmup=0.0)
     if row["P"] >= 2 and warmup > 0:
@@ -229,7 +232,7 @@ def _same_work(res: dict, res_ref: dict, option: str) -> None:
 
 def _seconds_per_unit(profile) -> float:
     """Seconds per iteration of a profile's tasks, one rank per core (oversubscription divided out)."""
-    from ..scaling_model import oversubscription
+    from .scaling_model import oversubscription
 
     cost = sum(profile.task_costs)
     return sum(profile.task_durations) / cost / oversubscription(profile.ranks, profile.cores) if cost > 0 else math.nan
@@ -242,7 +245,7 @@ def calibrate(profile, res_ref: dict, runs: list[dict], cores) -> dict:
     a + b log2 P through them and the profiled run's) and its seconds per iteration over the profiled
     run's, both per core, to ``contention_points``. Returns the fitted coefficients, for the printout.
     """
-    from ..scaling_model import LOG_PHASES, contention_law, phase_law
+    from .scaling_model import LOG_PHASES, contention_law, phase_law
 
     ref_rate = _seconds_per_unit(profile)
     from .scaling import ranks_of, workers_of
@@ -282,7 +285,7 @@ def describe_calibration(cal: dict, ref_ranks: int) -> str:
 
 def check(profile, res_ref: dict, checks: list[dict], cores, warmup: float = 0.0) -> list[dict]:
     """For each measured run: P, scheduler, measured and predicted wall / training time, error %."""
-    from ..scaling_model import predict
+    from .scaling_model import predict
     from .scaling import ranks_of
 
     rows = []
@@ -307,7 +310,7 @@ def _err(pred: float, meas: float) -> float:
 
 
 def seed_study(schedulers) -> dict:
-    from ..scaling_model import predict_many, synthetic_profile
+    from .scaling_model import predict_many, synthetic_profile
 
     s = SEED_STUDY
     prof = synthetic_profile(s["M"], s["N"], s["epochs"], s["epoch_minutes"] * 60.0, reset_epochs=s["reset_epochs"])
@@ -330,9 +333,11 @@ def table(head: list[str], rows: list[list]) -> str:
 
 
 def prediction_table(rows: list[dict], unit: float = 1.0, unit_name: str = "s") -> str:
-    head = ["P", "scheduler", f"wall {unit_name}", "S(P)", "E(P)", f"training {unit_name}", "imbalance", "workers", "idle"]
+    head = ["P", "scheduler", f"wall {unit_name}", "S(P)", "E(P)", f"training {unit_name}", "imbalance", "workers", "idle",
+            f"cp bound {unit_name}"]
     body = [[r["P"], r["scheduler"], _f(r["wall"] / unit), _f(r["speedup"]), _f(r["efficiency"], ".3f"),
-             _f(r["makespan"] / unit), _f(r["imbalance"], ".3f"), r["workers"], r["idle"]] for r in rows]
+             _f(r["makespan"] / unit), _f(r["imbalance"], ".3f"), r["workers"], r["idle"], _f(r["bound"] / unit)]
+            for r in rows]
     return table(head, body)
 
 
@@ -397,7 +402,8 @@ def run(args) -> tuple[dict, str]:
         text += [describe_profile(prof, res), f"warm-up added for ranks other than 0 (first task): {warmup:.2f} s ({how})",
                  describe_calibration(cal, prof.ranks) if cal else None,
                  "", "predicted (wall = startup + parent + masks + distribution + "
-                 "training makespan (+ warm-up for P >= 2) + gather; S, E against the model's own P = 1):",
+                 "training makespan (+ warm-up for P >= 2) + gather; S, E against the model's own P = 1; "
+                 "cp bound = the same with the training phase at its critical path, the longest chain of tasks):",
                  prediction_table(rows)]
         if args.check:
             checks = [load_one(p) for p in args.check]

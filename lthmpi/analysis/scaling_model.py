@@ -17,7 +17,10 @@ The model follows the engine's phases (the names of ``PhaseTimer`` in ``coordina
   page cache while importing, and rank 0 trains the parent while the others compile: both grow with P on
   real machines (16-core Xeon: start-up 10.2 s at P = 1, 16.5 s at P = 16).
 * ``makespan(P)``: the measured task durations replayed with ``schedule.simulate`` under the chosen
-  scheduler, i.e. the schedule the engine really runs. Durations are first normalised to one rank per
+  scheduler, i.e. the schedule the engine really runs; a task graph (``task_deps``) is replayed with
+  ``schedule.simulate_graph``, only ready tasks, critical path first. The critical-path bound (the
+  non-training phases plus the longest chain of task durations) is printed next to the prediction: no
+  number of ranks, under any scheduler, does better. Durations are first normalised to one rank per
   core (divided by the measured run's oversubscription max(1, ranks / cores)) and then scaled by the
   target's max(1, P / cores), and by the contention factor (``contention``): how much slower a task runs
   when P ranks are busy at once, each on a core of its own (shared caches and memory bandwidth, clocks
@@ -39,7 +42,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .schedule import SCHEDULERS, groups_for, imbalance, simulate
+from ..schedule import SCHEDULERS, groups_for, imbalance, simulate, simulate_graph
 
 PHASES = ("startup", "parent", "masks", "distribution", "training", "gather")
 LOG_PHASES = ("startup", "parent", "distribution", "gather")
@@ -71,6 +74,7 @@ class RunProfile:
     overhead_per_task: float = 0.0
     data_parallel_efficiency: float | None = None
     contention_points: list[tuple[int, float]] = field(default_factory=list)
+    task_deps: list[tuple[int, ...]] | None = None
 
     def __post_init__(self):
         if len(self.task_durations) != len(self.task_costs):
@@ -79,6 +83,8 @@ class RunProfile:
             raise ValueError("task_groups must give one group per task")
         if self.ranks < 1:
             raise ValueError("ranks must be >= 1")
+        if self.task_deps is not None and len(self.task_deps) != len(self.task_durations):
+            raise ValueError("task_deps must give one tuple of dependencies per task")
 
 
 def oversubscription(p: int, cores: int | None) -> float:
@@ -151,7 +157,9 @@ def _schedule(profile: RunProfile, P: int, scheduler: str, cores: int | None):
     durations = [d * factor for d in profile.task_durations]
     if not profile.independent:
         plan = [list(range(n))] + [[] for _ in range(P - 1)]  # one after another
-        return simulate(plan, durations, P, profile.overhead_per_task), P, [1] * P
+        sched = simulate(plan, durations, P, profile.overhead_per_task)
+        sched.extra["critical_path"] = sum(durations)
+        return sched, P, [1] * P
     groups = profile.task_groups
     units = len(set(groups)) if (scheduler == "static" and groups is not None) else n
     e = profile.data_parallel_efficiency
@@ -162,8 +170,13 @@ def _schedule(profile: RunProfile, P: int, scheduler: str, cores: int | None):
     else:
         sizes, speeds = [1] * P, None
     workers = len(sizes)
-    sched = simulate(scheduler, durations, workers, profile.overhead_per_task,
-                     costs=profile.task_costs, groups=groups, speeds=speeds)
+    if profile.task_deps and any(profile.task_deps):
+        sched = simulate_graph(scheduler, durations, profile.task_deps, workers, profile.overhead_per_task,
+                               costs=profile.task_costs, groups=groups, speeds=speeds)
+    else:
+        sched = simulate(scheduler, durations, workers, profile.overhead_per_task,
+                         costs=profile.task_costs, groups=groups, speeds=speeds)
+        sched.extra["critical_path"] = max(durations, default=0.0) / max(speeds or [1.0])
     return sched, workers, sizes
 
 
@@ -171,7 +184,8 @@ def predict(profile: RunProfile, P: int, scheduler: str, cores: int | None = Non
     """Modelled wall time of the profiled study on P ranks (``cores`` at the target; None: own cores).
 
     Returns wall, speedup (vs the model at P = 1), efficiency, makespan, imbalance of the training
-    phase, workers (subgroups or ranks that train), idle (workers without a task) and the phase times.
+    phase, workers (subgroups or ranks that train), idle (workers without a task), the phase times, and
+    bound: the wall time with the training phase at its critical path (the longest chain of tasks).
     """
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r} (choose one of {', '.join(SCHEDULERS)})")
@@ -187,9 +201,11 @@ def predict(profile: RunProfile, P: int, scheduler: str, cores: int | None = Non
     wall, phases, sched, workers = wall_at(P)
     wall1 = wall_at(1)[0]
     speedup = wall1 / wall if wall > 0 else float("nan")
+    cp = sched.extra["critical_path"]
     return dict(P=P, scheduler=scheduler, wall=wall, speedup=speedup, efficiency=speedup / P,
                 makespan=sched.makespan, imbalance=imbalance(sched.busy), workers=workers,
-                idle=sum(1 for lst in sched.per_rank if not lst), phases=phases)
+                idle=sum(1 for lst in sched.per_rank if not lst), phases=phases, critical_path=cp,
+                bound=wall - sched.makespan + cp)
 
 
 def predict_many(profile: RunProfile, ranks: Sequence[int],

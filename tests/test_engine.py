@@ -342,8 +342,8 @@ def test_run_directory_named_by_the_old_hash_still_resumes(tiny_run, tiny_config
     """The default directory of a run made before fields with defaults were added (named by the hash of
     every field) is found, and the rerun trains nothing; a new config gets the new, stable name."""
     from lthmpi.config import Config, identity_hash
-    from lthmpi.driver import run_serial
-    from lthmpi.main import default_run_dir
+    from lthmpi.coordinator import run_serial
+    from lthmpi.coordinator import default_run_dir
     from lthmpi.training import MaskedTrainer
 
     legacy = tiny_config.default_run_name(legacy=True)
@@ -382,7 +382,7 @@ def test_mixed_kernels_names_the_tasks_and_how_they_differ():
 
 def test_rerun_on_other_kernels_is_refused_unless_allowed(tiny_run, tiny_config, tmp_path, monkeypatch):
     from lthmpi.config import from_dict
-    from lthmpi.driver import run_serial
+    from lthmpi.coordinator import run_serial
     from lthmpi.store import StoreError
     from lthmpi.training import MaskedTrainer
 

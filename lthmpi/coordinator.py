@@ -214,7 +214,8 @@ def main(resolve, run_dir: str | None, t_start: float, quiet: bool = False, comm
         if comm.size == 1:
             raise
         log.warning("rank %d interrupted (%s); its task in flight is dropped", comm.rank, interrupt_line(e))
-        comm.stop_together(interrupt_code(e), STOP_GRACE_S, lambda: print(resume_line(e), file=sys.stderr, flush=True))
+        line = resume_line(e)
+        comm.stop_together(interrupt_code(e), STOP_GRACE_S, lambda: print(line, file=sys.stderr, flush=True))
         return 1
     except Exception as e:  # noqa: BLE001 - one rank alone reports it; one failing rank of many ends every rank
         if comm.size == 1:

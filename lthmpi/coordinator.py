@@ -59,7 +59,9 @@ class PhaseTimer:
         return {**self.seconds, "total": time.time() - self.t0, "start_time": self.t0}
 
 
-def setup_logging(run_dir: str, rank: int, verbose: bool = True):
+def setup_logging(run_dir: str, rank: int, verbose: bool = True, name: str | None = None):
+    """RUN_DIR/logs/<name>.log (default rank<r>), and INFO lines on stderr when `verbose`."""
+    name = name or f"rank{rank}"
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     # A full or read-only disk must give one clear error line, not a "--- Logging error ---" traceback per
     # log line: failed log writes are dropped (the error itself is reported by whoever writes results).
@@ -67,9 +69,9 @@ def setup_logging(run_dir: str, rank: int, verbose: bool = True):
     root = logging.getLogger("lthmpi")
     root.setLevel(logging.DEBUG)
     root.handlers.clear()
-    fh = logging.FileHandler(os.path.join(run_dir, "logs", f"rank{rank}.log"))
+    fh = logging.FileHandler(os.path.join(run_dir, "logs", f"{name}.log"))
     fh.setLevel(logging.DEBUG)
-    fh.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(message)s"))
+    fh.setFormatter(logging.Formatter(f"%(asctime)s {name} %(levelname)s %(message)s"))
     root.addHandler(fh)
     if verbose:
         sh = logging.StreamHandler(sys.stderr)

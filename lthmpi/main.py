@@ -29,6 +29,12 @@ def parser(prog: str = "python -m lthmpi.main") -> argparse.ArgumentParser:
     p.add_argument("--describe", action="store_true",
                    help="print the model's layers and parameter count for the dataset's shape, then exit (no data read)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    jobs = p.add_argument_group("job arrays (no MPI; docs/clusters.md)")
+    jobs.add_argument("--shard", metavar="I/N", help="run share I of N (0-based) of the tasks as one process, in a "
+                      "run directory shared with the other shards; 'auto': I and N from SLURM_ARRAY_TASK_*; "
+                      "'setup': only the parent and the masks (a first job before the array)")
+    jobs.add_argument("--merge", action="store_true",
+                      help="build RUN_DIR/results.h5 once every task is done; names the missing tasks otherwise")
     p.add_argument("--allow-mixed-kernels", action="store_true", dest="allow_mixed",
                    help="resume a run directory whose finished tasks were trained with another parallel.threads or "
                         "on other kernels (parallel.sparse_below) than this run would use; refused without it")
@@ -73,6 +79,8 @@ def main(argv=None, prog: str = "python -m lthmpi.main", signals: bool | None = 
             if not (launched_by_mpi() and mpi_rank_from_env() != 0):  # under mpirun, once
                 print(describe(cfg))
             return 0
+        if args.shard or args.merge:
+            return shard_main(args, t_start)
         from .coordinator import main as coordinate
 
         comm = None
@@ -91,6 +99,39 @@ def main(argv=None, prog: str = "python -m lthmpi.main", signals: bool | None = 
         if launched_by_mpi() and mpi_rank_from_env() != 0:
             return describe_error(e)[1]  # every rank read the same config: rank 0 says it, once
         return report_error(e)
+
+
+def shard_main(args, t_start: float) -> int:
+    """--shard I/N and --merge: one process each, never under mpirun."""
+    from .coordinator import default_run_dir
+
+    if args.shard and args.merge:
+        raise ConfigError("--shard and --merge are two steps: run the shards, then merge once")
+    if launched_by_mpi():
+        raise ConfigError(f"{'--shard' if args.shard else '--merge'} runs without MPI: start each shard as a process "
+                          f"of its own (e.g. an element of a SLURM job array), not under mpirun")
+    from . import shards
+
+    if args.merge:
+        cfg = resolve(args.config, args.sets) if args.config or args.sets else None
+        if cfg is None and not args.run_dir:
+            raise ConfigError("--merge needs the run directory: --run-dir DIR (or the shards' --config/--set)")
+        path = shards.merge_run(cfg, args.run_dir or default_run_dir(cfg), t_start)
+        if not args.quiet:
+            from .results import format_table, load
+
+            print(format_table(load(path)))
+        print(f"results: {path}")
+        return 0
+    share = shards.parse_shard(args.shard)
+    cfg = resolve(args.config, args.sets)
+    run_dir = args.run_dir or default_run_dir(cfg)
+    did = shards.run_shard(cfg, run_dir, share, t_start, quiet=args.quiet,
+                           allow_mixed=args.allow_mixed)
+    who = f"shard {share[0]}/{share[1]}: trained {len(did['trained'])} tasks" if share else "parent and masks ready"
+    print(f"{who}; {did['done']} of {did['total']} tasks done in {run_dir}"
+          + ("; merge with --merge" if did["done"] == did["total"] else ""))
+    return 0
 
 
 if __name__ == "__main__":

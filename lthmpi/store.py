@@ -181,6 +181,49 @@ def open_h5(path: str, what: str, fix: str = "delete it to recompute it") -> h5p
 _HELD_LOCKS: dict[str, int] = {}  # run directory -> fd of its lock file, for the run(s) of this process
 
 
+class _NoLocks(OSError):
+    """The filesystem does not support flock."""
+
+
+def _flock(path: str, shared: bool, wait: bool) -> int:
+    """An open fd of `path` (created if need be) holding a flock, and "host:pid since ..." written into the file
+    for whoever is refused. Raises BlockingIOError(holder text) when not waiting and another process holds it,
+    _NoLocks where the filesystem has no flock, StoreError when the file cannot be opened or locked."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise StoreError(f"cannot open {path}: {e.strerror}; choose another --run-dir") from None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+    except BaseException as e:
+        holder = ""
+        with contextlib.suppress(OSError):
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.close(fd)
+        code = getattr(e, "errno", None)
+        if code in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise BlockingIOError(code, os.strerror(code), holder) from None
+        if code in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise _NoLocks(code, os.strerror(code)) from None
+        if isinstance(e, OSError):
+            raise StoreError(f"cannot lock {path}: {e.strerror}") from None
+        raise  # an interrupt while waiting
+    with contextlib.suppress(OSError):  # who holds it, for the message a refused process prints
+        who = f"{'job-array shards, the last started ' if shared else ''}{hostname()}:{os.getpid()}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{who} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    return fd
+
+
+def release(fd: int | None):
+    """Drop a claim (closing the fd drops its flock)."""
+    if fd is not None and fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 class RunDir:
     """Paths and life cycle of one experiment's directory."""
 
@@ -194,13 +237,15 @@ class RunDir:
         self.logs_dir = os.path.join(self.path, "logs")
         self.results_path = os.path.join(self.path, "results.h5")
         self.lock_path = os.path.join(self.path, "lock")
+        self.claims_dir = os.path.join(self.path, "claims")
 
     def task_path(self, task_id: str) -> str:
         return os.path.join(self.tasks_dir, f"{task_id}.h5")
 
-    def create(self, cfg: Config):
+    def create(self, cfg: Config, shared: bool = False):
         """Make the directory, take its lock and save the config; refuse a directory that holds another
-        experiment or that another run is using. Temporaries of a killed run are removed (under the lock)."""
+        experiment or that another run is using. Temporaries of a killed run are removed (under the lock).
+        `shared`: a job-array shard, which shares the directory with the other shards (see lock())."""
         try:
             os.makedirs(self.tasks_dir, exist_ok=True)
             os.makedirs(self.logs_dir, exist_ok=True)
@@ -208,7 +253,7 @@ class RunDir:
             raise StoreError(f"cannot create run directory {self.path}: {e.strerror}; choose another --run-dir") from None
         if not os.access(self.path, os.W_OK):
             raise StoreError(f"run directory {self.path} is not writable; choose another --run-dir")
-        self.lock()
+        self.lock(shared)
         if os.path.exists(self.config_path):
             self.check_config(cfg)
             self.remove_stale_temporaries()
@@ -220,35 +265,60 @@ class RunDir:
             raise StoreError(f"cannot write {self.config_path}: {e.strerror}") from None
 
     # -- one run at a time ------------------------------------------------------------------------
-    def lock(self):
+    def lock(self, shared: bool = False):
         """Hold an exclusive flock on RUN_DIR/lock until unlock() or the end of the process (the kernel drops
-        it when the holder dies, so a killed run's lock is never stale). Refuses with who holds it."""
+        it when the holder dies, so a killed run's lock is never stale). Refuses with who holds it.
+
+        `shared`: job-array shards hold it shared, so that they work side by side (each task claimed first,
+        see claim()) while a run without --shard, which holds it exclusively, is kept out, and vice versa."""
         if self.path in _HELD_LOCKS:
             return
         try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise StoreError(f"cannot open {self.lock_path}: {e.strerror}; choose another --run-dir") from None
-        try:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = ""
-            with contextlib.suppress(OSError):
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise StoreError(f"run directory {self.path} is in use by another lthmpi run "
-                                 f"({holder or 'holder unknown'}); wait for it to end or use another --run-dir") from None
-            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                _HELD_LOCKS[self.path] = -1  # a filesystem without locks (some cluster mounts): run unguarded
-                return
-            raise StoreError(f"cannot lock {self.lock_path}: {e.strerror}") from None
-        with contextlib.suppress(OSError):  # who holds it, for the message a second run prints
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{hostname()}:{os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+            fd = _flock(self.lock_path, shared=shared, wait=False)
+        except BlockingIOError as e:
+            holder = e.filename
+            raise StoreError(f"run directory {self.path} is in use by another lthmpi run "
+                             f"({holder or 'holder unknown'}); wait for it to end or use another --run-dir") from None
+        except _NoLocks:
+            if shared:
+                raise StoreError(f"the filesystem of {self.path} has no flock, and job-array shards need it to "
+                                 f"claim their tasks: mount it with flock (Lustre: -o flock) or run one MPI job "
+                                 f"instead of shards") from None
+            _HELD_LOCKS[self.path] = -1  # a filesystem without locks (some cluster mounts): run unguarded
+            return
         _HELD_LOCKS[self.path] = fd
+
+    def claim(self, name: str) -> int | None:
+        """Claim RUN_DIR/claims/<name> for this process (a job-array shard about to run task <name>): an
+        exclusive flock, not waited for. Returns its fd (release() it, or let the process end), or None while
+        another live process holds it. The kernel drops the flock of a process that dies, however it dies
+        (Linux NFS clients too, once the server sees the client gone), so a dead shard's claim is taken over."""
+        os.makedirs(self.claims_dir, exist_ok=True)
+        try:
+            return _flock(os.path.join(self.claims_dir, name), shared=False, wait=False)
+        except BlockingIOError:
+            return None
+
+    @contextlib.contextmanager
+    def hold(self, name: str):
+        """RUN_DIR/claims/<name> held exclusively for the `with` block, waiting for whoever holds it now (the
+        shard that trains the parent: the others wait here, then find it on disk)."""
+        os.makedirs(self.claims_dir, exist_ok=True)
+        fd = _flock(os.path.join(self.claims_dir, name), shared=False, wait=True)
+        try:
+            yield
+        finally:
+            release(fd)
+
+    def remove_temporaries_of(self, path: str):
+        """The temporaries of one file that a dead process left (call it only while holding that file's
+        claim: nobody else is writing it)."""
+        prefix = ".tmp-" + os.path.basename(path) + "."
+        directory = os.path.dirname(path)
+        for name in os.listdir(directory) if os.path.isdir(directory) else []:
+            if name.startswith(prefix):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
 
     def unlock(self):
         fd = _HELD_LOCKS.pop(self.path, None)

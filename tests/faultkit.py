@@ -100,9 +100,10 @@ def lthmpi_lines(stderr: str) -> list[str]:
 
 
 def done_counts(run_dir) -> collections.Counter:
-    """How many times each task was trained to the end, over every run in this directory (rank logs append)."""
+    """How many times each task was trained to the end, over every run in this directory (rank and shard logs
+    append)."""
     ids = []
-    for log in (Path(run_dir) / "logs").glob("rank*.log"):
+    for log in (Path(run_dir) / "logs").glob("*.log"):
         ids += re.findall(r"task (\S+) done in", log.read_text(errors="replace"))
     return collections.Counter(ids)
 

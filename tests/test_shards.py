@@ -151,3 +151,19 @@ def test_array_script_submits_parent_then_array_then_merge(tmp_path):
                                                             str(tmp_path / "run") + "-analysis"]
     bad = subprocess.run(["bash", str(ARRAY)], env=dict(env, SHARDS="0"), capture_output=True, text=True)
     assert bad.returncode == 2 and "SHARDS must be an integer >= 1" in bad.stderr
+
+
+def test_shard_and_merge_refuse_mpirun_and_each_other(tmp_path):
+    import os
+    import subprocess
+
+    from faultkit import MPIRUN, clean_env, command
+
+    both = launch(tmp_path / "run", args=["--shard", "0/2", "--merge"], base=[])
+    assert both.returncode == 2 and error_lines(both.stderr) == [
+        "lthmpi: error: --shard and --merge are two steps: run the shards, then merge once"]
+    cmd = [str(MPIRUN), "-np", "2", *command(tmp_path / "run", args=["--shard", "0/2"], base=ONE_THREAD)]
+    mpi = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=clean_env(), cwd=tmp_path)
+    assert mpi.returncode == 2 and len(error_lines(mpi.stderr)) == 1, mpi.stderr[-2000:]
+    assert "--shard runs without MPI" in mpi.stderr and not os.path.exists(tmp_path / "run")
+

@@ -129,6 +129,9 @@ def load(path: str) -> dict:
     if os.path.isdir(path):
         path = RunDir(path).results_path
     if not os.path.exists(path):
+        if os.path.isdir(os.path.join(os.path.dirname(path), "shards")):  # job-array shards merge in a step of their own
+            raise StoreError(f"no results file at {path}: once every shard is done, build it with "
+                             f"python -m lthmpi.main --merge --run-dir {os.path.dirname(path)}")
         raise StoreError(f"no results file at {path}: the run has not finished (rerun it to complete and merge)")
     with open_h5(path, "results file", "rerun the experiment to rebuild it from the task files") as f:
         try:

@@ -167,3 +167,13 @@ def test_shard_and_merge_refuse_mpirun_and_each_other(tmp_path):
     assert mpi.returncode == 2 and len(error_lines(mpi.stderr)) == 1, mpi.stderr[-2000:]
     assert "--shard runs without MPI" in mpi.stderr and not os.path.exists(tmp_path / "run")
 
+
+
+def test_analysis_of_an_unmerged_shard_run_says_how_to_merge(tmp_path):
+    from lthmpi.results import load
+    from lthmpi.store import StoreError
+
+    (tmp_path / "run" / "shards").mkdir(parents=True)
+    with pytest.raises(StoreError, match=r"once every shard is done, build it with python -m lthmpi\.main --merge "
+                                         r"--run-dir .*run$"):
+        load(str(tmp_path / "run"))

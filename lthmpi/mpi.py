@@ -148,3 +148,18 @@ def world() -> MpiComm:
     comm = MpiComm()
     comm.prepare_stop()
     return comm
+
+
+def node_shared_array(shape, dtype):
+    """One array per host in an MPI-3 shared-memory window (MPI_Win_allocate_shared over the host's ranks): the
+    host's first rank allocates it, every rank of the host gets a numpy view of the same memory. Returns
+    (array, is_owner, window, host communicator); free the window when done. run/bench_data.py measures this
+    against reading the prepared file through the page cache (docs/data.md)."""
+    from mpi4py import MPI
+
+    local = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    win = MPI.Win.Allocate_shared(nbytes if local.Get_rank() == 0 else 0, dtype.itemsize, comm=local)
+    buf, _ = win.Shared_query(0)
+    return np.ndarray(shape, dtype, buffer=buf), local.Get_rank() == 0, win, local

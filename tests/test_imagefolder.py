@@ -17,6 +17,7 @@ from PIL import Image
 from faultkit import MPIRUN, ROOT, clean_env, finish, wait_for
 from lthmpi.data import DataError, load_dataset
 from lthmpi.data.__main__ import main as data_main
+from lthmpi.data.batches import DiskArray
 from lthmpi.data.imagefolder import decode, list_images
 from lthmpi.data.prepare import decide_in_memory, read_prepared
 
@@ -140,7 +141,7 @@ def test_read_in_memory_or_mapped_and_verify(tree, tmp_path, capsys):
     held = load_dataset(cfg)
     cfg.in_memory = False
     mapped = load_dataset(cfg)
-    assert held.in_memory and not mapped.in_memory and isinstance(mapped.x_train, np.memmap)
+    assert held.in_memory and not mapped.in_memory and isinstance(mapped.x_train, DiskArray)
     assert held.x_train.dtype == mapped.x_train.dtype == np.uint8
     for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
         assert np.array_equal(getattr(held, k), getattr(mapped, k)), k
@@ -156,7 +157,7 @@ def test_read_in_memory_or_mapped_and_verify(tree, tmp_path, capsys):
     assert data_main(["verify", str(out)]) == 0
     with h5py.File(out, "r+") as f:
         f["x_train"][7, 3, 3, 1] ^= 0xFF
-    assert isinstance(read_prepared(str(out), in_memory=False).x_train, np.memmap)
+    assert isinstance(read_prepared(str(out), in_memory=False).x_train, DiskArray)
     capsys.readouterr()
     assert data_main(["verify", str(out)]) == 2
     assert "checksum of x_train does not match" in capsys.readouterr().err
@@ -172,3 +173,82 @@ def test_auto_in_memory_from_file_size_memory_and_ranks(tmp_path, monkeypatch):
     assert decide_in_memory(True, str(f), ranks=99, memory=1) and not decide_in_memory(False, str(f))
     monkeypatch.setenv("MPI_LOCALNRANKS", "9")  # MPICH says how many ranks share this host
     assert not decide_in_memory("auto", str(f), memory=16000)
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading the prepared file from disk
+
+def experiment(prepared, in_memory, **over):
+    from lthmpi.config import from_dict, validate
+
+    cfg = from_dict({"seed": 5,
+                     "data": {"dataset": "imagefolder", "image_size": SIZE, "validation": 40,
+                              "normalize": "standardize", "prepared": str(prepared), "in_memory": in_memory},
+                     "train": {"epochs": 2, "batch_size": 20, "eval_every": "4it", **over.get("train", {})},
+                     "model": {"name": over.get("model", "lenet300_100")},
+                     "prune": {"remaining": [0.3]},
+                     "reset": {"points": ["0ep", "5it"], "controls": []},
+                     "parallel": {"threads": 1}})
+    validate(cfg)
+    return cfg
+
+
+def same(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@pytest.fixture(scope="module")
+def prepared(tree, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared") / "p.h5"
+    assert data_main(["prepare", *SETS, "--dir", tree, "--out", str(out)]) == 0
+    return out
+
+
+def test_as_float_normalises_like_the_step(prepared, tf_runtime):
+    """Code outside the compiled step (e.g. evaluating an interpolated model by hand) gets the step's floats."""
+    import tensorflow as tf
+
+    from lthmpi.data import load_dataset
+
+    data = load_dataset(experiment(prepared, False).data)
+    x = data.x_val[:7]
+    shift, div = (tf.constant(v, tf.float32) for v in data.norm)
+    step = tf.function(lambda x: (tf.cast(x, tf.float32) - shift) / div, jit_compile=True)
+    got = data.as_float(x)
+    assert got.dtype == np.float32 and same(got, step(tf.constant(x)).numpy())
+    assert abs(float(data.as_float(data.x_train[:]).mean())) < 0.05  # standardised with the training statistics
+
+
+def test_disk_rows_and_batches_ahead(tmp_path):
+    """DiskArray reads what numpy indexing reads; DiskBatches gives the batches BatchOrder names, a replica's
+    share only, across jumps (new tasks), and raises a read error in the training thread."""
+    from lthmpi.data.batches import DiskBatches
+    from lthmpi.training import BatchOrder
+
+    x = np.random.default_rng(0).integers(0, 256, (500, 3, 2, 3), dtype=np.uint8)
+    path = tmp_path / "a.h5"
+    with h5py.File(path, "w") as f:
+        offset = f.create_dataset("x", data=x).id.get_offset()
+    a = DiskArray(str(path), offset, x.shape, x.dtype)
+    assert len(a) == 500 and a.nbytes == x.nbytes
+    for key in (7, -1, slice(10, 20), slice(495, 900), np.array([3, 499, 0, 3]), [5, -2]):
+        assert same(a[key], x[key]), key
+    with pytest.raises(IndexError):
+        a[500]
+    order = BatchOrder(500, 24, 3)
+    y = np.arange(500) % 7
+    for share in ((0, 1), (2, 3)):
+        reader = DiskBatches(a, y, order.block, share, ahead=4)
+        for t, n in ((0, 5), (5, 5), (10, 1), (40, 30), (3, 2), (3, 2), (400, 3)):  # runs, jumps back and ahead
+            xb, yb = reader.block(t, n)
+            rows = order.block(t, t + n)[:, share[0]::share[1]]
+            assert same(xb, x[rows]) and same(yb, y[rows].astype(np.int32)), (share, t, n)
+        reader.close()
+    with open(path, "r+b") as f:  # the file shrinks under the reader: the error reaches the caller
+        f.truncate(offset + 100 * a.row_bytes)
+    reader = DiskBatches(a, y, order.block, ahead=4)
+    with pytest.raises(OSError, match="short read"):
+        for t in range(0, 40):
+            reader.block(t, 1)
+    reader.close()

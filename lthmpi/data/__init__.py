@@ -2,7 +2,9 @@
 
 Import `load_dataset(cfg, seed)` to get a training-ready `Dataset`; `KNOWN_SHAPES` gives a dataset's
 input shape and class count without reading any file. Augmentation (which imports TensorFlow) lives
-in `lthmpi.data.augment`, so that reading data does not pay for importing TensorFlow.
+in `lthmpi.data.augment`, so that reading data does not pay for importing TensorFlow. Image trees of any
+size (ImageNet's layout) are prepared by `stream_prepare` into uint8 files that training can read from disk
+(`batches`); docs/data.md.
 """
 from .prepare import Dataset, load_dataset
 from .readers import DATASETS, KNOWN_SHAPES, DataError

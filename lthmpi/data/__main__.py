@@ -38,7 +38,7 @@ def _parser(prog: str = "python -m lthmpi.data") -> argparse.ArgumentParser:
     pp.add_argument("--normalize", choices=NORMALIZE, default=default.normalize,
                     help="scale: divide by the value range; standardize: per-channel mean/std of "
                          "the training part")
-    pp.add_argument("--image-size", type=int, default=224,
+    pp.add_argument("--image-size", type=int, default=default.image_size,
                     help="imagefolder only: images are cropped to a centred square and resized to N x N")
     pp.add_argument("--out", required=True, help="the HDF5 file to write (replaced atomically)")
     vp = sub.add_parser("verify", help="check every checksum of a prepared file",

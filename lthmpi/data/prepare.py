@@ -42,7 +42,15 @@ class Dataset:
     y_test: np.ndarray
     num_classes: int
     norm: tuple | None = None  # (shift, div) float32 per channel: x is uint8, the step computes (x - shift) / div
-    in_memory: bool = True  # False: the x arrays are read-only memory maps of the prepared file
+    in_memory: bool = True  # False: the x arrays stay in the prepared file (batches.DiskArray), read by row
+
+    def as_float(self, x) -> np.ndarray:
+        """Images of this dataset (rows of an x array) as the model takes them: float32, normalised as the
+        training step does it for uint8 data. For code outside the compiled step (evaluation by hand)."""
+        if self.norm is None:
+            return np.asarray(x)
+        shift, div = self.norm
+        return (np.asarray(x).astype(np.float32) - shift) / div
 
     @property
     def input_shape(self) -> tuple:
@@ -146,7 +154,7 @@ def _sha256(a: np.ndarray) -> str:
 
 
 def sha256_rows(x, chunk_bytes: int = 64 << 20) -> str:
-    """The same digest as `_sha256` of an array on disk (h5py dataset, memory map), read in pieces."""
+    """The same digest as `_sha256` of an array on disk (h5py dataset, DiskArray), read in pieces."""
     h = hashlib.sha256()
     row = int(np.prod(x.shape[1:], dtype=np.int64)) * np.dtype(x.dtype).itemsize
     step = max(1, chunk_bytes // max(1, row))
@@ -223,21 +231,24 @@ def _attr(f, key):
     return v
 
 
-def _memmap(path: str, d) -> np.ndarray:
-    """A read-only memory map of HDF5 dataset `d` (contiguous, uncompressed) in the file at `path`: ranks on
-    one host share its pages through the page cache, and the rows not read are never in memory."""
+def _on_disk(path: str, d):
+    """HDF5 dataset `d` (contiguous, uncompressed) of the file at `path`, left on disk and read by row
+    (batches.DiskArray): ranks on one host share its pages through the page cache, and rows not read take
+    no memory at all."""
+    from .batches import DiskArray
+
     if d.shape[0] == 0:
         return np.zeros(d.shape, d.dtype)
     offset = d.id.get_offset()
     if d.chunks is not None or d.compression is not None or offset is None:
         raise DataError(f"prepared file {path}: {d.name} is chunked or compressed, so it cannot be read from "
                         f"disk in place: prepare it again with python -m lthmpi.data prepare")
-    return np.memmap(path, dtype=d.dtype, mode="r", offset=int(offset), shape=d.shape)
+    return DiskArray(path, offset, d.shape, d.dtype)
 
 
 def read_prepared(path: str, expect: dict | None = None, in_memory: bool = True) -> Dataset:
     """Load a prepared file, verifying its format, checksums and (if given) its settings. With `in_memory`
-    False the images stay on disk as memory maps; their checksums are then not verified (that would read
+    False the images stay on disk (batches.DiskArray); their checksums are then not verified (that would read
     the whole file on every rank): `python -m lthmpi.data verify FILE` does it once."""
     import h5py
 
@@ -262,7 +273,7 @@ def read_prepared(path: str, expect: dict | None = None, in_memory: bool = True)
             arrays = {}
             for name in ARRAYS:
                 if name.startswith("x") and not in_memory:
-                    arrays[name] = _memmap(path, f[name])
+                    arrays[name] = _on_disk(path, f[name])
                     continue
                 a = f[name][()]
                 if _sha256(a) != _attr(f, "sha256_" + name):
@@ -351,8 +362,8 @@ def decide_in_memory(setting, path: str, ranks: int | None = None, memory: int |
 
 
 def load_dataset(cfg, seed: int = 0) -> Dataset:
-    """The Dataset `cfg` describes: from its prepared file if `cfg.prepared` is set (in memory, or memory-
-    mapped, see `decide_in_memory`), else from the raw files. `seed` is accepted for future use; the split
+    """The Dataset `cfg` describes: from its prepared file if `cfg.prepared` is set (in memory, or left on
+    disk, see `decide_in_memory`), else from the raw files. `seed` is accepted for future use; the split
     itself is deterministic."""
     del seed
     settings = settings_of(cfg)

@@ -268,9 +268,6 @@ def execute(cfg: Config, run_dir: str, comm, t_start: float | None, quiet: bool,
             # would refuse the corrected rerun in the same --run-dir.
             from .experiment import Experiment
 
-            if cfg.imp and size > 1:  # until the IMP chains are a kind of their own (issue 23)
-                raise ConfigError("prune.method = \"imp\" runs on one process for now (its chains need the task-"
-                                  "graph coordinator): run it without mpirun")
             return Experiment(cfg, run.path, rank=rank, threads=threads, slot=slot)
 
         def create():

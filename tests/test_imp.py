@@ -211,7 +211,8 @@ def test_analysis_draws_imp_next_to_one_shot_of_the_same_parent(imp_run, tmp_pat
     from lthmpi.coordinator import run_serial
 
     cfg, path = imp_run
-    one_shot = from_dict({**IMP_TINY, "prune": {"remaining": [0.5, 0.25]}, "reset": {"points": ["0it"], "controls": []}})
+    one_shot = from_dict({**IMP_TINY, "prune": {"remaining": [0.5, 0.25]},
+                          "reset": {"points": ["0it"], "controls": []}})
     validate(one_shot)
     other = run_serial(one_shot, str(tmp_path / "oneshot"), threads=1, quiet=True)
     results = load_runs([path, other])
@@ -229,3 +230,109 @@ def test_analysis_draws_imp_next_to_one_shot_of_the_same_parent(imp_run, tmp_pat
     report = open(done["report"]).read()
     assert "## IMP vs one-shot" in report and "| IMP | k=0it |" in report and "| one-shot | k=0it |" in report
     assert "sparsest level" in report  # the IMP grid's tables count levels, not masks
+
+
+
+def test_the_kind_chains_levels_and_hangs_controls_off_them(imp_run):
+    from lthmpi import kinds
+    from lthmpi.experiment import Experiment
+
+    cfg, path = imp_run
+    exp = Experiment(cfg, path)
+    exp.load_parent()
+    exp.load_masks()
+    graph = kinds.build_graph(exp)
+    assert {t.kind for t in graph.tasks} == {"imp"} and len(graph) == 3 * 2 * 3
+    for t in graph.tasks:
+        lv, r = t.spec.level, t.spec.reset
+        want = () if lv == 1 else (f"l{lv - 1:02d}_r{r:02d}_ticket",)  # the task whose final weights give m_l
+        assert t.deps == want, t.id
+    # the critical path is a chain: L levels in sequence (k = 0's, the longest), whatever the controls
+    assert graph.critical_path() == pytest.approx(sum(graph.by_id[f"l{lv:02d}_r00_ticket"].cost for lv in (1, 2, 3)))
+    assert graph.width() == 2 * 3  # per depth: each chain's ticket and its two controls
+
+
+def test_model_replays_imp_chains_at_their_critical_path(imp_run):
+    from lthmpi.analysis.model_cli import profile_from_results
+    from lthmpi.analysis.scaling_model import predict, synthetic_profile
+    from lthmpi.results import load
+
+    # 4 levels x chains at k = 0 and 2 epochs of 10 (10 and 8 s a level) x (ticket + 1 control)
+    prof = synthetic_profile(4, 2, epochs=10, epoch_seconds=1.0, reset_epochs=[0, 2], controls=1, chains=True,
+                             parent_seconds=0.0)
+    assert predict(prof, 1, "lpt")["makespan"] == pytest.approx(2 * (40 + 32))  # everything, one after another
+    for scheduler in ("lpt", "dynamic", "static"):
+        wide = predict(prof, 100, scheduler)
+        assert wide["makespan"] == pytest.approx(40) == wide["critical_path"]  # the chain at k = 0
+        assert predict(prof, 2, scheduler)["makespan"] >= 72  # half the work
+    prof.data_parallel_efficiency = 1.0  # 8 ranks over the 4 tasks that can run at once: pairs, twice as fast
+    sub = predict(prof, 8, "dynamic")
+    assert sub["workers"] == 4 and sub["makespan"] == pytest.approx(20)
+
+    measured = profile_from_results(load(imp_run[1]))  # the results record each level's dependency
+    chain = [i for i, d in enumerate(measured.task_deps) if d]
+    assert len(chain) == 2 * 3 * 2  # levels 2 and 3 of both chains, tickets and controls
+    far = predict(measured, 1000, "dynamic")  # every chain at once: its 3 levels (each + the per-task overhead)
+    assert far["makespan"] == pytest.approx(far["critical_path"] + 3 * measured.overhead_per_task)
+    assert far["critical_path"] >= 3 * min(measured.task_durations)
+
+
+def test_seed_study_prices_imp_on_20_100_and_1000_ranks(capsys):
+    import json
+
+    from lthmpi.analysis.model_cli import main
+
+    assert main(["--seed-study", "--json"]) == 0
+    imp = json.loads(capsys.readouterr().out)["seed_study_imp"]
+    assert imp["case"]["tasks"] == 100 and imp["case"]["longest_chain_hours"] == pytest.approx(20 * 345 * 4.5 / 60)
+    alone, grouped = imp["rows"]["no subgroups"], next(v for k, v in imp["rows"].items() if k.startswith("subgroups"))
+    for rows in (alone, grouped):
+        assert sorted({r["P"] for r in rows}) == [20, 100, 1000]
+    parent = 350 * 4.5 / 60
+    for r in alone:  # 5 chains can run at once: more ranks do not help, the chain is the wall time
+        assert r["wall"] / 3600 == pytest.approx(parent + 20 * 345 * 4.5 / 60) and r["idle"] == r["P"] - 5
+    walls = [min(r["wall"] for r in grouped if r["P"] == p) for p in (20, 100, 1000)]
+    assert walls[0] > walls[1] > walls[2] > parent * 3600  # subgroups shorten the chains; the parent stays
+
+
+# -- the chains over MPI, and after a SIGKILL (the real command line) ---------------------------------------
+
+IMP_SETS = ["prune.method=imp", "prune.levels=3", "prune.imp_rate=0.5", "train.epochs=1"]  # + faultkit.TINY_SETS
+IMP_TASKS = 3 * 2 * 2  # levels x chains x (ticket, random_reinit)
+
+
+def chain_mask_bytes(run_dir) -> dict:
+    """Every chain's every level's mask, as arrays (what the levels computed, whoever computed them)."""
+    from lthmpi.store import RunDir
+
+    run, out = RunDir(str(run_dir)), {}
+    for name in sorted(os.listdir(run.chains_dir)):
+        reset, level = int(name[1:3]), int(name[5:7])
+        mask, attrs = run.read_chain_mask(reset, level)
+        out[name] = ({p: m.tobytes() for p, m in mask.items()}, attrs["remaining"])
+    return out
+
+
+def test_sigkill_mid_chain_resumes_without_retraining_and_three_ranks_agree(tmp_path):
+    """P = 1 killed (SIGKILL) in its third task, rerun: no finished level is trained again, and the result
+    equals the same experiment run on 3 ranks (masks, measurements, curves)."""
+    from faultkit import assert_same_results, done_counts, finish, launch, start, task_files
+
+    killed, three = tmp_path / "killed", tmp_path / "p3"
+    p = start(killed, None, IMP_SETS, env={"LTHMPI_FAULT": "kill:0:3"})
+    rc, _, err = finish(p, timeout=300)
+    assert rc != 0, err[-2000:]
+    finished = task_files(killed)
+    assert 0 < len(finished) < IMP_TASKS and not (killed / "results.h5").exists()
+    before = {t: os.stat(killed / "tasks" / f"{t}.h5").st_mtime_ns for t in finished}
+    r = launch(killed, None, IMP_SETS)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {t: os.stat(killed / "tasks" / f"{t}.h5").st_mtime_ns for t in finished} == before
+    counts = done_counts(killed)
+    assert len(counts) == IMP_TASKS and set(counts.values()) == {1}, counts  # each level trained once, in all
+
+    r3 = launch(three, 3, IMP_SETS)
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert_same_results(three, killed)
+    a, b = chain_mask_bytes(killed), chain_mask_bytes(three)
+    assert len(a) == 3 * 2 and a == b

@@ -30,7 +30,11 @@ Mapping of the measured run onto the model (see scaling_model.py for the model i
 
 ``--seed-study`` adds the what-if of the seed study (MobileNetV2 on ImageNet): M = 20 masks, N = 5 late
 resets at epochs 5, 10, 20, 30, 40, T = 350 epochs of 4.5 min each, every retraining T - k epochs, the
-parent T epochs, on P = 20 and P = 100 ranks with a core (GPU) each. RUN_DIR may then be left out.
+parent T epochs, on P = 20 and P = 100 ranks with a core (GPU) each; and what IMP would cost for it
+(docs/imp.md): 20 levels x 5 chains (one per reset point), level l of a chain waiting for level l - 1,
+on P = 20, 100 and 1000, without subgroups (ranks beyond the 5 chains that can run at once idle) and with
+data-parallel subgroups of efficiency E (``--dp-efficiency``, default 0.9: an assumption, not a
+measurement), next to the critical-path bound. RUN_DIR may then be left out.
 
 Errors are one line "lthmpi.analysis model: error: ...", exit status 2.
 """
@@ -45,7 +49,8 @@ from ..schedule import step_cost
 
 PROG = "lthmpi.analysis model"
 
-SEED_STUDY = dict(M=20, N=5, epochs=350, epoch_minutes=4.5, reset_epochs=[5, 10, 20, 30, 40], ranks=[20, 100])
+SEED_STUDY = dict(M=20, N=5, epochs=350, epoch_minutes=4.5, reset_epochs=[5, 10, 20, 30, 40], ranks=[20, 100],
+                  levels=20, imp_ranks=[20, 100, 1000], dp_efficiency=0.9)
 
 
 class ModelCliError(RuntimeError):
@@ -126,7 +131,7 @@ def parser(prog: str = f"python -m {PROG}") -> argparse.ArgumentParser:
                         "1 + E(s - 1) times faster (default: the surplus ranks idle)")
     p.add_argument("--seed-study", action="store_true",
                    help="also predict the seed study (M = 20, N = 5 resets at epochs 5..40, 350 epochs of 4.5 min) "
-                        "on P = 20 and 100")
+                        "on P = 20 and 100, and its IMP version (20 levels x 5 chains) on P = 20, 100 and 1000")
     p.add_argument("--json", action="store_true", help="print everything as one JSON object")
     return p
 
@@ -321,6 +326,26 @@ def seed_study(schedulers) -> dict:
                 rows=rows)
 
 
+def imp_seed_study(schedulers, dp_efficiency: float | None) -> dict:
+    """The seed study by IMP: 20 levels x 5 chains, without and with data-parallel subgroups."""
+    from .scaling_model import predict_many, synthetic_profile
+
+    s = SEED_STUDY
+    e = s["dp_efficiency"] if dp_efficiency is None else dp_efficiency
+    prof = synthetic_profile(s["levels"], s["N"], s["epochs"], s["epoch_minutes"] * 60.0,
+                             reset_epochs=s["reset_epochs"], chains=True)
+    rows = {}
+    for name, eff in (("no subgroups", None), (f"subgroups, E = {e:g}", e)):
+        prof.data_parallel_efficiency = eff
+        rows[name] = predict_many(prof, s["imp_ranks"], schedulers, None)
+    level_hours = [(s["epochs"] - k) * s["epoch_minutes"] / 60.0 for k in s["reset_epochs"]]
+    return dict(case=dict(levels=s["levels"], N=s["N"], reset_epochs=s["reset_epochs"], epochs=s["epochs"],
+                          epoch_minutes=s["epoch_minutes"], tasks=len(prof.task_durations), dp_efficiency=e,
+                          longest_chain_hours=s["levels"] * max(level_hours),
+                          serial_hours=(prof.phases["parent"] + sum(prof.task_durations)) / 3600.0),
+                rows=rows)
+
+
 # -- printing -------------------------------------------------------------------------------------------
 def _f(v, fmt=".2f") -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
@@ -422,6 +447,15 @@ def run(args) -> tuple[dict, str]:
                  f"T = {c['epochs']} epochs of {c['epoch_minutes']} min, retraining T - k; {c['tasks']} tasks, "
                  f"parent + tasks = {c['serial_hours']:.1f} h on one rank",
                  prediction_table(ss["rows"], 3600.0, "h")]
+        imp = imp_seed_study(schedulers, args.dp_efficiency)
+        out["seed_study_imp"] = imp
+        c = imp["case"]
+        text += ["", f"seed study by IMP: {c['levels']} levels x {c['N']} chains (resets at epochs {c['reset_epochs']}), "
+                 f"each level T - k epochs of {c['epoch_minutes']} min, level l after level l - 1 of its chain; "
+                 f"{c['tasks']} trainings, parent + trainings = {c['serial_hours']:.1f} h on one rank; the longest "
+                 f"chain alone is {c['longest_chain_hours']:.1f} h (the critical path, at one rank per training)"]
+        for name, rows in imp["rows"].items():
+            text += [f"  {name}:", prediction_table(rows, 3600.0, "h")]
     return out, "\n".join(t for t in text if t is not None)
 
 

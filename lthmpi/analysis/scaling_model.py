@@ -161,7 +161,9 @@ def _schedule(profile: RunProfile, P: int, scheduler: str, cores: int | None):
         sched.extra["critical_path"] = sum(durations)
         return sched, P, [1] * P
     groups = profile.task_groups
-    units = len(set(groups)) if (scheduler == "static" and groups is not None) else n
+    graph = profile.task_deps and any(profile.task_deps)
+    units = (len(set(groups)) if (scheduler == "static" and groups is not None)
+             else graph_width(profile.task_deps) if graph else n)  # the coordinator's units (_Layout)
     e = profile.data_parallel_efficiency
     if e is not None and P > units and units > 0:
         colors = groups_for(P, units)
@@ -170,7 +172,7 @@ def _schedule(profile: RunProfile, P: int, scheduler: str, cores: int | None):
     else:
         sizes, speeds = [1] * P, None
     workers = len(sizes)
-    if profile.task_deps and any(profile.task_deps):
+    if graph:
         sched = simulate_graph(scheduler, durations, profile.task_deps, workers, profile.overhead_per_task,
                                costs=profile.task_costs, groups=groups, speeds=speeds)
     else:
@@ -178,6 +180,13 @@ def _schedule(profile: RunProfile, P: int, scheduler: str, cores: int | None):
                          costs=profile.task_costs, groups=groups, speeds=speeds)
         sched.extra["critical_path"] = max(durations, default=0.0) / max(speeds or [1.0])
     return sched, workers, sizes
+
+
+def graph_width(deps: Sequence[Sequence[int]]) -> int:
+    """Tasks that can run at once (lthmpi.graph.Graph.width): IMP's chains, each with its level's controls."""
+    from ..graph import Graph, Task
+
+    return Graph([Task(str(i), "sim", tuple(str(d) for d in ds)) for i, ds in enumerate(deps)]).width()
 
 
 def predict(profile: RunProfile, P: int, scheduler: str, cores: int | None = None) -> dict:
@@ -249,12 +258,14 @@ def synthetic_profile(M: int, N: int, epochs: float, epoch_seconds: float,
                       reset_epochs: Sequence[float] | None = None, parent_seconds: float | None = None,
                       startup_seconds: float = 0.0, controls: int = 0, full_length: bool = False,
                       masks_seconds: float = 0.0, distribution_seconds: float = 0.0,
-                      gather_seconds: float = 0.0, iterations_per_epoch: int = 1) -> RunProfile:
+                      gather_seconds: float = 0.0, iterations_per_epoch: int = 1, chains: bool = False) -> RunProfile:
     """A study that was not run: M masks x N reset points (x (1 + controls)), each training T - k epochs.
 
     For what-if questions such as the seed study (M = 20 masks, reset epochs 5..40 of 150). Default reset
     points: N evenly spaced over 0 .. epochs / 4. ``full_length`` trains T epochs from every reset (the
-    option of the design). The parent defaults to T epochs. Costs are in iterations.
+    option of the design). The parent defaults to T epochs. Costs are in iterations. ``chains``: the M
+    masks are M IMP levels (docs/imp.md), one chain per reset point: level m's ticket and controls wait for
+    level m - 1's ticket of the same chain; the static scheduler's unit is a chain's tickets, each control alone.
     """
     if reset_epochs is None:
         reset_epochs = [0.0] if N == 1 else list(np.linspace(0.0, epochs / 4.0, N))
@@ -263,18 +274,22 @@ def synthetic_profile(M: int, N: int, epochs: float, epoch_seconds: float,
         raise ValueError(f"N = {N} but {len(reset_epochs)} reset epochs")
     if any(k < 0 or k >= epochs for k in reset_epochs):
         raise ValueError("reset epochs must lie in [0, epochs)")
-    durations, costs, groups = [], [], []
+    durations, costs, groups, deps = [], [], [], []
+    ticket: dict[tuple[int, int], int] = {}  # (level, chain) -> index of its ticket task
     for m in range(M):
-        for k in reset_epochs:
+        for j, k in enumerate(reset_epochs):
             ep = epochs if full_length else epochs - k
-            for _ in range(1 + controls):
+            ticket[m, j] = len(durations)
+            for c in range(1 + controls):
                 durations.append(ep * epoch_seconds)
                 costs.append(ep * iterations_per_epoch)
-                groups.append(m)
+                groups.append(((j, m, c) if c else j) if chains else m)
+                deps.append((ticket[m - 1, j],) if chains and m else ())
     phases = dict(startup=startup_seconds,
                   parent=epochs * epoch_seconds if parent_seconds is None else parent_seconds,
                   masks=masks_seconds, distribution=distribution_seconds, gather=gather_seconds)
-    return RunProfile(durations, costs, phases, ranks=1, cores=None, task_groups=groups)
+    return RunProfile(durations, costs, phases, ranks=1, cores=None, task_groups=groups,
+                      task_deps=deps if chains else None)
 
 
 def extrapolate_durations(profile: RunProfile, task_costs: Sequence[float],

@@ -35,7 +35,7 @@ import importlib
 
 from ..graph import Graph, GraphError
 
-MODULES = ("oneshot",)
+MODULES = ("oneshot", "imp")
 
 _REGISTRY: dict = {}
 

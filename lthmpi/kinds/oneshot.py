@@ -12,7 +12,7 @@ class OneShot:
     name = "oneshot"
 
     def enabled(self, cfg) -> bool:
-        return True
+        return not cfg.imp  # prune.method = "imp" runs chains instead (kinds/imp.py)
 
     def tasks(self, exp) -> list[Task]:
         return [Task(t.id, self.name, cost=exp.cost(t), group=t.mask, spec=t) for t in exp.tasks()]

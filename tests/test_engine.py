@@ -400,3 +400,26 @@ def test_rerun_on_other_kernels_is_refused_unless_allowed(tiny_run, tiny_config,
     monkeypatch.setattr(MaskedTrainer, "fit", lambda self, *a, **k: calls.append(a) or real_fit(self, *a, **k))
     run_serial(dense_only, run, threads=1, quiet=True, allow_mixed=True)
     assert len(calls) == 1 and os.path.exists(os.path.join(run, "results.h5"))
+
+
+@pytest.mark.parametrize("schedule", ["static", "dynamic"])
+def test_one_process_gives_the_same_results_under_every_scheduler(tiny_run, tiny_config, tmp_path, schedule):
+    """P = 1 without mpirun: the order of the tasks changes with the scheduler, their results do not (the
+    fixture `tiny_run` ran under the default, lpt)."""
+    from lthmpi.config import from_dict
+    from lthmpi.coordinator import run_serial
+    from lthmpi.results import load
+
+    cfg = from_dict({"parallel": {"schedule": schedule}}, base=tiny_config)
+    path = run_serial(cfg, str(tmp_path / "run"), threads=1, quiet=True)
+    got, want = load(path), load(tiny_run)
+    assert got["provenance"]["schedule"] == schedule
+    ta, tb = by_id(want), by_id(got)
+    assert sorted(ta) == sorted(tb)
+    for tid in ta:
+        for col, va in ta[tid].items():
+            if col not in TIMING_COLUMNS:
+                assert tb[tid][col] == va or (va != va and tb[tid][col] != tb[tid][col]), (tid, col)
+    ca, cb = curves(tiny_run), curves(str(tmp_path / "run"))
+    assert ca.keys() == cb.keys()
+    assert all(ca[t].keys() == cb[t].keys() and all(np.array_equal(ca[t][k], cb[t][k]) for k in ca[t]) for t in ca)

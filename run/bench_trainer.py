@@ -171,19 +171,19 @@ def where_the_time_goes(tr, h, epoch_s: float, epochs: int) -> dict:
     Training costs forward + weight gradient for every layer + input gradient for all but the first
     (nobody needs the gradient of the images); an evaluation pass costs one forward."""
     fwd, first = macs(tr)
-    n = {s: int(tr._x[s].shape[0]) for s in ("val", "test")}
+    n = {s: len(getattr(tr.data, f"y_{s}")) for s in ("val", "test")}
     timed = {}
-    if tr.kernels == "sparse":
-        tr._engine = tr._sparse_engine()  # evaluate() as fit() calls it
+    backend = tr.backend()  # evaluate as the fit loop calls it
+    backend.begin()
     for split in ("val", "test"):
-        tr.evaluate(split)
+        backend.evaluate(split)
         runs = []
         for _ in range(5):
             t = time.perf_counter()
-            tr.evaluate(split)
+            backend.evaluate(split)
             runs.append(time.perf_counter() - t)
         timed[split] = statistics.median(runs)
-    tr._engine = None
+    backend.end()
     passes = {"val": len(h.evals) / epochs,
               "test": (len(h.epochs) + 1) / epochs}  # each epoch end, and once at the early-stopping weights
     examples = tr.per_epoch * tr.cfg.batch_size

@@ -148,6 +148,7 @@ class StabilityConfig:
     """Stability pairs and linear mode connectivity (docs/stability.md); part of the identity only when enabled."""
 
     enabled: bool = key(False, "train stability pairs and measure linear mode connectivity (docs/stability.md)")
+    only: bool = key(False, "with enabled: the stability pairs alone, without the one-shot (or IMP) retrainings")
     points: list = key([], "reset points k of the pairs, e.g. [\"0ep\", \"500it\"]; [] = reset.points")
     masks: str | list = key("dense", "\"dense\", \"all\", or a list of mask indices (0 = first prune.remaining) "
                                      "and \"dense\"")
@@ -496,24 +497,28 @@ def validate_stability(cfg: Config) -> None:
 
 
 def stability_masks(cfg: Config) -> list[int | None]:
-    """stability.masks as mask indices, None for the dense network (all-ones mask), dense first."""
+    """stability.masks as mask indices, None for the dense network (all-ones mask), dense first. In an IMP
+    run (prune.method = "imp") the list names levels 1 … prune.levels, and level l is mask index l - 1."""
     m, n = cfg.stability.masks, len(cfg.remaining_fractions())
+    first = 1 if cfg.imp else 0  # IMP levels count from 1, one-shot mask indices from 0
     if m == "dense":
         return [None]
     if m == "all":
         return [None, *range(n)]
     if not isinstance(m, list) or not m:
-        raise ConfigError(f"stability.masks must be \"dense\", \"all\" or a non-empty list of mask indices "
-                          f"(and \"dense\"), e.g. [\"dense\", 0, 3], not {m!r}")
+        raise ConfigError(f"stability.masks must be \"dense\", \"all\" or a non-empty list of "
+                          f"{'IMP levels' if cfg.imp else 'mask indices'} (and \"dense\"), e.g. [\"dense\", 1, 3], "
+                          f"not {m!r}")
     out = []
     for x in m:
         if x == "dense":
             out.append(None)
-        elif isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < n:
-            raise ConfigError(f"stability.masks names mask {x!r}, but the config has masks 0..{n - 1} "
-                              f"(one per prune.remaining entry) and \"dense\"; choose among those")
+        elif isinstance(x, bool) or not isinstance(x, int) or not first <= x < n + first:
+            what = (f"IMP level {x!r}, but prune.levels = {n} (levels 1..{n})" if cfg.imp else
+                    f"mask {x!r}, but the config has masks 0..{n - 1} (one per prune.remaining entry)")
+            raise ConfigError(f"stability.masks names {what} and \"dense\"; choose among those")
         else:
-            out.append(x)
+            out.append(x - first)
     if len(set(out)) != len(out):
         raise ConfigError(f"stability.masks {m} contain duplicates")
     return sorted(out, key=lambda x: -1 if x is None else x)
@@ -570,6 +575,13 @@ def validate_against_data(cfg: Config, iterations_per_epoch: int, n_train: int) 
             if s.iterations(iterations_per_epoch) >= total:
                 raise ConfigError(f"stability point {s} (iteration {s.iterations(iterations_per_epoch)}) is at or "
                                   f"past the end of training ({total} iterations): lower it or train longer")
+            if cfg.imp and stability_masks(cfg) != [None] and s.iterations(iterations_per_epoch) not in its:
+                raise ConfigError(f"stability point {s} is not a reset point: an IMP level's mask belongs to the "
+                                  f"chain of a reset point, so with IMP levels in stability.masks every "
+                                  f"stability point must be one of reset.points {cfg.reset.points}")
+        if cfg.imp and cfg.stability.only and any(m for m in stability_masks(cfg) if m is not None):
+            raise ConfigError("stability.only = true cannot measure IMP levels above 1: their masks come from the "
+                              "chains' retrainings; set stability.only = false or stability.masks = [\"dense\", 1]")
     return total
 
 

@@ -67,6 +67,9 @@ class Experiment:
 
         self.iterations_per_epoch = per_epoch
         self.reset_iterations = [s.iterations(per_epoch) for s in cfg.reset_steps()]
+        stability = cfg.stability_steps() if cfg.stability.enabled else []
+        self.checkpoint_iterations = sorted({0, self.total, *self.reset_iterations,
+                                             *(s.iterations(per_epoch) for s in stability)})
         self.model = build_model(cfg.model.name, self.data.input_shape, self.data.num_classes, cfg.seed)
         self.prunable = [v.path for v in prunable_variables(self.model)]
         self.sizes = {v.path: int(np.prod(v.shape)) for v in prunable_variables(self.model)}
@@ -102,7 +105,8 @@ class Experiment:
         return os.path.exists(self.run.parent_path)
 
     def train_parent(self, progress=None, write: bool = True):
-        """Train the dense network, keeping weights and optimizer state at 0, every reset point and T.
+        """Train the dense network, keeping weights and optimizer state at 0, every reset point (and stability
+        point) and T.
 
         With `write` False (a data-parallel replica that is not rank 0) the checkpoints stay in memory.
         """
@@ -113,7 +117,7 @@ class Experiment:
         tr.set_weights(self.initial_weights)
         tr.set_masks(None)
         tr.reset_optimizer(None)
-        keep = {0, self.total, *self.reset_iterations}
+        keep = set(self.checkpoint_iterations)
         ckpts, opts = {}, {}
 
         def save(it):
@@ -137,7 +141,7 @@ class Experiment:
 
     def load_parent(self):
         self.checkpoints, self.optimizer_states, self.parent_info = self.run.read_checkpoints()
-        needed = {0, self.total, *self.reset_iterations}
+        needed = set(self.checkpoint_iterations)
         missing = needed - set(self.checkpoints)
         if missing:
             raise StoreError(f"parent checkpoint file {self.run.parent_path} lacks checkpoints at iterations "

@@ -81,8 +81,8 @@ TASK_COLUMNS = tuple(f.name for f in fields(TaskResult))
 def merge(run: RunDir, task_ids: list[str], timing: dict, provenance: dict, during=None, pair_ids=(),
           deps: dict | None = None) -> str:
     """Gather the per-task files named by `task_ids` into results.h5 (written atomically; it is derived, so a
-    damaged one is simply rebuilt by the next run), and the stability evaluations named by `pair_ids` into
-    /stability. `deps` (task id -> ids it depends on) fills the `deps` column. `during()` is called with the
+    damaged one is simply rebuilt by the next run), and the stability evaluations (tasks whose result holds a
+    `curve`, and any named by `pair_ids`) into /stability. `deps` (task id -> ids it depends on) fills the `deps` column. `during()` is called with the
     file half-written (fault tests)."""
     pairs = {pid: run.read_task(pid) for pid in pair_ids}
     rows, curves = [], {}
@@ -90,6 +90,8 @@ def merge(run: RunDir, task_ids: list[str], timing: dict, provenance: dict, duri
         attrs, series = run.read_task(tid)
         rows.append(attrs)
         curves[tid] = series
+        if "curve" in series:  # a stability pair's evaluation (lthmpi/kinds/stability.py)
+            pairs[tid] = (attrs, series)
     with open_h5(run.parent_path, "parent checkpoint file") as f:
         parent = {k: v for k, v in f.attrs.items() if k != DIGEST}
         parent_history = read_arrays(f["history"], f"parent checkpoint file {run.parent_path}") if "history" in f else {}

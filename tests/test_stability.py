@@ -2,6 +2,8 @@
 re-estimation, and the [stability] config section's bad input, on tiny models (digits, 8x8)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -191,3 +193,213 @@ def test_stability_cli_json_csv_and_figures(stab_run, tmp_path):
         assert_png(tmp_path / "r" / name)
     report = (tmp_path / "r" / "report.md").read_text()
     assert "## Stability (linear mode connectivity)" in report and "| 20% left | 500it | 0.10 |" in report
+
+
+# -- the stability kind: pairs trained and evaluated by the coordinator ---------------------------------------
+# TINY (conftest) + 2 stability points x (dense, mask 1): 12 one-shot retrainings alongside 8 stability
+# trainings and 4 evaluations, all on 8x8 digits, T = 76 iterations.
+PAIRS = {"enabled": True, "points": ["0ep", "10it"], "masks": ["dense", 1], "alphas": 5}
+ALONE = ["stability.enabled=true", 'stability.points=["0ep", "10it"]', "stability.only=true", "stability.alphas=5"]
+
+
+def stab_config(**stability):
+    import copy
+
+    from conftest import TINY
+    from lthmpi.config import validate
+
+    raw = copy.deepcopy(TINY)
+    raw["stability"] = dict(PAIRS, **stability)
+    cfg = from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def pair_run(tmp_path_factory, tf_runtime):
+    from lthmpi.coordinator import run_serial
+
+    path = str(tmp_path_factory.mktemp("pairs") / "run")
+    run_serial(stab_config(), path, threads=1, quiet=True)
+    return path
+
+
+def h5_weights(path) -> dict:
+    """An endpoint file's weights with h5py alone."""
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        f["weights"].visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def test_curve_recomputed_from_the_endpoint_files_with_plain_keras(pair_run):
+    """The stored curve of a sparse pair, recomputed with h5py, numpy and Keras forward passes only."""
+    import h5py
+
+    from lthmpi.data import load_dataset
+    from lthmpi.models import build_model
+
+    cfg = stab_config()
+    data = load_dataset(cfg.data, cfg.seed)
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes, 0)
+    run = os.path.join(pair_run, "stability")
+    a, b = h5_weights(os.path.join(run, "stab_m001_k01_a.h5")), h5_weights(os.path.join(run, "stab_m001_k01_b.h5"))
+    with h5py.File(os.path.join(pair_run, "masks.h5"), "r") as f:
+        kernels = {p: f[f"masks/1/{p}"][()] for p in ("fc1/kernel", "fc2/kernel", "output/kernel")}
+    with h5py.File(os.path.join(pair_run, "tasks", "stab_m001_k01_eval.h5"), "r") as f:
+        alphas, errors, losses = f["curve/alpha"][()], f["curve/error"][()], f["curve/loss"][()]
+        barrier, stable = float(f.attrs["barrier"]), bool(f.attrs["stable"])
+    assert len(alphas) == 5 and not np.array_equal(a["fc1/kernel"], b["fc1/kernel"])
+    for alpha, err, loss in zip(alphas, errors, losses):
+        for v in model.variables:
+            w = ((1 - alpha) * a[v.path].astype(np.float64) + alpha * b[v.path].astype(np.float64)).astype(np.float32)
+            if v.path in kernels:
+                assert np.all(w[~kernels[v.path].astype(bool)] == 0), (alpha, v.path)  # pruned: zero at every alpha
+            v.assign(w)
+        z = np.concatenate([np.asarray(model(data.x_test[i:i + 100], training=False), np.float64)
+                            for i in range(0, len(data.x_test), 100)])
+        lse = z.max(1) + np.log(np.exp(z - z.max(1, keepdims=True)).sum(1))
+        assert abs(np.mean(z.argmax(1) != data.y_test) - err) <= 1e-6, alpha
+        assert abs(np.mean(lse - z[np.arange(len(z)), data.y_test]) - loss) <= 1e-5, alpha
+    assert barrier == pytest.approx(errors.max() - (errors[0] + errors[-1]) / 2, abs=1e-12)
+    assert stable == (barrier < 0.02)
+
+
+def test_copies_differ_only_in_data_order(pair_run, monkeypatch):
+    """Same start weights (bitwise, = parent at k x mask), other order seed; B retrained with A's order is A."""
+    from lthmpi.experiment import Experiment
+    from lthmpi.kinds import stability as kind
+    from lthmpi.store import RunDir
+
+    cfg = stab_config()
+    run = RunDir(pair_run)
+    ckpts, _, _ = run.read_checkpoints()
+    masks, _ = run.read_masks()
+    k = 10
+    start = {p: (w * masks[1][p] if p in masks[1] else w) for p, w in ckpts[k].items()}
+    (wa, aa), (wb, ab) = (kind.read_endpoint(kind.endpoint_path(run, "stab_m001_k01", c)) for c in (0, 1))
+    assert aa["start_sha256"] == ab["start_sha256"] == kind.weights_digest(start)
+    assert aa["order_seed"] == cfg.seed and ab["order_seed"] != cfg.seed
+    assert any(not np.array_equal(wa[p], wb[p]) for p in wa)
+    exp = Experiment(cfg, pair_run, threads=1)
+    exp.load_parent()
+    exp.load_masks()
+    (task_b,) = [t for t in kind.KIND.tasks(exp) if t.id == "stab_m001_k01_b"]
+    monkeypatch.setattr(kind.st, "order_seed", lambda base, copy: base)  # B's training with A's data order
+    kind.KIND.run(exp, task_b, write=False)
+    again = exp.trainer.get_weights()
+    assert all(np.array_equal(again[p], wa[p]) for p in wa)
+
+
+def test_pairs_are_merged_alongside_the_grid(pair_run):
+    from lthmpi.analysis import load_runs, science
+    from lthmpi.analysis import stability as sa
+
+    (res,) = load_runs([pair_run])
+    assert len(res["stability"]) == 4
+    assert [(p["mask"], p["reset"]) for p in sa.pairs(res)] == [(-1, "0ep"), (-1, "10it"), (1, "0ep"), (1, "10it")]
+    assert {t["kind"] for t in res["tasks"]} == {"oneshot", "stability"} and len(res["tasks"]) == 24
+    g = science.build_grid([res])
+    assert g.masks == [0, 1] and g.controls == ["random_reinit", "random_mask"]  # the pairs stay out of the grid
+    rows = sa.earliest_stable(sa.pairs(res), res)
+    assert rows[1]["mask"] == 1 and (rows[1]["reset"] is None or rows[1]["matches_dense"] is not None)
+
+
+def test_batch_norm_net_through_both_options(tmp_path, tf_runtime):
+    """ResNet-20 (21 batch-norm layers) on digits, run with the statistics re-estimated at each alpha; the same
+    endpoints evaluated by the kind with the default (statistics interpolated). The option changes only the
+    evaluation, so one pair of trainings serves both. Each stored value is what lthmpi.stability computes."""
+    import dataclasses
+
+    from lthmpi.coordinator import run_serial
+    from lthmpi.experiment import Experiment
+    from lthmpi.kinds import stability as kind
+    from lthmpi.results import load
+
+    cfg = stab_config(points=["4it"], masks="dense", alphas=3, only=True, bn_reestimate=True, bn_batches=2)
+    cfg.model.name, cfg.train.iterations, cfg.train.eval_every, cfg.reset.points = "resnet20", 8, "4it", ["0ep"]
+    path = str(tmp_path / "bn")
+    (pair,) = load(run_serial(cfg, path, threads=1, quiet=True))["stability"]
+    assert pair["bn_reestimate"] and np.all(np.isfinite(pair["error"]))
+    exp = Experiment(cfg, path, threads=1)
+    exp.load_parent()
+    (wa, _), (wb, _) = (kind.read_endpoint(kind.endpoint_path(exp.run, "stab_dense_k00", c)) for c in (0, 1))
+    x, y = exp.data.x_test, exp.data.y_test
+    batches = st.bn_batches(len(exp.data.x_train), 32, 2, cfg.seed)
+    again = st.curve(exp.trainer.model, wa, wb, x, y, 3, exp.data.x_train, batches)
+    assert np.array_equal(again["error"], pair["error"]) and np.allclose(again["loss"], pair["loss"], atol=1e-6)
+    plain = st.curve(exp.trainer.model, wa, wb, x, y, 3)
+    exp.cfg = dataclasses.replace(cfg, stability=dataclasses.replace(cfg.stability, bn_reestimate=False))
+    (ev,) = [t for t in kind.KIND.tasks(exp) if t.id.endswith("_eval")]
+    got = kind.KIND.run(exp, ev, write=False)
+    assert not got["bn_reestimate"] and got["barrier"] == st.barrier(plain["error"])
+    assert got["loss_barrier"] == pytest.approx(st.barrier(plain["loss"]), abs=1e-9)
+    assert not np.allclose(plain["loss"], pair["loss"])  # the two options measure different networks
+
+
+def test_resume_after_a_kill_does_only_the_missing_work_and_p2_agrees(tmp_path):
+    """Killed (SIGKILL) in the 3rd task, after pair k00's two trainings and before its evaluation: the rerun
+    keeps those two files and trains only the rest; then P = 2 under mpirun gives the same barriers."""
+    from faultkit import MPIRUN, start, finish
+
+    from lthmpi.results import load
+
+    run = tmp_path / "p1"
+    rc, _, err = finish(start(run, None, ALONE, env={"LTHMPI_FAULT": "kill:0:3"}))
+    assert rc != 0
+    tasks = run / "tasks"
+    first = {f: os.stat(tasks / f).st_mtime_ns for f in ("stab_dense_k00_a.h5", "stab_dense_k00_b.h5")}
+    assert not (tasks / "stab_dense_k00_eval.h5").exists() and not (tasks / "stab_dense_k01_a.h5").exists()
+    rc, out, err = finish(start(run, None, ALONE))
+    assert rc == 0, err
+    assert {f: os.stat(tasks / f).st_mtime_ns for f in first} == first
+    assert "resuming" in open(run / "logs" / "rank0.log").read() or "2 of 6" in err + out
+    p1 = {p["pair"]: p["barrier"] for p in load(str(run))["stability"]}
+    assert sorted(p1) == ["stab_dense_k00_eval", "stab_dense_k01_eval"]
+    if not MPIRUN.exists():
+        pytest.skip("no mpirun in this environment")
+    rc, _, err = finish(start(tmp_path / "p2", 2, ALONE))
+    assert rc == 0, err
+    res = load(str(tmp_path / "p2"))
+    assert {p["pair"]: p["barrier"] for p in res["stability"]} == p1
+    assert res["provenance"]["ranks"] == 2
+
+
+def test_imp_levels_as_stability_masks(tmp_path, tf_runtime):
+    """stability.masks names IMP levels: level 2's pair starts from the chain's level-2 mask (written by level
+    1's ticket, which its trainings depend on); levels outside 1..L, points that are not reset points, and
+    levels above 1 with stability.only are refused."""
+    from lthmpi.config import validate, validate_against_data
+    from lthmpi.coordinator import run_serial
+    from lthmpi.kinds import stability as kind
+    from lthmpi.results import load
+    from lthmpi.store import RunDir
+
+    cfg = from_dict({**TINY_IMP, "stability": {**PAIRS, "points": ["10it"], "masks": [2], "alphas": 3}})
+    validate(cfg)
+    res = load(run_serial(cfg, str(tmp_path / "imp"), threads=1, quiet=True))
+    (pair,) = res["stability"]
+    assert pair["pair"] == "stab_l02_k00_eval" and pair["level"] == 2
+    deps = {t["task_id"]: t["deps"] for t in res["tasks"]}
+    assert deps["stab_l02_k00_a"] == deps["stab_l02_k00_b"] == "l01_r01_ticket"
+    run = RunDir(str(tmp_path / "imp"))
+    mask = run.read_chain_mask(1, 2)[0]
+    start = {p: (w * mask[p] if p in mask else w) for p, w in run.read_checkpoints()[0][10].items()}
+    _, attrs = kind.read_endpoint(kind.endpoint_path(run, "stab_l02_k00", 1))
+    assert attrs["start_sha256"] == kind.weights_digest(start)
+    assert pair["remaining"] == pytest.approx(sum(m.sum() for m in mask.values()) / sum(m.size for m in mask.values()))
+    for change, words in (({"masks": [3]}, "IMP level 3, but prune.levels = 2"),
+                          ({"points": ["20it"]}, "stability point 20it is not a reset point"),
+                          ({"only": True}, "stability.only = true cannot measure IMP levels above 1")):
+        bad = from_dict({**TINY_IMP, "stability": {**PAIRS, "points": ["10it"], "masks": [2], **change}})
+        with pytest.raises(ConfigError) as e:
+            stability_masks(bad)
+            validate_against_data(bad, 38, 1237)
+        assert words in str(e.value)
+
+
+TINY_IMP = {"seed": 3, "data": {"dataset": "digits", "validation": 200},
+            "train": {"epochs": 2, "batch_size": 32, "eval_every": "10it"},
+            "prune": {"method": "imp", "levels": 2}, "reset": {"points": ["0ep", "10it"], "controls": []}}

@@ -131,6 +131,8 @@ def build_grid(results: list[dict]) -> Grid:
     """Pool replicate runs (see science_groups) into one Grid."""
     if not results:
         raise ValueError("no runs to analyse")
+    # stability pairs (lthmpi/kinds/stability.py) are not retrainings of the grid: docs/stability.md
+    results = [dict(r, tasks=[t for t in r["tasks"] if t.get("kind") != "stability"]) for r in results]
     cfg = results[0]["config"]
     present_resets = list(dict.fromkeys(t["reset"] for r in results for t in r["tasks"]))
     resets = [p for p in cfg.get("reset", {}).get("points", []) if p in present_resets]

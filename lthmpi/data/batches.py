@@ -171,6 +171,13 @@ class DiskSource:
         self.data, self.order, self.ahead, self.pad = data, order, ahead, pad
         self._reader: DiskBatches | None = None
 
+    def set_order(self, order):
+        """Train in another batch order (a stability pair's copy B): the reader gathering ahead is restarted."""
+        self.order = order
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
     def train_feed(self, t: int, n: int, share: tuple[int, int] = (0, 1)):
         if self._reader is None or (self._reader.rank, self._reader.size) != tuple(share):
             if self._reader is not None:

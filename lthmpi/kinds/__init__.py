@@ -35,7 +35,7 @@ import importlib
 
 from ..graph import Graph, GraphError
 
-MODULES = ("oneshot", "imp")
+MODULES = ("oneshot", "imp", "stability")
 
 _REGISTRY: dict = {}
 

@@ -14,7 +14,7 @@ class Imp:
     name = "imp"
 
     def enabled(self, cfg) -> bool:
-        return cfg.imp
+        return cfg.imp and not (cfg.stability.enabled and cfg.stability.only)  # only: the stability pairs alone
 
     def tasks(self, exp) -> list[Task]:
         out = []

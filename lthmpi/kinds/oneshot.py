@@ -12,7 +12,8 @@ class OneShot:
     name = "oneshot"
 
     def enabled(self, cfg) -> bool:
-        return not cfg.imp  # prune.method = "imp" runs chains instead (kinds/imp.py)
+        # prune.method = "imp" runs chains instead (kinds/imp.py); stability.only: the stability pairs alone
+        return not cfg.imp and not (cfg.stability.enabled and cfg.stability.only)
 
     def tasks(self, exp) -> list[Task]:
         return [Task(t.id, self.name, cost=exp.cost(t), group=t.mask, spec=t) for t in exp.tasks()]

@@ -46,6 +46,10 @@ class InMemoryBatches:
         self.x = {s: tf.convert_to_tensor(getattr(data, f"x_{s}")) for s in ("train", "val", "test")}
         self.y = {s: tf.convert_to_tensor(getattr(data, f"y_{s}").astype(np.int32)) for s in ("train", "val", "test")}
 
+    def set_order(self, order: BatchOrder):
+        """Train in another batch order (a stability pair's copy B) until it is set back."""
+        self.order = order
+
     def train_feed(self, t: int, n: int):
         """(x, y, idx) for iterations [t, t + n): step i trains on rows idx[i] of x and y."""
         return self.x["train"], self.y["train"], self.order.block(t, t + n)

@@ -11,7 +11,7 @@ import numpy as np
 from ..runtime import configure_tensorflow, configured_threads
 from ..steps import Step
 from . import loop, optimizer as optim
-from .batches import InMemoryBatches
+from .batches import BatchOrder, InMemoryBatches
 from .data_parallel import DataParallelBackend
 from .dense import CompiledSteps, DenseBackend
 from .schedule import StepDecay
@@ -178,8 +178,19 @@ class MaskedTrainer:
             return self._fitting.evaluate(split)
         return (self._parallel or self._dense).evaluate(split)
 
-    def fit(self, start: int, end: int, checkpoints=(), on_checkpoint=None, progress=None, callbacks=()) -> loop.History:
-        """Train iterations [start, end); evaluate every `eval_every` and at epoch ends; early-stop bookkeeping."""
+    def fit(self, start: int, end: int, checkpoints=(), on_checkpoint=None, progress=None, callbacks=(),
+            order_seed: int | None = None) -> loop.History:
+        """Train iterations [start, end); evaluate every `eval_every` and at epoch ends; early-stop bookkeeping.
+
+        `order_seed` draws the batch order from another seed than the trainer's, for this fit only (copy B of a
+        stability pair, docs/stability.md: the same training but for the data order)."""
+        if order_seed is not None and order_seed != self.order.seed:
+            mine = self.batches.order
+            self.batches.set_order(BatchOrder(mine.n, mine.batch, order_seed))
+            try:
+                return self.fit(start, end, checkpoints, on_checkpoint, progress, callbacks)
+            finally:
+                self.batches.set_order(mine)
         self._fitting = self.backend()
         try:
             return loop.fit(self._fitting, self.schedule, start, end, self.eval_every, self.per_epoch, checkpoints,

@@ -1,0 +1,182 @@
+"""The stability kind (issue 24, docs/stability.md): per reset point k and mask, a pair of trainings from the
+parent's weights at k under the mask, identical except for the data order, and an evaluation that joins them.
+
+Tasks of pair P (ids stable across runs; P = stab_<dense|mNNN>_kNN, NN the index in stability.points):
+  P_a, P_b   train copy A (the run's data order) / copy B (another order, lthmpi.stability.order_seed) for
+             T − k iterations (T with reset.length = "full"); each writes its final weights to
+             RUN_DIR/stability/P_<a|b>.h5 (with the sha256 of the start weights and the order seed), then its
+             result file tasks/P_<a|b>.h5: a copy is done when both exist
+  P_eval     depends on both: reads the two weight files and writes the curve (alpha, error, loss), the
+             barriers and the verdict to tasks/P_eval.h5
+The two trainings may run on different ranks; the evaluation runs wherever it is scheduled, from the files.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import numpy as np
+
+from .. import stability as st
+from ..config import stability_masks
+from ..graph import Task
+from ..pruning import fraction_remaining
+from ..schedule import step_cost
+from ..store import StoreError, atomic_h5, open_h5, read_arrays, write_arrays
+
+DENSE = -1  # the mask index recorded for the dense network (all-ones mask)
+COPIES = ("a", "b")
+
+
+def pair_id(mask: int | None, point: int, imp: bool = False) -> str:
+    """stab_dense_kNN, stab_mNNN_kNN (one-shot mask index) or stab_lNN_kNN (IMP level = mask index + 1)."""
+    net = "dense" if mask is None else (f"l{mask + 1:02d}" if imp else f"m{mask:03d}")
+    return f"stab_{net}_k{point:02d}"
+
+
+def imp_task(exp, spec: dict):
+    """The IMP ticket whose chain (the reset point k) and level give this pair's mask (experiment.Task)."""
+    from ..experiment import Task as Retraining
+
+    level = spec["mask"] + 1
+    return Retraining(spec["mask"], exp.reset_iterations.index(spec["k"]), None, level=level)
+
+
+def endpoint_path(run, pid: str, copy: int) -> str:
+    return os.path.join(run.path, "stability", f"{pid}_{COPIES[copy]}.h5")
+
+
+def weights_digest(weights: dict) -> str:
+    """sha256 over every variable (sorted by path): equal digests are bitwise-equal weights."""
+    d = hashlib.sha256()
+    for p in sorted(weights):
+        d.update(p.encode())
+        d.update(np.ascontiguousarray(weights[p]).tobytes())
+    return d.hexdigest()
+
+
+def read_endpoint(path: str) -> tuple[dict, dict]:
+    """An endpoint's weights (checksums verified) and attributes."""
+    with open_h5(path, "stability endpoint", "delete it and its task file to retrain that copy") as f:
+        try:
+            return read_arrays(f["weights"], f"stability endpoint {path}"), {k: v for k, v in f.attrs.items()}
+        except KeyError as e:
+            raise StoreError(f"stability endpoint {path} is corrupt ({e}); delete it to retrain that copy") from None
+
+
+class Stability:
+    name = "stability"
+
+    def enabled(self, cfg) -> bool:
+        return cfg.stability.enabled
+
+    def points(self, exp) -> list[tuple[int, str, int]]:
+        """(index, point as written, iteration k) of the pairs' reset points."""
+        steps = exp.cfg.stability_steps()
+        return [(i, s.text, s.iterations(exp.iterations_per_epoch)) for i, s in enumerate(steps)]
+
+    def tasks(self, exp) -> list[Task]:
+        cfg = exp.cfg
+        out = []
+        n_test = len(exp.data.x_test)
+        eval_cost = cfg.stability.alphas * n_test / (3.0 * cfg.train.batch_size)  # forward passes, in steps
+        for mask in stability_masks(cfg):
+            for i, text, k in self.points(exp):
+                pid = pair_id(mask, i, cfg.imp)
+                end = exp.total if cfg.reset.length == "remaining" else k + exp.total
+                remaining = 1.0 if mask is None else (exp.remaining[mask] if exp.remaining else 1.0)
+                cost = float(end - k) * step_cost(exp.trainer.kernels_for(remaining), remaining)
+                spec = dict(pair=pid, mask=mask, point=i, reset=text, k=k, end=end)
+                deps = ()
+                if cfg.imp and mask is not None and mask > 0:  # level l's mask is written by level l - 1's ticket
+                    from .. import imp
+
+                    deps = (imp.depends_on(imp_task(exp, spec)).id,)
+                trains = [Task(f"{pid}_{c}", self.name, deps=deps, cost=cost, spec=dict(spec, copy=j))
+                          for j, c in enumerate(COPIES)]
+                out += trains
+                out.append(Task(f"{pid}_eval", self.name, deps=tuple(t.id for t in trains), cost=eval_cost,
+                                spec=dict(spec, copy=None)))
+        return out
+
+    def run(self, exp, task: Task, progress=None, write: bool = True) -> dict:
+        if write and os.path.exists(exp.run.task_path(task.id)):
+            return exp.run.read_task(task.id)[0]
+        if task.spec["copy"] is None:
+            return self.evaluate(exp, task, write)
+        return self.train(exp, task, progress, write)
+
+    def level(self, exp, spec: dict) -> dict:
+        """The IMP level of the pair's mask (IMP runs only)."""
+        return {"level": spec["mask"] + 1} if exp.cfg.imp and spec["mask"] is not None else {}
+
+    # -- the two trainings ------------------------------------------------------------------------------------
+    def start(self, exp, spec: dict) -> tuple[dict, dict | None]:
+        """The weights at k with the pruned ones zeroed, and the mask (None = dense): the same for A and B."""
+        if spec["mask"] is None:
+            mask = None
+        elif exp.cfg.imp:
+            from .. import imp
+
+            mask = imp.mask_of(exp.run, imp_task(exp, spec))
+        else:
+            mask = exp.masks[spec["mask"]]
+        weights = dict(exp.checkpoints[spec["k"]])
+        if mask is not None:
+            weights = {p: (w * mask[p] if p in mask else w) for p, w in weights.items()}
+        return weights, mask
+
+    def train(self, exp, task: Task, progress, write: bool) -> dict:
+        spec, cfg, tr = task.spec, exp.cfg, exp.trainer
+        weights, mask = self.start(exp, spec)
+        tr.set_weights(weights)
+        tr.set_masks(mask)
+        tr.reset_optimizer(exp.optimizer_states.get(spec["k"]) if cfg.reset.optimizer_state == "restore" else None)
+        seed = st.order_seed(cfg.seed, spec["copy"])
+        t0 = time.time()
+        h = tr.fit(spec["k"], spec["end"], progress=progress, order_seed=seed)
+        t1 = time.time()
+        attrs = dict(task_id=task.id, kind=self.name, mask=DENSE if mask is None else spec["mask"],
+                     remaining=1.0 if mask is None else fraction_remaining(mask), reset=spec["reset"],
+                     reset_iteration=spec["k"], control=f"stability_{COPIES[spec['copy']]}",
+                     final_accuracy=h.final_accuracy, early_stop_iteration=h.early_stop_iteration,
+                     early_stop_accuracy=h.early_stop_accuracy, best_val_loss=h.best_val_loss,
+                     iterations=spec["end"] - spec["k"], diverged=h.diverged, seconds=t1 - t0, start_time=t0,
+                     end_time=t1, rank=exp.rank, host=exp.host, threads=tr.threads, kernels=tr.kernels,
+                     order_seed=seed, start_sha256=weights_digest(weights), **self.level(exp, spec))
+        if write:
+            path = endpoint_path(exp.run, spec["pair"], spec["copy"])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with atomic_h5(path) as f:
+                write_arrays(f.create_group("weights"), tr.get_weights())
+                f.attrs.update({k: attrs[k] for k in ("task_id", "order_seed", "start_sha256", "reset_iteration",
+                                                      "iterations", "mask")})
+            exp.run.write_task(task.id, attrs, {})
+        return attrs
+
+    # -- the evaluation ---------------------------------------------------------------------------------------
+    def evaluate(self, exp, task: Task, write: bool) -> dict:
+        spec, s = task.spec, exp.cfg.stability
+        (wa, aa), (wb, ab) = (read_endpoint(endpoint_path(exp.run, spec["pair"], c)) for c in (0, 1))
+        if aa["start_sha256"] != ab["start_sha256"]:
+            raise StoreError(f"stability copies of {spec['pair']} started from different weights; delete "
+                             f"{os.path.dirname(endpoint_path(exp.run, spec['pair'], 0))}/{spec['pair']}_* to retrain them")
+        data = exp.data
+        batches = (st.bn_batches(len(data.x_train), exp.cfg.train.batch_size, s.bn_batches, exp.cfg.seed)
+                   if s.bn_reestimate else None)
+        t0 = time.time()
+        c = st.curve(exp.trainer.model, wa, wb, data.x_test, data.y_test, s.alphas, data.x_train, batches)
+        t1 = time.time()
+        mask = spec["mask"]
+        attrs = dict(task_id=task.id, kind=self.name, mask=DENSE if mask is None else mask,
+                     remaining=1.0 if mask is None else fraction_remaining(self.start(exp, spec)[1]), reset=spec["reset"],
+                     reset_iteration=spec["k"], control="stability_eval", threshold=s.threshold,
+                     bn_reestimate=bool(batches) and bool(st.batch_norm_layers(exp.trainer.model)), seconds=t1 - t0, start_time=t0, end_time=t1, rank=exp.rank,
+                     host=exp.host, **self.level(exp, spec), **st.summary(c, s.threshold))
+        if write:
+            exp.run.write_task(task.id, attrs, {"curve": c})
+        return attrs
+
+
+KIND = Stability()

@@ -121,7 +121,8 @@ def run_shard(cfg: Config, run_dir: str, share: tuple[int, int] | None, t_start:
     with timer.phase("distribution"):
         graph = kinds.build_graph(exp)
         if not os.path.exists(_graph_path(run)):  # for --merge, which then needs neither data nor model
-            _write_json(_graph_path(run), dict(tasks=[t.id for t in graph.tasks]))
+            _write_json(_graph_path(run), dict(tasks=[t.id for t in graph.tasks],
+                                               deps={t.id: list(t.deps) for t in graph.tasks if t.deps}))
         mine = shares(cfg, graph, count)[index] if share else []
         done = run.done_tasks()
     trained: list[str] = []
@@ -190,7 +191,7 @@ def merge_run(cfg: Config | None, run_dir: str, t_start: float | None = None) ->
     run.lock()  # exclusive: not while shards are still working here
     timer = PhaseTimer(t_start)
     records = _records(run)
-    ids = _graph_ids(run) or _build_graph_ids(cfg or saved, run)
+    ids, deps = _graph_ids(run) or _build_graph_ids(cfg or saved, run)
     check_finished(run)
     done = run.done_tasks()
     missing = [i for i in ids if i not in done]
@@ -206,20 +207,22 @@ def merge_run(cfg: Config | None, run_dir: str, t_start: float | None = None) ->
     prov = provenance(max(1, len({r["shard"] for r in records})), hosts, records[0]["threads"] if records else 0,
                       "none (job-array shards)")
     prov.update(schedule="shards", shards=max([r["shards"] for r in records], default=1))
-    path = merge(run, ids, _timing(records, timer), prov)
+    path = merge(run, ids, _timing(records, timer), prov, deps=deps)
     shutil.rmtree(run.claims_dir, ignore_errors=True)  # every task is done: no shard will claim again
     return path
 
 
-def _graph_ids(run: RunDir) -> list[str] | None:
+def _graph_ids(run: RunDir) -> tuple[list[str], dict] | None:
+    """(task ids in graph order, task id -> its dependencies) as the shards recorded them."""
     try:
         with open(_graph_path(run)) as f:
-            return list(json.load(f)["tasks"])
+            graph = json.load(f)
+        return list(graph["tasks"]), {k: tuple(v) for k, v in graph.get("deps", {}).items()}
     except (OSError, ValueError, KeyError):
         return None
 
 
-def _build_graph_ids(cfg: Config, run: RunDir) -> list[str]:
+def _build_graph_ids(cfg: Config, run: RunDir) -> tuple[list[str], dict]:
     """The task ids from the graph itself (shards that never got as far as recording them): data and model."""
     from .experiment import Experiment
 
@@ -228,7 +231,8 @@ def _build_graph_ids(cfg: Config, run: RunDir) -> list[str]:
     exp = Experiment(cfg, run.path, rank=0, threads=1)
     exp.load_parent()
     exp.load_masks()
-    return [t.id for t in kinds.build_graph(exp).tasks]
+    graph = kinds.build_graph(exp)
+    return [t.id for t in graph.tasks], {t.id: t.deps for t in graph.tasks if t.deps}
 
 
 def _records(run: RunDir) -> list[dict]:

@@ -251,10 +251,11 @@ class Experiment:
                             best_val_loss=h.best_val_loss, iterations=end - start, diverged=h.diverged,
                             seconds=t1 - t0, start_time=t0, end_time=t1, rank=self.rank, host=self.host,
                             threads=tr.threads, kernels=tr.kernels, device=self.placement.label,
-                            precision=self.cfg.train.precision, deterministic=self.deterministic)
+                            precision=self.cfg.train.precision, deterministic=self.deterministic,
+                            kind="imp" if task.level else "oneshot")
         attrs = dict(asdict(result), replicas=h.replicas, replicas_identical=h.replicas_identical)
         if task.level:
-            attrs.update(level=task.level, method="imp")
+            attrs.update(level=task.level)
         series = {"evals": _columns(h.evals, ("iteration", "train_loss", "val_loss", "val_accuracy")),
                   "epochs": _columns(h.epochs, ("epoch", "iteration", "train_loss", "val_loss", "val_accuracy",
                                                 "test_accuracy"))}

@@ -167,7 +167,8 @@ def test_run_keeps_every_level_nested_per_chain(imp_run):
     assert len(ids) == 3 * 2 * 3 and "l03_r01_random_mask" in ids
     for t in res["tasks"]:
         lv = int(t["task_id"][1:3])
-        assert t["mask"] == lv - 1 and t["remaining"] == pytest.approx(planned[lv - 1])
+        assert t["mask"] == lv - 1 and t["remaining"] == pytest.approx(planned[lv - 1]) and t["kind"] == "imp"
+        assert t["deps"] == ("" if lv == 1 else f"l{lv - 1:02d}_r{t['task_id'][5:7]}_ticket")
 
 
 def test_level_one_is_the_one_shot_mask_of_the_parent(imp_run):

@@ -467,6 +467,8 @@ def mixed_kernels(done: dict, threads: int, kernels_for) -> list[str]:
     on the dense kernels whatever the mask: only its threads are compared. One line per kind of difference."""
     groups: dict[str, list[str]] = {}
     for tid, a in sorted(done.items()):
+        if not int(a.get("threads", threads)):  # threads 0: a task of a kind that trains nothing (an evaluation)
+            continue
         t0, k0 = int(a.get("threads", threads)), str(a.get("kernels") or "dense")
         k1 = kernels_for(float(a.get("remaining", 1.0))) if int(a.get("replicas", 1)) <= 1 else k0
         how = ", ".join(([f"{t0} TF threads (this run: {threads})"] if t0 != threads else []) +

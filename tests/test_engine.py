@@ -368,7 +368,8 @@ def test_mixed_kernels_names_the_tasks_and_how_they_differ():
     done = {"m000_r00_ticket": dict(threads=1, kernels="dense", remaining=0.5),
             "m001_r00_ticket": dict(threads=1, kernels="sparse", remaining=0.2),
             "m001_r01_ticket": dict(threads=2, kernels="sparse", remaining=0.2),
-            "m001_r01_random_mask": dict(threads=1, kernels="dense", remaining=0.2, replicas=2)}
+            "m001_r01_random_mask": dict(threads=1, kernels="dense", remaining=0.2, replicas=2),
+            "evaluation": dict(threads=0, kernels="")}  # a task of a kind that trains nothing: never compared
     kernels = lambda r: "sparse" if r <= 0.3 else "dense"  # noqa: E731
     assert mixed_kernels(done, 1, kernels) == ["1 finished task(s) trained with 2 TF threads (this run: 1): m001_r01_ticket"]
     assert mixed_kernels(done, 1, lambda r: "dense") == [

@@ -15,7 +15,10 @@ named in `task.kind`. A kind is an object with
                                                  result file RUN_DIR/tasks/<task.id>.h5 whole (exp.run
                                                  .write_task, atomic) before returning; return the
                                                  result's attributes (lthmpi.results.TaskResult columns
-                                                 plus any of the kind's own). `progress(n)` is called
+                                                 plus any of the kind's own; a task that trains records
+                                                 `threads` and `kernels`, one that does not leaves `threads`
+                                                 0, so a rerun's mixed-kernels check skips it).
+                                                 `progress(n)` is called
                                                  after each training block (fault hooks, the progress
                                                  bar, rank 0 serving requests); `write` is False on the
                                                  non-leading ranks of a data-parallel subgroup, which

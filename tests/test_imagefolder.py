@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faultkit import MPIRUN, ROOT, clean_env, finish, wait_for
+from faultkit import MPIRUN, ROOT, clean_env, done_counts, finish, log_has, wait_for
 from lthmpi.data import DataError, load_dataset
 from lthmpi.data.__main__ import main as data_main
 from lthmpi.data.batches import DiskArray
@@ -176,7 +176,7 @@ def test_auto_in_memory_from_file_size_memory_and_ranks(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------
-# reading the prepared file from disk
+# training from the prepared file: in memory or from disk, the same bits
 
 def experiment(prepared, in_memory, **over):
     from lthmpi.config import from_dict, validate
@@ -198,11 +198,71 @@ def same(a, b) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
+def task_results(run_dir):
+    out = {}
+    for name in sorted(os.listdir(os.path.join(run_dir, "tasks"))):
+        with h5py.File(os.path.join(run_dir, "tasks", name)) as f:
+            out[name] = {k: v[()] for k, v in f.items() if isinstance(v, h5py.Dataset)}
+            out[name].update({k: v for k, v in f.attrs.items() if k not in ("seconds", "start_time", "end_time", "content_sha256")})
+    return out
+
+
 @pytest.fixture(scope="module")
 def prepared(tree, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "p.h5"
     assert data_main(["prepare", *SETS, "--dir", tree, "--out", str(out)]) == 0
     return out
+
+
+def test_streamed_run_equals_in_memory_bitwise_and_resumes_without_work(prepared, tmp_path, tf_runtime):
+    from lthmpi.coordinator import run_serial
+    from lthmpi.experiment import Experiment
+
+    runs = {}
+    for in_memory in (True, False):
+        cfg = experiment(prepared, in_memory)
+        runs[in_memory] = str(tmp_path / f"run_{in_memory}")
+        run_serial(cfg, runs[in_memory], threads=1, quiet=True)
+    exp = Experiment(experiment(prepared, False), runs[False])
+    assert exp.trainer.streamed and exp.trainer.kernels == "dense" and exp.data.x_train.dtype == np.uint8
+    with h5py.File(os.path.join(runs[True], "parent.h5")) as a, h5py.File(os.path.join(runs[False], "parent.h5")) as b:
+        names = []
+        a.visit(names.append)
+        weights = [n for n in names if isinstance(a[n], h5py.Dataset)]
+        assert len(weights) > 10
+        for n in weights:
+            assert same(a[n][()], b[n][()]), n
+    memory, disk = task_results(runs[True]), task_results(runs[False])
+    assert len(memory) == 2 and memory.keys() == disk.keys()
+    for task in memory:
+        for k in memory[task]:
+            assert same(memory[task][k], disk[task][k]), (task, k)
+    # rerun from disk: every stage is complete, nothing is trained again
+    before = {n: os.stat(os.path.join(runs[False], "tasks", n)).st_mtime_ns for n in disk}
+    run_serial(experiment(prepared, False), runs[False], threads=1, quiet=True)
+    assert log_has(runs[False], "resuming: 2 of 2 tasks already complete on disk")
+    assert {n: os.stat(os.path.join(runs[False], "tasks", n)).st_mtime_ns for n in disk} == before
+    assert set(done_counts(runs[False]).values()) == {1}  # each task trained once, over both runs
+
+
+def test_conv_net_from_disk_equals_in_memory(prepared, tf_runtime):
+    """The per-step path (conv nets): a trainer fed one batch a call from disk trains the same weights."""
+    from lthmpi.data import load_dataset
+    from lthmpi.models import build_model, prunable_variables
+    from lthmpi.training import MaskedTrainer
+
+    weights = []
+    for in_memory in (True, False):
+        cfg = experiment(prepared, in_memory, model="conv2")
+        data = load_dataset(cfg.data)
+        model = build_model("conv2", data.input_shape, data.num_classes, 0)
+        trainer = MaskedTrainer(model, data, cfg.train, 0, prunable_variables(model), augment=True)
+        assert trainer.streamed is (not in_memory) and not trainer.fused
+        h = trainer.fit(0, 8)
+        weights.append((trainer.get_weights(), [e["val_loss"] for e in h.evals]))
+    assert weights[0][1] == weights[1][1]
+    for k in weights[0][0]:
+        assert np.array_equal(weights[0][0][k], weights[1][0][k]), k
 
 
 def test_as_float_normalises_like_the_step(prepared, tf_runtime):
@@ -252,3 +312,54 @@ def test_disk_rows_and_batches_ahead(tmp_path):
         for t in range(0, 40):
             reader.block(t, 1)
     reader.close()
+
+
+class _Replica:
+    """Replica `rank` of a subgroup of `size`, alone in this process: its own gradients count as the sum."""
+
+    def __init__(self, rank, size):
+        self.rank, self.size = rank, size
+
+    def allreduce_sum(self, buf):
+        return np.array(buf)
+
+    def all_equal(self, value):
+        return True
+
+
+def test_data_parallel_replica_reads_its_share_from_disk(prepared, tf_runtime):
+    """A data-parallel replica training from disk gathers only its rows of each batch (rank::size), and trains
+    the same weights as from memory."""
+    from lthmpi.data import load_dataset
+    from lthmpi.models import build_model, prunable_variables
+    from lthmpi.training import MaskedTrainer
+
+    weights, read = [], []
+    for in_memory in (True, False):
+        cfg = experiment(prepared, in_memory)
+        data = load_dataset(cfg.data)
+        if not in_memory:
+            disk, rows = data.x_train, []
+
+            class Counting:  # the DiskArray, counting the rows the reader asks for
+                shape, dtype = disk.shape, disk.dtype
+
+                def __len__(self):
+                    return len(disk)
+
+                def __getitem__(self, key):
+                    rows.append(np.atleast_1d(np.arange(len(disk))[key]))
+                    return disk[key]
+
+            data.x_train = Counting()
+        model = build_model("lenet300_100", data.input_shape, data.num_classes, 0)
+        trainer = MaskedTrainer(model, data, cfg.train, 0, prunable_variables(model))
+        trainer.set_reducer(_Replica(1, 2))
+        trainer.fit(0, 6)
+        weights.append(trainer.get_weights())
+    reads = rows[1:]  # rows[0]: the one row the reader reads to size its batches; then one read per iteration
+    assert len(reads) >= 6
+    for t, got in enumerate(reads):  # in order, the steps' own and then a few ahead: rows 1::2 of each batch
+        assert same(got, trainer.order.block(t, t + 1)[0, 1::2].astype(got.dtype)), t
+    for k in weights[0]:
+        assert same(weights[0][k], weights[1][k]), k

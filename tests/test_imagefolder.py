@@ -1,6 +1,7 @@
 """Image trees (ImageNet's layout) prepared by streaming, on 1 and 3 ranks, into the uint8 prepared file:
 the same bytes whatever the number of ranks, the right pixels and statistics, one line for a damaged image
-or an empty class, nothing left behind by a failure or a SIGTERM, and the file read in memory or mapped."""
+or an empty class, nothing left behind by a failure or a SIGTERM; training from the file on disk gives the
+same bits as from memory, a replica reads only its share, and a finished run resumes without work."""
 from __future__ import annotations
 
 import os
@@ -12,9 +13,9 @@ import types
 import h5py
 import numpy as np
 import pytest
+from faultkit import MPIRUN, ROOT, clean_env, done_counts, finish, log_has, wait_for
 from PIL import Image
 
-from faultkit import MPIRUN, ROOT, clean_env, done_counts, finish, log_has, wait_for
 from lthmpi.data import DataError, load_dataset
 from lthmpi.data.__main__ import main as data_main
 from lthmpi.data.batches import DiskArray
@@ -309,7 +310,7 @@ def test_disk_rows_and_batches_ahead(tmp_path):
         f.truncate(offset + 100 * a.row_bytes)
     reader = DiskBatches(a, y, order.block, ahead=4)
     with pytest.raises(OSError, match="short read"):
-        for t in range(0, 40):
+        for t in range(40):
             reader.block(t, 1)
     reader.close()
 
@@ -334,7 +335,7 @@ def test_data_parallel_replica_reads_its_share_from_disk(prepared, tf_runtime):
     from lthmpi.models import build_model, prunable_variables
     from lthmpi.training import MaskedTrainer
 
-    weights, read = [], []
+    weights = []
     for in_memory in (True, False):
         cfg = experiment(prepared, in_memory)
         data = load_dataset(cfg.data)

@@ -140,7 +140,7 @@ class DiskBatches:
             self._cv.notify_all()
             out = []
             for i in range(t, t + n):
-                self._cv.wait_for(lambda: i in self._ready or self._error is not None)
+                self._cv.wait_for(lambda i=i: i in self._ready or self._error is not None)
                 if self._error is not None:
                     raise self._error
                 out.append(self._ready.pop(i))

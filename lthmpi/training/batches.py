@@ -2,7 +2,8 @@
 
 The fast path (DESIGN.md §6) keeps a split in memory as one tensor and hands it, with a (K, B) block of row
 indices, to one compiled call that gathers each batch itself. A source that streams from disk plugs in at
-`train_feed`: it returns the rows of the block (x, y) and indices into them (docs/trainer.md).
+`train_feed`: it returns the rows of the block (x, y) and indices into them (docs/trainer.md), as
+lthmpi.data.batches.DiskSource does for a prepared file left on disk (docs/data.md).
 """
 from __future__ import annotations
 
@@ -50,9 +51,12 @@ class InMemoryBatches:
         """Train in another batch order (a stability pair's copy B) until it is set back."""
         self.order = order
 
-    def train_feed(self, t: int, n: int):
-        """(x, y, idx) for iterations [t, t + n): step i trains on rows idx[i] of x and y."""
-        return self.x["train"], self.y["train"], self.order.block(t, t + n)
+    def train_feed(self, t: int, n: int, share: tuple[int, int] = (0, 1)):
+        """(x, y, idx) for iterations [t, t + n): step i trains on rows idx[i] of x and y (a data-parallel
+        replica's share of each batch: rows rank::size)."""
+        rank, size = share
+        idx = self.order.block(t, t + n)
+        return self.x["train"], self.y["train"], idx if size == 1 else idx[:, rank::size]
 
     def split(self, name: str):
         """(x, y) of an evaluation split ("val", "test"; "train" too)."""

@@ -21,11 +21,13 @@ class DataParallelBackend(DenseBackend):
 
     def train(self, t: int, n: int, lrs: np.ndarray) -> float:
         tf, red, s = self.tf, self.reducer, self.steps
-        x, y, idx = self.batches.train_feed(t, n)
+        share = (red.rank, red.size)
+        per_step = getattr(self.batches, "per_step", False)  # from disk: each step's share of rows, no more
+        x, y, idx = (None, None, None) if per_step else self.batches.train_feed(t, n, share)
         total = 0.0
         for i in range(n):
-            rows = tf.constant(idx[i, red.rank::red.size])
-            flat = s.shard_gradients(x, y, rows, tf.constant(t + i, tf.int64)).numpy()
+            xi, yi, rows = self.batches.train_feed(t + i, 1, share) if per_step else (x, y, idx[i:i + 1])
+            flat = s.shard_gradients(xi, yi, tf.constant(rows[0]), tf.constant(t + i, tf.int64)).numpy()
             summed = red.allreduce_sum(flat)
             s.apply_flat(tf.constant(summed), tf.constant(lrs[i]))
             total += float(summed[-1])

@@ -16,7 +16,7 @@ class CompiledSteps:
     """The traced functions of one model, optimizer and set of mask variables, built once per process."""
 
     def __init__(self, tf, model, optimizer, masked, batch_size: int, seed: int, l2: float = 0.0,
-                 augment: bool = False, jit: bool = True, fused: bool = True, eval_chunk: int = 500):
+                 augment: bool = False, jit: bool = True, fused: bool = True, eval_chunk: int = 500, norm=None):
         self.tf, self.model, self.optimizer, self.masked = tf, model, optimizer, masked
         self.fused, self.eval_chunk = fused, eval_chunk
         self.best = [tf.Variable(v, trainable=False) for v in model.variables]
@@ -24,6 +24,14 @@ class CompiledSteps:
         augment_batch = None
         if augment:
             from ..data.augment import augment_batch
+        if norm is not None:  # uint8 images (a prepared image tree): float32 (x - shift) / div, per channel
+            shift, div = (tf.constant(v, tf.float32) for v in norm)
+
+            def prep(x):
+                return (tf.cast(x, tf.float32) - shift) / div
+        else:
+            def prep(x):
+                return x
 
         def loss_fn(y, logits):
             return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
@@ -45,7 +53,7 @@ class CompiledSteps:
                 v.assign(tf.where(m != 0, v, tf.zeros_like(v)))
 
         def batch(x, y, rows, t):
-            xb, yb = tf.gather(x, rows), tf.gather(y, rows)
+            xb, yb = prep(tf.gather(x, rows)), tf.gather(y, rows)
             if augment_batch is not None:
                 xb = augment_batch(xb, tf.stack([tf.constant(seed, tf.int64), t]))
             return xb, yb
@@ -72,7 +80,7 @@ class CompiledSteps:
             return one_step(x, y, rows, t, lr)
 
         def eval_sums(x, y):
-            logits = model(x, training=False)
+            logits = model(prep(x), training=False)
             losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
             correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y), tf.float32)
             return tf.reduce_sum(losses), tf.reduce_sum(correct)
@@ -145,7 +153,8 @@ class DenseBackend:
     def train(self, t: int, n: int, lrs: np.ndarray) -> float:
         """n steps from iteration t at learning rates lrs; the sum of their mean losses."""
         tf, s = self.tf, self.steps
-        x, y, idx = self.batches.train_feed(t, n)
+        per_step = getattr(self.batches, "per_step", False) and not s.fused  # from disk: one step's rows a call
+        x, y, idx = (None, None, None) if per_step else self.batches.train_feed(t, n)
         if s.fused:  # one call for the block, padded to a fixed shape so that XLA compiles once
             block = np.zeros((self.every, idx.shape[1]), np.int32)
             block[:n] = idx
@@ -153,8 +162,9 @@ class DenseBackend:
             rates[:n] = lrs
             return float(s.train_block(x, y, tf.constant(block), tf.constant(rates), tf.constant(n, tf.int32),
                                        tf.constant(t, tf.int64)))
-        losses = [s.train_step(x, y, tf.constant(idx[i]), tf.constant(t + i, tf.int64), tf.constant(lrs[i]))
-                  for i in range(n)]
+        feeds = ((i, self.batches.train_feed(t + i, 1) if per_step else (x, y, idx[i:i + 1])) for i in range(n))
+        losses = [s.train_step(xi, yi, tf.constant(rows[0]), tf.constant(t + i, tf.int64), tf.constant(lrs[i]))
+                  for i, (xi, yi, rows) in feeds]
         return sum(float(v) for v in losses)
 
     def evaluate(self, split: str) -> tuple[float, float]:
@@ -192,7 +202,8 @@ class DenseBackend:
         """(loss sum, correct count) over rows [lo, hi) of a split."""
         x, y = self.batches.split(split)
         n, step = int(x.shape[0]), self.eval_batch
-        if self.steps.fused or hi - lo <= step:  # one call: a Dense net slices the split inside it
+        if (self.steps.fused and getattr(self.batches, "whole_splits", True)) or hi - lo <= step:
+            # one call: a Dense net slices the split inside it
             pieces = [(lo, hi)] if hi > lo else []
         else:
             pieces = [(i, min(i + step, hi)) for i in range(lo, hi, step)]

@@ -32,6 +32,21 @@ class MaskedTrainer:
         self.threads = configured_threads() or 1
         self.tf = tf = configure_tensorflow(self.threads)
         self.model, self.data, self.cfg, self.seed = model, data, train_cfg, seed
+        if fused is None:
+            from ..models import has_convolutions
+
+            fused = not has_convolutions(model)
+        self.fused = fused
+        # A training set left on disk (data.in_memory = false; docs/data.md) is read a few steps ahead by a
+        # background thread; uint8 images (data.norm) are normalised inside the compiled steps, in memory or not.
+        self.streamed = not getattr(data, "in_memory", True)
+        norm = getattr(data, "norm", None)
+        if batches is None and self.streamed:
+            from ..data.batches import DiskSource
+
+            order = BatchOrder(len(data.x_train), train_cfg.batch_size, seed)
+            every = max(1, Step.parse(train_cfg.eval_every).iterations(order.per_epoch))
+            batches = DiskSource(data, order, ahead=2 * every, pad=every if fused else 1)
         self.batches = batches if batches is not None else InMemoryBatches(tf, data, train_cfg.batch_size, seed)
         self.order = self.batches.order
         self.per_epoch = self.order.per_epoch
@@ -50,14 +65,9 @@ class MaskedTrainer:
         self._mask_of = {id(v): m for v, m in self._masked}
         elems = int(np.prod(data.x_train.shape[1:]))
         eval_batch = max(1, (1 << 25) // max(1, elems * 4))  # 32 MiB of inputs per call (conv nets)
-        if fused is None:
-            from ..models import has_convolutions
-
-            fused = not has_convolutions(model)
-        self.fused = fused
         self.steps = CompiledSteps(tf, model, self.optimizer, self._masked, train_cfg.batch_size, seed,
                                    l2=optim.coupled_weight_decay(train_cfg), augment=augment, jit=jit, fused=fused,
-                                   eval_chunk=eval_chunk)
+                                   eval_chunk=eval_chunk, norm=norm)
         self._train_block, self._eval_block = self.steps.train_block, self.steps.eval_block  # for tests of retracing
         self._dense = DenseBackend(self.steps, self.batches, self.eval_every, eval_batch)
         self._eval_batch = eval_batch
@@ -66,6 +76,8 @@ class MaskedTrainer:
         # Sparse kernels (lthmpi/sparse.py) for masks that keep at most `sparse_below` of the prunable weights.
         self.sparse_below = sparse_below
         layers, self.sparse_unsupported = sparse_layout(model, self.optimizer, train_cfg, set(self._mask_of), augment)
+        if norm is not None or self.streamed:  # the C kernels read float32 rows held in memory
+            layers, self.sparse_unsupported = None, "uint8 images or a training set on disk"
         self._sparse = SparseBackend(layers, self._mask_of, self.optimizer, train_cfg, self.batches) if layers else None
         self._sparse_active = False  # the current masks train on the sparse kernels
         self._fitting = None  # the backend of the fit in progress

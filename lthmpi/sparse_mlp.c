@@ -13,12 +13,27 @@
  * exactly nothing to any gradient.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define TILE 64
 #define MAX_LAYERS 16
+#define ABI_VERSION 2  /* bump with any change to Layer, Net, Opt or a function's arguments (sparse.py checks it) */
+
+/* Return codes, each named in sparse.py's ERRORS. */
+enum { LTH_OK = 0, LTH_EBATCH = 1, LTH_ELAYERS = 2, LTH_ENOMEM = 3, LTH_ELD = 4, LTH_EINDEX = 5, LTH_ELABEL = 6,
+       LTH_ESHAPE = 7 };
+
+/* A two-vector lane selection with constant indices: GCC >= 12 and clang spell it __builtin_shufflevector,
+ * older GCC only __builtin_shuffle with an index vector. */
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define SHUFFLE2(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
+#else
+typedef int32_t i8 __attribute__((vector_size(32)));
+#define SHUFFLE2(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shuffle(a, b, (i8){i0, i1, i2, i3, i4, i5, i6, i7})
+#endif
 
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 
@@ -27,11 +42,13 @@ typedef float v8 __attribute__((vector_size(32), aligned(4)));
     for (int64_t blk = 0; blk < (L)->nblocks; blk++)                                \
         for (int64_t j = 0, k0, k1; j < (L)->nout; j++)                             \
             if ((k0 = (L)->ptr[blk * (L)->nout + j]) != (k1 = (L)->ptr[blk * (L)->nout + j + 1]))
-typedef int32_t i8 __attribute__((vector_size(32)));
 /* Lane selections that sum 4 vectors' lanes into one vector's first 4 lanes (weight_gradient). */
-static const i8 LO = {0, 1, 2, 3, 8, 9, 10, 11}, HI = {4, 5, 6, 7, 12, 13, 14, 15};
-static const i8 EVEN2 = {0, 1, 4, 5, 8, 9, 12, 13}, ODD2 = {2, 3, 6, 7, 10, 11, 14, 15};
-static const i8 EVEN1 = {0, 2, 4, 6, 0, 2, 4, 6}, ODD1 = {1, 3, 5, 7, 1, 3, 5, 7};
+#define LO(a, b) SHUFFLE2(a, b, 0, 1, 2, 3, 8, 9, 10, 11)
+#define HI(a, b) SHUFFLE2(a, b, 4, 5, 6, 7, 12, 13, 14, 15)
+#define EVEN2(a, b) SHUFFLE2(a, b, 0, 1, 4, 5, 8, 9, 12, 13)
+#define ODD2(a, b) SHUFFLE2(a, b, 2, 3, 6, 7, 10, 11, 14, 15)
+#define EVEN1(a) SHUFFLE2(a, a, 0, 2, 4, 6, 0, 2, 4, 6)
+#define ODD1(a) SHUFFLE2(a, a, 1, 3, 5, 7, 1, 3, 5, 7)
 
 typedef struct {
     int64_t nin, nout, nblocks;   /* inputs, outputs, row blocks of BLOCK inputs */
@@ -54,6 +71,25 @@ typedef struct {
     float l2;                     /* coupled L2 (PyTorch): g += l2 * w before the slots see g */
     int64_t iterations;           /* optimizer steps taken so far (Keras' `iterations`) */
 } Opt;
+
+/* What the Python side must agree on before it passes a single struct: out[0..6] = ABI_VERSION, TILE,
+ * MAX_LAYERS, sizeof(Layer), sizeof(Net), sizeof(Opt), offsetof(Opt, iterations). */
+int lth_abi(int64_t *out) {
+    out[0] = ABI_VERSION; out[1] = TILE; out[2] = MAX_LAYERS;
+    out[3] = (int64_t)sizeof(Layer); out[4] = (int64_t)sizeof(Net); out[5] = (int64_t)sizeof(Opt);
+    out[6] = (int64_t)offsetof(Opt, iterations);
+    return LTH_OK;
+}
+
+/* The layers chain (each layer's inputs are the last one's outputs) and are within MAX_LAYERS. */
+static int check_net(const Net *net) {
+    if (net->nlayers < 1 || net->nlayers > MAX_LAYERS) return LTH_ELAYERS;
+    for (int64_t l = 0; l < net->nlayers; l++) {
+        const Layer *ly = &net->layer[l];
+        if (ly->nin < 1 || ly->nout < 1 || (l > 0 && ly->nin != net->layer[l - 1].nout)) return LTH_ESHAPE;
+    }
+    return LTH_OK;
+}
 
 /* Z[j, :] = b[j] + sum over kept weights k of unit j of w[k] * A[rows[k], :], for ncols = TILE * k columns. */
 static void forward(const Layer *L, const float *A, int64_t lda, float *Z, int64_t ldz, int64_t ncols) {
@@ -101,10 +137,10 @@ static void weight_gradient(const Layer *L, const float *A, const float *dZ) {
             v8 s1 = DOT((const v8 *)(A + (int64_t)L->rows[k + 1] * TILE));
             v8 s2 = DOT((const v8 *)(A + (int64_t)L->rows[k + 2] * TILE));
             v8 s3 = DOT((const v8 *)(A + (int64_t)L->rows[k + 3] * TILE));
-            v8 a = __builtin_shuffle(s0, s1, LO) + __builtin_shuffle(s0, s1, HI);
-            v8 b = __builtin_shuffle(s2, s3, LO) + __builtin_shuffle(s2, s3, HI);
-            v8 c = __builtin_shuffle(a, b, EVEN2) + __builtin_shuffle(a, b, ODD2);
-            v8 d = __builtin_shuffle(c, EVEN1) + __builtin_shuffle(c, ODD1);
+            v8 a = LO(s0, s1) + HI(s0, s1);
+            v8 b = LO(s2, s3) + HI(s2, s3);
+            v8 c = EVEN2(a, b) + ODD2(a, b);
+            v8 d = EVEN1(c) + ODD1(c);
             L->gw[k] = d[0]; L->gw[k + 1] = d[1]; L->gw[k + 2] = d[2]; L->gw[k + 3] = d[3];
         }
         for (; k < k1; k++) {
@@ -179,22 +215,28 @@ static int64_t widest(const Net *net) {
     return n;
 }
 
-/* Train n steps; step i takes the rows idx[i * batch ...] of X (row-major, nin0 features) at learning
- * rate lr[i]. Writes the sum of the steps' mean losses (NaN or inf once training diverged) to *loss;
- * returns 0, or -1 for a batch wider than a tile or no memory. */
-int lth_train(const Net *net, Opt *opt, const float *X, const int32_t *Y, const int32_t *idx,
+/* Train n steps; step i takes the rows idx[i * batch ...] of X (nrows rows, row-major, nin0 features) at
+ * learning rate lr[i]. Writes the sum of the steps' mean losses (NaN or inf once training diverged) to
+ * *loss; returns LTH_OK, or the LTH_E* code of what is wrong (checked before anything is written). */
+int lth_train(const Net *net, Opt *opt, const float *X, const int32_t *Y, int64_t nrows, const int32_t *idx,
               int64_t n, int64_t batch, const float *lr, double *loss) {
-    int64_t L = net->nlayers, width = widest(net);
-    if (batch < 1 || batch > TILE || L < 1 || L > MAX_LAYERS) return -1;
+    int rc = check_net(net);
+    if (rc != LTH_OK) return rc;
+    if (batch < 1 || batch > TILE) return LTH_EBATCH;
+    int64_t L = net->nlayers, width = widest(net), classes = net->layer[L - 1].nout;
+    for (int64_t i = 0; i < n * batch; i++) {
+        if (idx[i] < 0 || idx[i] >= nrows) return LTH_EINDEX;
+        if (Y[idx[i]] < 0 || Y[idx[i]] >= classes) return LTH_ELABEL;
+    }
     float *acts[MAX_LAYERS + 1];
     float *buf = malloc(sizeof(float) * TILE * (2 * width + 1));
     int32_t labels[TILE];
-    if (!buf) return -1;
+    if (!buf) return LTH_ENOMEM;
     float *dz = buf, *da = buf + width * TILE;
     for (int64_t l = 0; l <= L; l++) {
         int64_t rows = l == 0 ? net->layer[0].nin : net->layer[l - 1].nout;
         acts[l] = malloc(sizeof(float) * rows * TILE);
-        if (!acts[l]) { for (int64_t q = 0; q < l; q++) free(acts[q]); free(buf); return -1; }
+        if (!acts[l]) { for (int64_t q = 0; q < l; q++) free(acts[q]); free(buf); return LTH_ENOMEM; }
     }
     int64_t nin0 = net->layer[0].nin;
     double total = 0.0;
@@ -234,19 +276,23 @@ int lth_train(const Net *net, Opt *opt, const float *X, const int32_t *Y, const 
     for (int64_t l = 0; l <= L; l++) free(acts[l]);
     free(buf);
     *loss = total;
-    return 0;
+    return LTH_OK;
 }
 
 /* Sum of losses and count of correct predictions over n examples, XT feature-major with leading
  * dimension ld (a multiple of TILE, padded columns ignored). out[0] = loss sum, out[1] = correct. */
 int lth_evaluate(const Net *net, const float *XT, int64_t ld, const int32_t *Y, int64_t n, double *out) {
     const int64_t chunk = 8 * TILE;
+    int rc = check_net(net);
+    if (rc != LTH_OK) return rc;
     int64_t L = net->nlayers;
     float *acts[MAX_LAYERS + 1];
-    if (L < 1 || L > MAX_LAYERS || ld % TILE != 0) return -1;
+    if (ld % TILE != 0 || ld < n) return LTH_ELD;
+    for (int64_t i = 0; i < n; i++)
+        if (Y[i] < 0 || Y[i] >= net->layer[L - 1].nout) return LTH_ELABEL;
     for (int64_t l = 1; l <= L; l++) {
         acts[l] = malloc(sizeof(float) * net->layer[l - 1].nout * chunk);
-        if (!acts[l]) { for (int64_t q = 1; q < l; q++) free(acts[q]); return -1; }
+        if (!acts[l]) { for (int64_t q = 1; q < l; q++) free(acts[q]); return LTH_ENOMEM; }
     }
     int64_t classes = net->layer[L - 1].nout;
     double loss = 0.0, correct = 0.0;
@@ -270,5 +316,5 @@ int lth_evaluate(const Net *net, const float *XT, int64_t ld, const int32_t *Y, 
     for (int64_t l = 1; l <= L; l++) free(acts[l]);
     out[0] = loss;
     out[1] = correct;
-    return 0;
+    return LTH_OK;
 }

@@ -80,6 +80,13 @@ if ! command -v cc >/dev/null && ! command -v gcc >/dev/null && ! command -v cla
       echo "setup: installed gcc (for the sparse kernels)" || true
   fi
 fi
+# clang too (as root): the tests build the sparse kernels with it and with both compilers' sanitizers.
+if ! command -v clang >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get install -y -q clang >/dev/null 2>&1 ||
+   { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q clang >/dev/null 2>&1; }) &&
+    echo "setup: installed clang (the sparse kernels are tested with gcc and clang)" ||
+    echo "setup: warning: could not install clang with apt; the clang and sanitizer tests of the sparse kernels will fail" >&2
+fi
 if ! err=$("$VENV/bin/python" -m lthmpi.sparse 2>&1 >/dev/null); then
   echo "setup: warning: ${err:-the sparse kernels could not be built}; masks keeping few weights will train on the slower dense kernels (install a C compiler, e.g. 'apt-get install gcc')" >&2
 fi

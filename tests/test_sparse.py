@@ -3,6 +3,8 @@ the sparse path must train what the dense XLA path trains (to float rounding), k
 exactly zero, and hand back weights and optimizer state that the dense path can go on from."""
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pytest
 
@@ -211,3 +213,131 @@ def test_experiment_records_which_kernels_trained_each_task(tmp_path, tf_runtime
 def test_bad_sparse_below_is_refused(value):
     with pytest.raises(ConfigError, match="parallel.sparse_below"):
         validate(from_dict({"parallel": {"sparse_below": value}}))
+
+
+# -- the C boundary: compilers, ABI, cache key, bad input, sanitizers ---------------------------------------
+
+def _sparse_check(tmp_path, name, **env):
+    """Run tests/sparse_check.py (no TensorFlow) with a fresh kernel cache under `env`; its npz results."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / f"{name}.npz"
+    cache = tmp_path / f"cache-{name}"
+    full = {**os.environ, "LTHMPI_CACHE_DIR": str(cache), **env}
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "sparse_check.py"), str(out)],
+                       env=full, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{name}: {r.stdout[-2000:]}{r.stderr[-3000:]}"
+    assert "LTH_EINDEX" in r.stdout and "refused (row index)" in r.stdout, r.stdout
+    assert len(list(cache.glob("sparse_mlp-*.so"))) == 1
+    return dict(np.load(out))
+
+
+def _tool(name):
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        import os
+
+        if os.geteuid() != 0:
+            pytest.skip(f"{name} is not installed (run/setup.sh installs it as root; CI runs as root)")
+        pytest.fail(f"{name} is not installed: run run/setup.sh (it installs {name} with apt)")
+    return path
+
+
+def _same(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        assert np.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
+
+
+def test_kernels_built_by_clang_train_as_gcc_built_ones(tmp_path):
+    """The source builds with clang (no GCC-only builtins) and its kernels compute what GCC's do."""
+    gcc = _sparse_check(tmp_path, "gcc", CC=_tool("gcc"))
+    _same(_sparse_check(tmp_path, "clang", CC=_tool("clang")), gcc)
+
+
+@pytest.mark.parametrize("cc", ["gcc", "clang"])
+def test_kernels_under_address_and_undefined_behaviour_sanitizers(tmp_path, cc):
+    """Training, evaluation and every refused call run clean under ASan + UBSan (any finding aborts)."""
+    import subprocess
+
+    compiler = _tool(cc)
+    lib = "libclang_rt.asan-x86_64.so" if cc == "clang" else "libasan.so"
+    runtime = subprocess.run([compiler, f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
+    if cc == "clang" and not runtime.startswith("/"):
+        runtime = subprocess.run([compiler, "--print-runtime-dir"], capture_output=True, text=True).stdout.strip() + "/" + lib
+    reference = _sparse_check(tmp_path, f"{cc}-plain", CC=compiler)
+    _same(_sparse_check(tmp_path, f"{cc}-asan", CC=compiler, LTHMPI_SPARSE_SANITIZE="1", LD_PRELOAD=runtime,
+                        ASAN_OPTIONS="detect_leaks=0", UBSAN_OPTIONS="print_stacktrace=1"), reference)
+
+
+def test_abi_check_names_what_disagrees(monkeypatch):
+    assert sparse.library() is not None, sparse.library_error()
+    good = [sparse.ABI_VERSION, sparse.TILE, sparse.MAX_LAYERS, ctypes.sizeof(sparse._Layer), ctypes.sizeof(sparse._Net),
+            ctypes.sizeof(sparse._Opt), sparse._Opt.iterations.offset]
+    assert sparse.abi_mismatch(good) is None
+    bad = list(good)
+    bad[5] += 8  # a field added to Opt on the C side only
+    assert sparse.abi_mismatch(bad) == f"sizeof(Opt) {good[5] + 8} (expected {good[5]})"
+
+
+def test_cache_key_covers_what_changes_the_binary(monkeypatch):
+    monkeypatch.setattr(sparse, "compiler_version", lambda cc: "cc 12.2")
+    key = sparse.cache_key(b"source", "/usr/bin/cc", ["-O3"])
+    assert sparse.cache_key(b"source", "/usr/bin/cc", ["-O3"]) == key
+    assert sparse.cache_key(b"source2", "/usr/bin/cc", ["-O3"]) != key
+    assert sparse.cache_key(b"source", "/usr/bin/clang", ["-O3"]) != key
+    assert sparse.cache_key(b"source", "/usr/bin/cc", ["-O2"]) != key
+    monkeypatch.setattr(sparse, "compiler_version", lambda cc: "cc 13.1")
+    assert sparse.cache_key(b"source", "/usr/bin/cc", ["-O3"]) != key
+
+
+def test_bad_calls_are_refused_with_what_is_wrong():
+    rng = np.random.default_rng(0)
+    kernels = [rng.standard_normal((20, 8)).astype(np.float32), rng.standard_normal((8, 3)).astype(np.float32)]
+    biases = [np.zeros(8, np.float32), np.zeros(3, np.float32)]
+    masks = [np.ones(k.shape, bool) for k in kernels]
+    with pytest.raises(ValueError, match="layer 1 takes 7 inputs, layer 0 gives 8"):
+        sparse.SparseMLP(kernels[:1] + [kernels[1][:7]], biases, masks[:1] + [masks[1][:7]], "adam")
+    net = sparse.SparseMLP(kernels, biases, masks, "adam")
+    x, y = rng.standard_normal((50, 20)).astype(np.float32), rng.integers(0, 3, 50).astype(np.int32)
+    idx, lr = np.zeros((2, 4), np.int32), np.full(2, 0.01, np.float32)
+    for args, words in (((x, y, idx + 50, lr), "row indices 50..50 outside the 50 training rows"),
+                        ((x, y + 3, idx, lr), r"labels \d+\.\.\d+ outside the 3 classes"),
+                        ((np.ascontiguousarray(x[:, :10]), y, idx, lr), "10 features per example, the first layer takes 20"),
+                        ((x, y, idx, lr[:1]), "one rate per step")):
+        with pytest.raises(ValueError, match=words):
+            net.train(*args)
+    with pytest.raises(ValueError, match="columns a multiple of 64"):
+        net.evaluate(np.zeros((20, 50), np.float32), y)
+    assert np.isfinite(net.train(x, y, idx, lr))  # the net is untouched by the refused calls
+    with pytest.raises(sparse.SparseError, match="LTH_ELABEL, a label outside the classes"):
+        sparse._check(6, "train")
+
+
+def test_why_the_sparse_kernels_are_off_is_logged_once(data):
+    import logging
+
+    from lthmpi.training import trainer as trainer_module
+
+    trainer_module._SAID.discard("batches of more than 64")
+    tr = trainer(data, 0.3, batch_size=65)
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("lthmpi")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        for _ in range(3):
+            assert tr.kernels_for(0.1) == "dense"
+        assert tr.kernels_for(0.5) == "dense"
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    said = [r.getMessage() for r in records if "sparse kernels off" in r.getMessage()]
+    assert said == ["sparse kernels off (batches of more than 64): masks keeping <= 0.3 train on the dense kernels"]

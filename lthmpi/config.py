@@ -136,7 +136,8 @@ class ParallelConfig:
     subgroups: bool | str = key("auto", "more ranks than units of work: data-parallel subgroups (true | false | "
                                         "auto: for models with convolutions)")
     parent_data_parallel: bool = key(False, "train the parent data-parallel over all ranks")
-    backend: str = key("mpi4py", "gradient averaging in subgroups: mpi4py | horovod (where installed)")
+    backend: str = key("mpi4py", "gradient averaging in subgroups: mpi4py (Allreduce; Horovod cannot run with TF >= 2.16 "
+                                 "and Keras 3)")
     sparse_below: float = key(0.3, "masks keeping at most this fraction of the prunable weights train on the "
                                    "sparse kernels (Dense/ReLU nets; 0 = never)")
     device: str = key("auto", "auto (a GPU where TensorFlow sees one, else the CPU) | cpu | gpu (refuse to start "
@@ -468,14 +469,10 @@ def validate(cfg: Config) -> None:
     _one_of("parallel.device", q.device, DEVICES)
     if q.subgroups not in (True, False, "auto") or not isinstance(q.subgroups, (bool, str)):
         raise ConfigError(f"parallel.subgroups must be true, false or \"auto\", not {q.subgroups!r}")
-    if q.backend not in ("mpi4py", "horovod"):
-        raise ConfigError(f"parallel.backend {q.backend!r} must be 'mpi4py' or 'horovod'")
     if q.backend == "horovod":
-        import importlib.util
-
-        if importlib.util.find_spec("horovod") is None:
-            raise ConfigError("parallel.backend = 'horovod' but Horovod is not installed (it builds only with "
-                              "TF 2.12 + Keras 2; use parallel.backend = 'mpi4py')")
+        raise ConfigError("parallel.backend = 'horovod' is gone: Horovod 0.28.1 builds only against TF <= 2.15 and "
+                          "Keras 2 (horovod#4290); mpi4py's Allreduce does its job: use parallel.backend = 'mpi4py'")
+    _one_of("parallel.backend", q.backend, ("mpi4py",))
 
 
 def validate_stability(cfg: Config) -> None:

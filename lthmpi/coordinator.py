@@ -49,11 +49,11 @@ class PhaseTimer:
 
     @contextmanager
     def phase(self, name: str):
-        t = time.time()
+        t = time.monotonic()  # durations: immune to the wall clock being set
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.time() - t
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - t
 
     def as_attrs(self) -> dict:
         return {**self.seconds, "total": time.time() - self.t0, "start_time": self.t0}
@@ -110,7 +110,7 @@ def check_finished(run: RunDir) -> int:
 def run_one(exp, task, write: bool = True, poll=None) -> dict:
     """Run one task of any kind (a rank's unit of work), with the fault hooks and a DEBUG line "task <id> done
     in". The record says when it ran and on which rank."""
-    t0 = time.time()
+    t0, m0 = time.time(), time.monotonic()
     fault = faults.FAULT
     fault.task_started()
 
@@ -120,7 +120,7 @@ def run_one(exp, task, write: bool = True, poll=None) -> dict:
             poll()
 
     attrs = kinds.run_task(exp, task, progress=progress, write=write)
-    log.debug("task %s done in %.1f s (early-stop accuracy %.4f)", task.id, time.time() - t0,
+    log.debug("task %s done in %.1f s (early-stop accuracy %.4f)", task.id, time.monotonic() - m0,
               attrs.get("early_stop_accuracy", float("nan")))
     if poll:
         poll()

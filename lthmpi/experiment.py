@@ -112,7 +112,7 @@ class Experiment:
         """
         if self.parent_done():
             return self.load_parent()
-        t0 = time.time()
+        t0 = time.monotonic()  # a duration: immune to the wall clock being set
         tr = self.trainer
         tr.set_weights(self.initial_weights)
         tr.set_masks(None)
@@ -129,7 +129,7 @@ class Experiment:
             raise RuntimeError("the dense parent run diverged (loss became NaN); lower train.lr")
         attrs = dict(test_accuracy=h.final_accuracy, early_stop_accuracy=h.early_stop_accuracy,
                      early_stop_iteration=h.early_stop_iteration, iterations=self.total,
-                     seconds=time.time() - t0, rank=self.rank, host=self.host)
+                     seconds=time.monotonic() - t0, rank=self.rank, host=self.host)
         history = {f"epochs/{k}": [e[k] for e in h.epochs] for k in (h.epochs[0] if h.epochs else {})}
         history.update({f"evals/{k}": [e[k] for e in h.evals] for k in (h.evals[0] if h.evals else {})})
         if not write:
@@ -153,7 +153,8 @@ class Experiment:
                 if got is None or tuple(got.shape) != shape:
                     found = "missing" if got is None else f"shape {tuple(got.shape)}"
                     raise StoreError(f"parent checkpoint file {self.run.parent_path} does not match the model "
-                                     f"({p} at iteration {it}: {found}, the model needs {shape}); delete it to retrain the parent")
+                                     f"({p} at iteration {it}: {found}, the model needs {shape}); "
+                                     f"delete it to retrain the parent")
         return self.parent_info
 
     # -- masks ----------------------------------------------------------------------------------
@@ -240,16 +241,16 @@ class Experiment:
         tr.set_masks(mask)
         restore = self.cfg.reset.optimizer_state == "restore" and task.control != "random_reinit"
         tr.reset_optimizer(self.optimizer_states.get(start) if restore else None)
-        t0 = time.time()
+        t0, m0 = time.time(), time.monotonic()  # wall times say when (across ranks); the monotonic clock how long
         h = tr.fit(start, end, progress=progress)
-        t1 = time.time()
+        t1, seconds = time.time(), time.monotonic() - m0
         result = TaskResult(task_id=task.id, mask=task.mask, remaining=fraction_remaining(mask),
                             target_remaining=self.cfg.remaining_fractions()[task.mask],
                             reset=self.cfg.reset.points[task.reset], reset_iteration=start,
                             control=task.control or "", final_accuracy=h.final_accuracy,
                             early_stop_iteration=h.early_stop_iteration, early_stop_accuracy=h.early_stop_accuracy,
                             best_val_loss=h.best_val_loss, iterations=end - start, diverged=h.diverged,
-                            seconds=t1 - t0, start_time=t0, end_time=t1, rank=self.rank, host=self.host,
+                            seconds=seconds, start_time=t0, end_time=t1, rank=self.rank, host=self.host,
                             threads=tr.threads, kernels=tr.kernels, device=self.placement.label,
                             precision=self.cfg.train.precision, deterministic=self.deterministic,
                             kind="imp" if task.level else "oneshot")

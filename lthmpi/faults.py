@@ -72,8 +72,8 @@ class FaultInjection:
             for h in log.handlers:
                 h.flush()
             self.active = False  # once
-            deadline = time.time() + 600
-            while not resumed and time.time() < deadline:
+            deadline = time.monotonic() + 600
+            while not resumed and time.monotonic() < deadline:
                 time.sleep(0.05)
             signal.signal(signal.SIGUSR1, previous)
             return

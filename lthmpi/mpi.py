@@ -112,9 +112,9 @@ class MpiComm:
         """Interrupted (outside the coordinator: `lthmpi.data prepare`): wait at most `seconds` until every rank
         has unwound, so that no rank's exit makes mpirun kill another still cleaning up. True when all arrived."""
         req = self._stop.Ibarrier()
-        deadline = time.time() + seconds
+        deadline = time.monotonic() + seconds
         while not req.Test():
-            if time.time() > deadline:
+            if time.monotonic() > deadline:
                 return False
             time.sleep(POLL_S)
         return True
@@ -123,9 +123,9 @@ class MpiComm:
         """Interrupted: this rank has unwound. If every rank stops within grace_s, rank 0 says so (`said()`) and
         all exit with `code`; else the ranks that did not hear it are aborted."""
         req = self._stop.Ibarrier()
-        deadline = time.time() + grace_s
+        deadline = time.monotonic() + grace_s
         while not req.Test():
-            if time.time() > deadline:
+            if time.monotonic() > deadline:
                 print(f"lthmpi: rank {self.rank} interrupted, the others did not stop; aborting them", file=sys.stderr,
                       flush=True)
                 self.comm.Abort(code)
@@ -133,8 +133,8 @@ class MpiComm:
         if self.rank == 0:
             said()
         req = self._stop.Ibarrier()  # no rank exits (which makes mpirun kill the rest) before rank 0 has said it
-        deadline = time.time() + grace_s
-        while not req.Test() and time.time() < deadline:
+        deadline = time.monotonic() + grace_s
+        while not req.Test() and time.monotonic() < deadline:
             time.sleep(POLL_S)
         import logging
 

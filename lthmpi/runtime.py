@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import importlib.abc
 import os
+import subprocess
 import sys
-import tempfile
 
 _configured: dict = {}
 
@@ -65,34 +65,46 @@ def _load_tensorflow():
     return tf
 
 
+# The filter between TensorFlow's stderr and the user's, run as its own process so that what TF prints just
+# before it dies (SIGILL on a CPU without the instructions it was built for, an abort) still gets through: the
+# filter reads to the end of the pipe, which comes when the importing process is gone.
+_FILTER = r"""
+import sys
+notices = tuple(sys.argv[1:])
+out = sys.stdout.buffer
+for line in sys.stdin.buffer:
+    if not any(n.encode() in line for n in notices):
+        out.write(line)
+        out.flush()
+"""
+
+
 def import_tensorflow():
-    """Import TensorFlow and Keras with TF's start-up notices kept off stderr; anything else it prints stays."""
+    """Import TensorFlow and Keras with TF's start-up notices kept off stderr; anything else it prints stays,
+    written as it comes, so that a fatal message reaches the user even if TensorFlow kills the process."""
     if "tensorflow" in sys.modules and "keras" in sys.modules:
         return sys.modules["tensorflow"]
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # TF_CPP_MIN_LOG_LEVEL: lthmpi/__init__.py
     try:
-        buf = tempfile.TemporaryFile()
-    except OSError:  # no temporary directory: import as it comes
+        saved = os.dup(2)
+    except OSError:  # no stderr to keep clean
         return _load_tensorflow()
-    with buf:
-        try:
-            saved = os.dup(2)
-        except OSError:  # no stderr to keep clean
-            return _load_tensorflow()
+    try:
+        filt = subprocess.Popen([sys.executable, "-S", "-c", _FILTER, *_START_UP_NOTICES], stdin=subprocess.PIPE,
+                                stdout=saved, close_fds=True)
+    except OSError:  # cannot start the filter: import as it comes
+        os.close(saved)
+        return _load_tensorflow()
+    _flush_stderr()
+    os.dup2(filt.stdin.fileno(), 2)
+    try:
+        return _load_tensorflow()
+    finally:
         _flush_stderr()
-        os.dup2(buf.fileno(), 2)
-        try:
-            return _load_tensorflow()
-        finally:
-            _flush_stderr()
-            os.dup2(saved, 2)
-            os.close(saved)
-            buf.seek(0)
-            kept = "".join(ln for ln in buf.read().decode(errors="replace").splitlines(keepends=True)
-                           if not any(n in ln for n in _START_UP_NOTICES))
-            if kept and sys.stderr:
-                sys.stderr.write(kept)
-                _flush_stderr()
+        os.dup2(saved, 2)
+        os.close(saved)
+        filt.stdin.close()
+        filt.wait()
 
 
 def _flush_stderr():

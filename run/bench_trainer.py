@@ -65,7 +65,8 @@ def main():
 
     per = {v: [x["s"] for x in rs] for v, rs in runs.items()}
     med = {v: statistics.median(xs) for v, xs in per.items()}
-    print(f"\nLeNet-300-100, fashion_mnist ({args.validation} validation), batch 60, {args.threads} thread(s) pinned to cores {pinned_cores(args.threads)}; "
+    print(f"\nLeNet-300-100, fashion_mnist ({args.validation} validation), batch 60, {args.threads} thread(s) "
+          f"pinned to cores {pinned_cores(args.threads)}; "
           f"{args.rounds} runs of each, {args.epochs} epochs timed per run (median; range over runs)")
     for v, label in VARIANTS.items():
         ratio = ""

@@ -24,6 +24,13 @@ TINY = {
     "reset": {"points": ["0ep", "10it"], "controls": ["random_reinit", "random_mask"]},
 }
 TINY_PER_EPOCH = 38
+
+
+def needs_root(what: str):
+    """The one way a test that needs root says so: skipped, with `what` it needs root for, for a developer who is
+    not root; run (and failing if it cannot do what it needs) as root, as in CI."""
+    return pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                              reason=f"needs root ({what}); CI runs the tests as root")
 TINY_TOTAL = 76
 
 

@@ -263,7 +263,12 @@ def test_parallel_section_does_not_change_the_experiment(tiny_run, tiny_config, 
 
     run = str(tmp_path / "par")
     shutil.copytree(tiny_run, run)
-    RunDir(run).create(from_dict({"parallel": {"threads": 2, "schedule": "static"}}, base=tiny_config))
+    other = from_dict({"parallel": {"threads": 2, "schedule": "static"}}, base=tiny_config)
+    before = open(os.path.join(run, "config.toml")).read()
+    RunDir(run).create(other)  # accepted: the same experiment
+    assert open(os.path.join(run, "config.toml")).read() == before  # the first run's config stays, not rewritten
+    assert RunDir(run).load_config().identity() == other.identity() and other.hash() == tiny_config.hash()
+    assert other.parallel != tiny_config.parallel
 
 
 # -- atomic files ---------------------------------------------------------------------------------------

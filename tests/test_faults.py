@@ -19,9 +19,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import needs_root
 
 from faultkit import (MPIRUN, N_TASKS, PY, ROOT, assert_every_h5_readable, assert_same_results, battery,
-                      can_mount, clean_env, command, done_counts, error_lines, finish, free_bytes, launch, log_has, lthmpi_lines, note,
+                      clean_env, command, done_counts, error_lines, finish, free_bytes, launch, log_has, lthmpi_lines, note,
                       records, start, task_files, temporaries, tmpfs, wait_for)
 
 WAITING = "injected fault: waiting"
@@ -83,7 +84,7 @@ def test_disk_errors_are_recognised_with_or_without_errno():
     assert bug and line == "RuntimeError: boom"
 
 
-@pytest.mark.skipif(not can_mount(), reason="needs root to mount a tmpfs")
+@needs_root("mount a tmpfs")
 def test_full_disk_write_names_the_file_and_leaves_nothing(tmp_path):
     from lthmpi.store import atomic_h5
 
@@ -279,7 +280,7 @@ def test_rank0_killed_in_gather_or_merge(reference, tmp_path, point):
 
 # -- disk full, read-only ---------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not can_mount(), reason="needs root to mount a tmpfs")
+@needs_root("mount a tmpfs")
 @pytest.mark.parametrize("np_", [2, pytest.param(None, marks=battery)])
 def test_disk_full_mid_run(reference, tmp_path, np_):
     """The run directory on a tmpfs that holds the parent, the masks and two tasks, with room for about two
@@ -316,7 +317,7 @@ def test_disk_full_mid_run(reference, tmp_path, np_):
          f"rc 1, '{lines[0][:70]}...'; {len(written)} task files intact; rerun after freeing space rc 0, equal")
 
 
-@pytest.mark.skipif(not can_mount(), reason="needs root for a read-only bind mount")
+@needs_root("a read-only bind mount")
 @pytest.mark.parametrize("np_", [None, pytest.param(2, marks=battery)])
 def test_read_only_run_directory_mid_run(reference, tmp_path, np_):
     """tasks/ becomes read-only (a bind mount remounted ro) while a task trains: one EROFS line, job ends."""
@@ -592,7 +593,7 @@ def test_idle_ranks_without_subgroups_run_and_are_logged(tmp_path):
          "rc 0; rank 0's log: 1 workers have no task and wait (ranks 2), and why")
 
 
-@pytest.mark.skipif(not can_mount() or shutil.which("unshare") is None, reason="needs root and unshare for a private mount")
+@needs_root("unshare and a private mount")
 def test_run_dir_not_shared_with_a_rank_is_named_before_training(tmp_path):
     """Rank 1 gets its own empty tmpfs over the run directory's parent, as node-local /tmp on another host:
     it is told at start-up that it does not see rank 0's run directory, not later that parent.h5 is bad."""

@@ -149,9 +149,9 @@ def test_prunable_variables_are_exactly_the_kernels(name):
     assert kernels == {v.path for v in pv}
 
     if name == "mobilenetv2":
-        assert any(isinstance(l, keras.layers.DepthwiseConv2D) and id(_k(l)) in pv_ids for l in model.layers)
+        assert any(isinstance(ly, keras.layers.DepthwiseConv2D) and id(_k(ly)) in pv_ids for ly in model.layers)
     if name in ("resnet20", "vgg16", "mobilenetv2"):
-        assert any(isinstance(l, keras.layers.BatchNormalization) for l in model.layers)
+        assert any(isinstance(ly, keras.layers.BatchNormalization) for ly in model.layers)
 
 
 def _k(layer):
@@ -208,7 +208,7 @@ def test_count_vgg16():
 def test_count_mobilenetv2_matches_keras():
     model = build_model("mobilenetv2", (224, 224, 3), 1000, 0)
     assert model.count_params() == 3_538_984
-    assert "resize" not in [l.name for l in model.layers]
+    assert "resize" not in [ly.name for ly in model.layers]
 
 
 # ---------------------------------------------------------------------------------------------------

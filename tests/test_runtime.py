@@ -30,3 +30,20 @@ def test_tensorflow_loads_quietly_and_without_what_keras_would_pull_in():
     assert "_HideOptionalImports" not in out["finders"], "the import hook outlived the import"
     assert out["digits"] == 1797
     assert proc.stderr.strip() == "", proc.stderr[-3000:]
+
+
+def test_a_fatal_message_while_tensorflow_loads_reaches_the_user(tmp_path):
+    """TensorFlow that dies while it loads (SIGILL on a CPU without AVX, an abort): what it printed last must
+    still reach stderr, though import_tensorflow keeps TF's start-up notices off it."""
+    import signal
+
+    for name, body in (("keras", ""), ("tensorflow", "import os, signal\nos.write(2, b'cpu_feature_guard.cc: a notice\\n"
+                                                       "FATAL: this TensorFlow needs AVX\\n')\n"
+                                                       "os.kill(os.getpid(), signal.SIGILL)\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(body)
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
+    proc = subprocess.run([sys.executable, "-c", "from lthmpi.runtime import import_tensorflow; import_tensorflow()"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGILL
+    assert proc.stderr == "FATAL: this TensorFlow needs AVX\n"

@@ -272,7 +272,7 @@ def speedup_figure(s: dict, path: str, title: str = "") -> str:
 def instability_figure(pairs: list[dict], path: str, title: str = "") -> str:
     """Error barrier (pp) against the reset point k, one line per sparsity (dense first, black), the
     stability threshold drawn. k is placed by rank (labels as the config wrote them): k = 0 has no log."""
-    from .stability import DENSE, label, resets, sparsities
+    from .stability import DENSE, resets, sparsities
 
     ks = resets(pairs)
     pos = {it: i for i, (it, _) in enumerate(ks)}

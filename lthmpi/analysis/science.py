@@ -241,7 +241,8 @@ def winning_rows(g: Grid, tolerance: float) -> tuple[list[str], list[list]]:
     head += [f"margin vs {c} (pp)" for c in g.controls]
     rows = []
     for w in winning_tickets(g, tolerance):
-        row = [w["label"], None if w["mask"] is None else g.mask_label(w["mask"]), None if w["remaining"] is None else 100 * w["remaining"], w["accuracy"], w["dense"]]
+        row = [w["label"], None if w["mask"] is None else g.mask_label(w["mask"]),
+               None if w["remaining"] is None else 100 * w["remaining"], w["accuracy"], w["dense"]]
         row += [w["margin"][c] for c in g.controls]
         rows.append(row)
     return head, rows
@@ -310,7 +311,8 @@ def tables(g: Grid, tolerance: float, markdown: bool = False) -> dict[str, str]:
     h, r = accuracy_rows(g, "early_stop_iteration")
     out[f"Early-stop iteration (iterations since the reset point){rep}"] = render(h, r, markdown, "iteration")
     h, r = winning_rows(g, tolerance)
-    out[f"Winning tickets: sparsest {g.mask_head} with early-stop accuracy >= dense - {100 * tolerance:.2f} pp"] = render(h, r, markdown)
+    title = f"Winning tickets: sparsest {g.mask_head} with early-stop accuracy >= dense - {100 * tolerance:.2f} pp"
+    out[title] = render(h, r, markdown)
     h, r = best_rows(g)
     out["Best reset point per sparsity (early-stop accuracy)"] = render(h, r, markdown)
     return out

@@ -82,7 +82,8 @@ def merge(run: RunDir, task_ids: list[str], timing: dict, provenance: dict, duri
           deps: dict | None = None) -> str:
     """Gather the per-task files named by `task_ids` into results.h5 (written atomically; it is derived, so a
     damaged one is simply rebuilt by the next run), and the stability evaluations (tasks whose result holds a
-    `curve`, and any named by `pair_ids`) into /stability. `deps` (task id -> ids it depends on) fills the `deps` column. `during()` is called with the
+    `curve`, and any named by `pair_ids`) into /stability. `deps` (task id -> ids it depends on) fills the `deps` column.
+    `during()` is called with the
     file half-written (fault tests)."""
     pairs = {pid: run.read_task(pid) for pid in pair_ids}
     rows, curves = [], {}

@@ -7,7 +7,8 @@
 2. under `mpirun -np RANKS`, every rank reads its data-parallel share (rows rank::RANKS) of every batch of 128
    in the training order, for one epoch, four ways: `disk` (DiskArray: pread, what data.in_memory = false
    uses), `mmap` (numpy memory map of the same bytes), `memory` (the whole array loaded into every rank, data.
-   in_memory = true) and `window` (one copy per host in an MPI-3 shared-memory window); it prints each rank's peak resident memory (VmHWM) and its resident anonymous / file / shared
+   in_memory = true) and `window` (one copy per host in an MPI-3 shared-memory window); it prints each rank's peak resident
+   memory (VmHWM) and its resident anonymous / file / shared
    memory, against the file's size and the budget; then the same reading plus the step's normalisation and
    the CIFAR augmentation (lthmpi.data.augment), in images per second per core (1 TF thread per rank);
 3. times a compiled training step (1 thread, no mask: the masked step costs the same, DESIGN.md §4) of

@@ -172,7 +172,8 @@ class Stability:
         attrs = dict(task_id=task.id, kind=self.name, mask=DENSE if mask is None else mask,
                      remaining=1.0 if mask is None else fraction_remaining(self.start(exp, spec)[1]), reset=spec["reset"],
                      reset_iteration=spec["k"], control="stability_eval", threshold=s.threshold,
-                     bn_reestimate=bool(batches) and bool(st.batch_norm_layers(exp.trainer.model)), seconds=t1 - t0, start_time=t0, end_time=t1, rank=exp.rank,
+                     bn_reestimate=bool(batches) and bool(st.batch_norm_layers(exp.trainer.model)), seconds=t1 - t0,
+                     start_time=t0, end_time=t1, rank=exp.rank,
                      host=exp.host, **self.level(exp, spec), **st.summary(c, s.threshold))
         if write:
             exp.run.write_task(task.id, attrs, {"curve": c})

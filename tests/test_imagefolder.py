@@ -204,7 +204,8 @@ def task_results(run_dir):
     for name in sorted(os.listdir(os.path.join(run_dir, "tasks"))):
         with h5py.File(os.path.join(run_dir, "tasks", name)) as f:
             out[name] = {k: v[()] for k, v in f.items() if isinstance(v, h5py.Dataset)}
-            out[name].update({k: v for k, v in f.attrs.items() if k not in ("seconds", "start_time", "end_time", "content_sha256")})
+            skip = ("seconds", "start_time", "end_time", "content_sha256")
+            out[name].update({k: v for k, v in f.attrs.items() if k not in skip})
     return out
 
 

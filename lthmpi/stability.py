@@ -125,4 +125,5 @@ def order_seed(base: int, copy: int) -> int:
     or 1 (B: another seed derived from it)."""
     if copy == 0:
         return int(base)
-    return int(np.random.SeedSequence([int(base), 0x5354_4142, copy]).generate_state(1, dtype=np.uint32)[0] & 0x7FFFFFFF)
+    state = np.random.SeedSequence([int(base), 0x5354_4142, copy]).generate_state(1, dtype=np.uint32)
+    return int(state[0] & 0x7FFFFFFF)

@@ -464,13 +464,15 @@ def mixed_kernels(done: dict, threads: int, kernels_for) -> list[str]:
     other kernels: parallel.threads and parallel.sparse_below are outside the identity), so that a rerun does
     not mix them into one grid unsaid. `done`: task id -> its attrs (threads, kernels, remaining);
     `kernels_for(remaining)`: the kernels this run picks alone. A task trained data-parallel (replicas > 1) was
-    on the dense kernels whatever the mask: only its threads are compared. One line per kind of difference."""
+    on the dense kernels whatever the mask, and a task that trained nothing (iterations = 0: a stability pair's
+    evaluation) used none: only their threads are compared. One line per kind of difference."""
     groups: dict[str, list[str]] = {}
     for tid, a in sorted(done.items()):
         if not int(a.get("threads", threads)):  # threads 0: a task of a kind that trains nothing (an evaluation)
             continue
         t0, k0 = int(a.get("threads", threads)), str(a.get("kernels") or "dense")
-        k1 = kernels_for(float(a.get("remaining", 1.0))) if int(a.get("replicas", 1)) <= 1 else k0
+        trained_alone = int(a.get("replicas", 1)) <= 1 and int(a.get("iterations", 1)) != 0
+        k1 = kernels_for(float(a.get("remaining", 1.0))) if trained_alone else k0
         how = ", ".join(([f"{t0} TF threads (this run: {threads})"] if t0 != threads else []) +
                         ([f"{k0} kernels (this run: {k1})"] if k0 != k1 else []))
         if how:

@@ -1,16 +1,18 @@
-"""Stability (linear mode connectivity, lthmpi/stability.py): the interpolation, the barrier, the batch-norm
-re-estimation, and the [stability] config section's bad input, on tiny models (digits, 8x8)."""
+"""Stability (linear mode connectivity, docs/stability.md): the interpolation, the barrier and the batch-norm
+re-estimation (lthmpi/stability.py), the [stability] config section's bad input, the analysis tables, figures
+and --json/--csv, and the stability kind run by the coordinator (pairs, endpoint files, resume, P = 1 vs 2),
+on tiny models (digits, 8x8)."""
 from __future__ import annotations
 
 import os
 
 import numpy as np
 import pytest
-
 from faultkit import launch
+from test_bad_config import assert_one_line
+
 from lthmpi import stability as st
 from lthmpi.config import ConfigError, from_dict, resolve, stability_masks
-from test_bad_config import assert_one_line
 
 
 def test_interpolation_keeps_zeros_and_ends():
@@ -89,7 +91,8 @@ def test_batch_norm_reestimation_is_the_mean_of_batch_statistics(tf_runtime):
 def test_stability_masks_and_config_lines():
     cfg = from_dict({"prune": {"remaining": [0.5, 0.2]}, "stability": {"masks": [1, "dense"]}})
     assert stability_masks(cfg) == [None, 1]
-    assert stability_masks(from_dict({"prune": {"remaining": [0.5, 0.2]}, "stability": {"masks": "all"}})) == [None, 0, 1]
+    everything = from_dict({"prune": {"remaining": [0.5, 0.2]}, "stability": {"masks": "all"}})
+    assert stability_masks(everything) == [None, 0, 1]
     assert from_dict({}).hash() == from_dict({"stability": {"alphas": 30}}).hash()  # disabled: not in the identity
     assert from_dict({"stability": {"enabled": True}}).hash() != from_dict({}).hash()
     for sets, words in ((["stability.alphas=1"], "stability.alphas must be an integer >= 2"),
@@ -206,6 +209,7 @@ def stab_config(**stability):
     import copy
 
     from conftest import TINY
+
     from lthmpi.config import validate
 
     raw = copy.deepcopy(TINY)
@@ -230,7 +234,7 @@ def h5_weights(path) -> dict:
 
     out = {}
     with h5py.File(path, "r") as f:
-        f["weights"].visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+        f["weights"].visititems(lambda n, obj: out.__setitem__(n, obj[()]) if isinstance(obj, h5py.Dataset) else None)
     return out
 
 
@@ -342,7 +346,7 @@ def test_batch_norm_net_through_both_options(tmp_path, tf_runtime):
 def test_resume_after_a_kill_does_only_the_missing_work_and_p2_agrees(tmp_path):
     """Killed (SIGKILL) in the 3rd task, after pair k00's two trainings and before its evaluation: the rerun
     keeps those two files and trains only the rest; then P = 2 under mpirun gives the same barriers."""
-    from faultkit import MPIRUN, start, finish
+    from faultkit import MPIRUN, finish, start
 
     from lthmpi.results import load
 
@@ -355,7 +359,7 @@ def test_resume_after_a_kill_does_only_the_missing_work_and_p2_agrees(tmp_path):
     rc, out, err = finish(start(run, None, ALONE))
     assert rc == 0, err
     assert {f: os.stat(tasks / f).st_mtime_ns for f in first} == first
-    assert "resuming" in open(run / "logs" / "rank0.log").read() or "2 of 6" in err + out
+    assert "resuming" in (run / "logs" / "rank0.log").read_text() or "2 of 6" in err + out
     p1 = {p["pair"]: p["barrier"] for p in load(str(run))["stability"]}
     assert sorted(p1) == ["stab_dense_k00_eval", "stab_dense_k01_eval"]
     if not MPIRUN.exists():
@@ -403,3 +407,17 @@ def test_imp_levels_as_stability_masks(tmp_path, tf_runtime):
 TINY_IMP = {"seed": 3, "data": {"dataset": "digits", "validation": 200},
             "train": {"epochs": 2, "batch_size": 32, "eval_every": "10it"},
             "prune": {"method": "imp", "levels": 2}, "reset": {"points": ["0ep", "10it"], "controls": []}}
+
+
+def test_a_rerun_does_not_call_an_evaluation_trained_on_other_kernels():
+    """A pair's evaluation trains nothing (iterations = 0): a rerun compares its threads, never its kernels."""
+    from lthmpi.store import mixed_kernels
+
+    ev = {"remaining": 0.2, "iterations": 0, "threads": 1}
+    train = {"remaining": 0.2, "iterations": 50, "threads": 1, "kernels": "dense"}
+    sparse = lambda r: "sparse" if r <= 0.3 else "dense"
+    assert mixed_kernels({"p_eval": ev}, 1, sparse) == []
+    assert mixed_kernels({"p_eval": ev}, 2, sparse) == [("1 finished task(s) trained with 1 TF threads (this run: 2): "
+                                                         "p_eval")]
+    assert mixed_kernels({"p_a": train}, 1, sparse) == [("1 finished task(s) trained with dense kernels (this run: "
+                                                         "sparse): p_a")]

@@ -160,8 +160,9 @@ class Stability:
         spec, s = task.spec, exp.cfg.stability
         (wa, aa), (wb, ab) = (read_endpoint(endpoint_path(exp.run, spec["pair"], c)) for c in (0, 1))
         if aa["start_sha256"] != ab["start_sha256"]:
+            where = os.path.dirname(endpoint_path(exp.run, spec["pair"], 0))
             raise StoreError(f"stability copies of {spec['pair']} started from different weights; delete "
-                             f"{os.path.dirname(endpoint_path(exp.run, spec['pair'], 0))}/{spec['pair']}_* to retrain them")
+                             f"{where}/{spec['pair']}_* and tasks/{spec['pair']}_* to retrain them")
         data = exp.data
         batches = (st.bn_batches(len(data.x_train), exp.cfg.train.batch_size, s.bn_batches, exp.cfg.seed)
                    if s.bn_reestimate else None)
@@ -169,12 +170,13 @@ class Stability:
         c = st.curve(exp.trainer.model, wa, wb, data.x_test, data.y_test, s.alphas, data.x_train, batches)
         t1 = time.time()
         mask = spec["mask"]
-        attrs = dict(task_id=task.id, kind=self.name, mask=DENSE if mask is None else mask,
-                     remaining=1.0 if mask is None else fraction_remaining(self.start(exp, spec)[1]), reset=spec["reset"],
-                     reset_iteration=spec["k"], control="stability_eval", threshold=s.threshold,
-                     bn_reestimate=bool(batches) and bool(st.batch_norm_layers(exp.trainer.model)), seconds=t1 - t0,
-                     start_time=t0, end_time=t1, rank=exp.rank,
-                     host=exp.host, **self.level(exp, spec), **st.summary(c, s.threshold))
+        remaining = 1.0 if mask is None else fraction_remaining(self.start(exp, spec)[1])
+        bn = bool(batches) and bool(st.batch_norm_layers(exp.trainer.model))
+        attrs = dict(task_id=task.id, kind=self.name, mask=DENSE if mask is None else mask, remaining=remaining,
+                     reset=spec["reset"], reset_iteration=spec["k"], control="stability_eval", iterations=0,
+                     threads=exp.trainer.threads, threshold=s.threshold, bn_reestimate=bn,
+                     seconds=t1 - t0, start_time=t0, end_time=t1, rank=exp.rank, host=exp.host,
+                     **self.level(exp, spec), **st.summary(c, s.threshold))
         if write:
             exp.run.write_task(task.id, attrs, {"curve": c})
         return attrs

@@ -415,7 +415,10 @@ def test_a_rerun_does_not_call_an_evaluation_trained_on_other_kernels():
 
     ev = {"remaining": 0.2, "iterations": 0, "threads": 1}
     train = {"remaining": 0.2, "iterations": 50, "threads": 1, "kernels": "dense"}
-    sparse = lambda r: "sparse" if r <= 0.3 else "dense"
+
+    def sparse(r):
+        return "sparse" if r <= 0.3 else "dense"
+
     assert mixed_kernels({"p_eval": ev}, 1, sparse) == []
     assert mixed_kernels({"p_eval": ev}, 2, sparse) == [("1 finished task(s) trained with 1 TF threads (this run: 2): "
                                                          "p_eval")]

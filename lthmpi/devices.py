@@ -141,16 +141,24 @@ class KernelPlan:
     why: str = ""
 
 
-def kernel_plan(kind: str, convolutions: bool, sparse_below: float) -> KernelPlan:
-    """The kernels and call shape for a net on `kind` ("cpu" | "gpu").
+def kernel_plan(kind: str, convolutions: bool, sparse_below: float, precision: str = "float32") -> KernelPlan:
+    """The kernels and call shape for a net on `kind` ("cpu" | "gpu") in `precision`.
 
-    CPU: XLA:CPU runs a convolution inside a while loop ~100x slower than in a compiled step of its own, so conv
-    nets take one compiled call per step; Dense-only nets run whole blocks. GPU: every net runs whole blocks
-    (the limitation is XLA:CPU's), and the sparse C kernels, being CPU code, are never used."""
+    CPU, conv nets: one step per call, not compiled by XLA but run by TensorFlow's graph executor on its oneDNN
+    kernels. XLA:CPU runs a convolution inside a while loop ~100x slower than in a call of its own, and even one
+    step per call it is ~2x slower than oneDNN (run/bench_conv.py, docs/gpu.md). CPU, Dense-only nets: whole
+    blocks of steps in one XLA call. GPU: every net runs whole blocks under XLA (the conv limitation is
+    XLA:CPU's). The sparse C kernels are float32 CPU code: never on a GPU, never in mixed precision."""
     if kind == "gpu":
         return KernelPlan(jit=True, fused=True, sparse_below=0.0,
                           why="sparse kernels are CPU-only: masked nets train on the dense kernels on a GPU")
-    return KernelPlan(jit=True, fused=not convolutions, sparse_below=sparse_below)
+    if precision != "float32":
+        sparse_below, why = 0.0, "sparse kernels are float32: mixed precision trains on the dense kernels"
+    else:
+        why = ""
+    if convolutions:
+        return KernelPlan(jit=False, fused=False, sparse_below=sparse_below, why=why)
+    return KernelPlan(jit=True, fused=True, sparse_below=sparse_below, why=why)
 
 
 _NONDETERMINISTIC = (

@@ -73,6 +73,11 @@ def describe_error(e: BaseException) -> tuple[str, int, bool]:
         where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
         return (f"{os.strerror(code)}{where}; finished tasks are kept: free space or fix the disk or its "
                 f"permissions and rerun the same command to resume"), EXIT_FAILURE, False
+    from .devices import determinism_error_line
+
+    line = determinism_error_line(str(e))
+    if line is not None:  # an op without a deterministic kernel on this device: the user's choice to make
+        return line, EXIT_USAGE, False
     text = str(e).splitlines()[0] if str(e) else ""
     return f"{type(e).__name__}: {text}", EXIT_FAILURE, True
 

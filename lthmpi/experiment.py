@@ -60,8 +60,8 @@ class Experiment:
             from .runtime import configure_tensorflow
 
             configure_tensorflow(threads, cfg.train.deterministic, cfg.parallel.device, slot)
-        from .devices import Placement, kernel_plan
-        from .models import build_model, has_convolutions, prunable_variables
+        from .devices import Placement
+        from .models import build_model, prunable_variables
         from .runtime import configured_deterministic, configured_placement
         from .training import MaskedTrainer
 
@@ -70,7 +70,8 @@ class Experiment:
         stability = cfg.stability_steps() if cfg.stability.enabled else []
         self.checkpoint_iterations = sorted({0, self.total, *self.reset_iterations,
                                              *(s.iterations(per_epoch) for s in stability)})
-        self.model = build_model(cfg.model.name, self.data.input_shape, self.data.num_classes, cfg.seed)
+        self.model = build_model(cfg.model.name, self.data.input_shape, self.data.num_classes, cfg.seed,
+                                 cfg.train.precision)
         self.prunable = [v.path for v in prunable_variables(self.model)]
         self.sizes = {v.path: int(np.prod(v.shape)) for v in prunable_variables(self.model)}
         validate_against_model(cfg, self.sizes)
@@ -78,9 +79,8 @@ class Experiment:
         self.deterministic = configured_deterministic()
         if self.deterministic is None:
             self.deterministic = cfg.train.deterministic
-        plan = kernel_plan(self.placement.kind, has_convolutions(self.model), cfg.parallel.sparse_below)
         self.trainer = MaskedTrainer(self.model, self.data, cfg.train, cfg.seed, prunable_variables(self.model),
-                                     augment=cfg.data.augment, sparse_below=plan.sparse_below)
+                                     augment=cfg.data.augment, sparse_below=cfg.parallel.sparse_below)
         self.initial_weights = self.trainer.get_weights()
         self.checkpoints: dict | None = None
         self.optimizer_states: dict = {}

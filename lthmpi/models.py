@@ -271,10 +271,12 @@ MODELS: dict[str, Callable] = {
 }
 
 
-def build_model(name: str, input_shape: tuple, num_classes: int, seed: int) -> keras.Model:
+def build_model(name: str, input_shape: tuple, num_classes: int, seed: int, precision: str = "float32") -> keras.Model:
     """Build registry model `name` for NHWC inputs of `input_shape` and `num_classes` logits.
 
-    The weights are a deterministic function of `seed` (a non-negative integer)."""
+    The weights are a deterministic function of `seed` (a non-negative integer), the same in every precision:
+    `precision` ("float32", "mixed_bfloat16", "mixed_float16") is Keras' dtype policy of the layers, which keep
+    float32 variables and compute in the lower precision (their logits come out in it too)."""
     if name not in MODELS:
         raise ModelError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
@@ -285,7 +287,12 @@ def build_model(name: str, input_shape: tuple, num_classes: int, seed: int) -> k
         input_shape = tuple(input_shape)
     except TypeError:
         raise ModelError(f"input_shape must be a tuple of positive integers, got {input_shape!r}") from None
-    return MODELS[name](input_shape, int(num_classes), int(seed))
+    saved = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)  # read by every layer as it is made; process-wide, so put back
+    try:
+        return MODELS[name](input_shape, int(num_classes), int(seed))
+    finally:
+        keras.config.set_dtype_policy(saved)
 
 
 # --------------------------------------------------------------------------------------------------

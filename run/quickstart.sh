@@ -2,6 +2,7 @@
 # Set up, run the default experiment (LeNet-300-100 on Fashion-MNIST, 20 masks x 5 reset points,
 # random re-init control) on NP MPI ranks (default 2), then print where the results are and the tables.
 # Extra arguments go to lthmpi.main, e.g. ./run/quickstart.sh --set train.epochs=5
+# LTHMPI_DEVICE=gpu ./run/quickstart.sh sets up the CUDA build of TensorFlow instead (docs/gpu.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./run/setup.sh

@@ -99,9 +99,11 @@ def test_kernel_plan_per_device():
     assert (gpu.fused, gpu.jit, gpu.sparse_below) == (True, True, 0.0) and "CPU-only" in gpu.why
     assert kernel_plan("gpu", convolutions=False, sparse_below=0.3).sparse_below == 0.0  # masked MLPs: dense
     conv = kernel_plan("cpu", convolutions=True, sparse_below=0.3)
-    assert not conv.fused and conv.sparse_below == 0.3  # one step per call under XLA:CPU
+    assert not conv.fused and not conv.jit and conv.sparse_below == 0.3  # oneDNN graph, one step per call
     dense = kernel_plan("cpu", convolutions=False, sparse_below=0.3)
     assert dense.fused and dense.jit and dense.sparse_below == 0.3
+    mixed = kernel_plan("cpu", convolutions=False, sparse_below=0.3, precision="mixed_bfloat16")
+    assert mixed.fused and mixed.sparse_below == 0.0 and "float32" in mixed.why
 
 
 @pytest.mark.parametrize("message, op, node", [
@@ -148,14 +150,22 @@ def test_precision_is_part_of_the_identity_and_device_is_not():
             validate(from_dict(bad))
 
 
-def setup_dry_run(device: str | None, tmp_path) -> subprocess.CompletedProcess:
-    """run/setup.sh's install commands, printed (LTHMPI_SETUP_DRY_RUN), with an nvidia-smi that fails."""
-    fake = tmp_path / "bin"
+def with_nvidia_smi(tmp_path, gpus: int) -> dict:
+    """The environment with an nvidia-smi first on PATH that lists `gpus` GPUs (0: fails, as without a driver)."""
+    fake = tmp_path / f"bin{gpus}"
     fake.mkdir(exist_ok=True)
-    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed: no driver' >&2\nexit 9\n")
+    listing = "".join(f'echo "GPU {i}: NVIDIA H200 (UUID: GPU-{i})"; ' for i in range(gpus))
+    (fake / "nvidia-smi").write_text(f"#!/bin/sh\n{listing}exit {0 if gpus else 9}\n")
     (fake / "nvidia-smi").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "LTHMPI_DEVICE"}
-    env.update(LTHMPI_SETUP_DRY_RUN="1", LTHMPI_VENV=str(tmp_path / "venv"), PATH=f"{fake}:{env['PATH']}")
+    env["PATH"] = f"{fake}:{env['PATH']}"
+    return env
+
+
+def setup_dry_run(device: str | None, tmp_path) -> subprocess.CompletedProcess:
+    """run/setup.sh's install commands, printed (LTHMPI_SETUP_DRY_RUN), where nvidia-smi fails."""
+    env = with_nvidia_smi(tmp_path, 0)
+    env.update(LTHMPI_SETUP_DRY_RUN="1", LTHMPI_VENV=str(tmp_path / "venv"))
     if device is not None:
         env["LTHMPI_DEVICE"] = device
     return subprocess.run([os.path.join(REPO, "run", "setup.sh")], capture_output=True, text=True, env=env,
@@ -193,3 +203,66 @@ def test_every_task_records_its_device_precision_and_determinism(tiny_run):
 
     tasks = load(tiny_run)["tasks"]
     assert tasks and all(t["device"] == "cpu" and t["precision"] == "float32" and t["deterministic"] for t in tasks)
+
+
+def gpu_check(tmp_path, gpus: int, *args) -> subprocess.CompletedProcess:
+    """run/gpu_check.sh --dry-run where nvidia-smi lists `gpus` GPUs."""
+    env = with_nvidia_smi(tmp_path, gpus)
+    return subprocess.run([os.path.join(REPO, "run", "gpu_check.sh"), "--dry-run", "--out", str(tmp_path / "o"),
+                           *args], capture_output=True, text=True, env=env, timeout=60, cwd=REPO)
+
+
+def test_gpu_check_plans_one_and_two_ranks_per_gpu_against_the_cpu(tmp_path):
+    two = gpu_check(tmp_path, 2)
+    assert two.returncode == 0, two.stderr
+    runs = [ln for ln in two.stdout.splitlines() if ln.startswith("+ ")]
+    plan = [(ln.split("--run-dir ")[1].split()[0].rsplit("/", 1)[1], ln.split("-np ")[1].split()[0]) for ln in runs]
+    assert plan == [("resnet20_gpu_1pergpu", "2"), ("resnet20_cpu_1pergpu", "2"), ("resnet20_gpu_2pergpu", "4"),
+                    ("resnet20_cpu_2pergpu", "4"), ("lenet300_100_gpu_1pergpu", "2"), ("lenet300_100_cpu_1pergpu", "2"),
+                    ("lenet300_100_gpu_2pergpu", "4"), ("lenet300_100_cpu_2pergpu", "4")]
+    assert all(("parallel.device=gpu" in ln) == ("_gpu_" in name) for ln, (name, _) in zip(runs, plan))
+    assert not (tmp_path / "o").exists()  # a dry run makes nothing
+
+
+def test_gpu_check_without_a_gpu_says_so_and_plans_the_cpu_half(tmp_path):
+    none = gpu_check(tmp_path, 0, "--iterations", "20", "--", "--set", "train.precision=mixed_bfloat16")
+    assert none.returncode == 0, none.stderr
+    assert none.stderr.strip().splitlines() == ["gpu_check: no NVIDIA GPU found (nvidia-smi missing or listing "
+                                                "none): running the CPU half only"]
+    runs = [ln for ln in none.stdout.splitlines() if ln.startswith("+ ")]
+    assert len(runs) == 4 and all("parallel.device=cpu" in ln and "train.iterations=20" in ln
+                                  and "train.precision=mixed_bfloat16" in ln for ln in runs)
+    bad = gpu_check(tmp_path, 0, "--iterations", "x")
+    assert bad.returncode == 2 and "--iterations must be a positive integer" in bad.stderr
+
+
+def test_gpu_check_report_names_every_tasks_device_and_compares_the_grids(tiny_run, tmp_path):
+    import shutil
+
+    runs = []
+    for device in ("cpu", "gpu"):  # the tiny run twice, as if the second grid had run on a GPU
+        runs.append(tmp_path / f"lenet300_100_{device}_1pergpu")
+        shutil.copytree(tiny_run, runs[-1])
+    out = subprocess.run([os.path.join(REPO, ".venv", "bin", "python"), os.path.join(REPO, "run", "gpu_check_report.py"),
+                          *map(str, runs)], capture_output=True, text=True, timeout=120, cwd=REPO,
+                         env=dict(os.environ, PYTHONPATH=REPO))
+    assert out.returncode == 0, out.stderr
+    tasks = [ln for ln in out.stdout.splitlines() if ln.startswith("  m")]
+    assert len(tasks) == 24 and all("device cpu" in ln and "ms/step" in ln for ln in tasks)
+    rows = [ln.split() for ln in out.stdout.splitlines() if ln.startswith("lenet300_100 ")]
+    assert [r[2] for r in rows] == ["cpu", "gpu"] and rows[1][4] == "1.00"  # same runs: ratio 1
+
+
+def test_a_training_error_from_an_op_without_a_deterministic_kernel_is_reported_as_that_line():
+    from lthmpi.errors import EXIT_USAGE, describe_error
+
+    class UnimplementedError(Exception):  # what TensorFlow raises, by its message
+        pass
+
+    err = UnimplementedError("Graph execution error:\n\nDetected at node gradients/MaxPoolGrad defined at ...\n"
+                             "GPU MaxPool gradient ops do not yet have a deterministic XLA implementation.\n"
+                             "\t [[{{node gradients/MaxPoolGrad}}]]")
+    line, code, bug = describe_error(err)
+    assert (code, bug) == (EXIT_USAGE, False) and line == determinism_error_line(str(err))
+    assert "GPU MaxPool gradient ops" in line and "train.deterministic = false" in line
+    assert describe_error(RuntimeError("something else"))[1:] != (EXIT_USAGE, False)

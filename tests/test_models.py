@@ -360,7 +360,8 @@ def test_compiled_masked_trainer_trains_every_model(tf_runtime, name):
     data = SimpleNamespace(x_train=x, y_train=y, x_val=x[:16], y_val=y[:16], x_test=x[:16], y_test=y[:16])
     model = build_model(name, shape, CLASSES, seed=0)
     cfg = TrainConfig(batch_size=16, eval_every="2it")
-    tr = MaskedTrainer(model, data, cfg, 0, prunable_variables(model))
+    # XLA, as conv nets train on a GPU (on the CPU they now run without it: lthmpi/devices.py kernel_plan)
+    tr = MaskedTrainer(model, data, cfg, 0, prunable_variables(model), jit=True)
     masks = {v.path: (np.random.default_rng(1).random(tuple(v.shape)) < 0.5) for v in prunable_variables(model)}
     tr.set_masks(masks)
     before = {v.path: v.numpy().copy() for v in prunable_variables(model)}

@@ -33,8 +33,21 @@ class CompiledSteps:
             def prep(x):
                 return x
 
+        # Mixed precision: the layers compute in bfloat16/float16 and so give logits in it; the loss, its
+        # softmax and the accuracy are taken in float32. With float16 the loss is scaled for the gradients
+        # inside the tape (the LossScaleOptimizer unscales them, and skips a step whose gradients overflowed).
+        import keras
+
+        scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+        def xent(y, logits):
+            return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=tf.cast(logits, tf.float32))
+
+        def for_gradients(loss):  # inside the tape
+            return optimizer.scale_loss(loss) if scaled else loss
+
         def loss_fn(y, logits):
-            return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+            return tf.reduce_mean(xent(y, logits))
 
         def masked_update(grads, lr):
             """Set the learning rate, take the optimizer step, then re-mask the weights.
@@ -47,7 +60,8 @@ class CompiledSteps:
             spares each slot update a pass over the mask (docs/performance.md, "The masked trainer")."""
             optimizer.learning_rate.assign(lr)
             if l2:  # coupled L2 (train.weight_decay_mode = "l2"): before momentum or Adam's moments see it
-                grads = [g + l2 * v for g, v in zip(grads, trainable)]
+                k = l2 * optimizer.dynamic_scale if scaled else l2  # float16: the gradients are still loss-scaled
+                grads = [g + k * v for g, v in zip(grads, trainable)]
             optimizer.apply_gradients(zip(grads, trainable))
             for v, m in masked:
                 v.assign(tf.where(m != 0, v, tf.zeros_like(v)))
@@ -62,7 +76,8 @@ class CompiledSteps:
             xb, yb = batch(x, y, rows, t)
             with tf.GradientTape() as tape:
                 loss = loss_fn(yb, model(xb, training=True))
-            masked_update(tape.gradient(loss, trainable), lr)
+                target = for_gradients(loss)
+            masked_update(tape.gradient(target, trainable), lr)
             return loss
 
         @tf.function(jit_compile=jit)
@@ -80,8 +95,8 @@ class CompiledSteps:
             return one_step(x, y, rows, t, lr)
 
         def eval_sums(x, y):
-            logits = model(prep(x), training=False)
-            losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+            logits = tf.cast(model(prep(x), training=False), tf.float32)
+            losses = xent(y, logits)
             correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y), tf.float32)
             return tf.reduce_sum(losses), tf.reduce_sum(correct)
 
@@ -123,9 +138,9 @@ class CompiledSteps:
         def shard_gradients(x, y, rows, t):
             xb, yb = batch(x, y, rows, t)
             with tf.GradientTape() as tape:
-                logits = model(xb, training=True)
-                loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yb, logits=logits)) / batch_f
-            grads = tape.gradient(loss, trainable)
+                loss = tf.reduce_sum(xent(yb, model(xb, training=True))) / batch_f
+                target = for_gradients(loss)
+            grads = tape.gradient(target, trainable)
             return tf.concat([tf.reshape(g, [-1]) for g in grads] + [tf.reshape(loss, [1])], axis=0)
 
         @tf.function(jit_compile=jit)

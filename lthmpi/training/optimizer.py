@@ -22,12 +22,16 @@ def make_optimizer(train_cfg):
     if decoupled:
         kw["weight_decay"] = decoupled
     if train_cfg.optimizer == "adamw" and decoupled:
-        return keras.optimizers.AdamW(**kw)
-    if train_cfg.optimizer in ("adam", "adamw"):
-        return keras.optimizers.Adam(**kw)
-    if train_cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(momentum=train_cfg.momentum, **kw)
-    raise ValueError(f"unknown optimizer {train_cfg.optimizer!r}")
+        opt = keras.optimizers.AdamW(**kw)
+    elif train_cfg.optimizer in ("adam", "adamw"):
+        opt = keras.optimizers.Adam(**kw)
+    elif train_cfg.optimizer == "sgd":
+        opt = keras.optimizers.SGD(momentum=train_cfg.momentum, **kw)
+    else:
+        raise ValueError(f"unknown optimizer {train_cfg.optimizer!r}")
+    if getattr(train_cfg, "precision", "float32") == "mixed_float16":  # float16 gradients underflow unscaled
+        opt = keras.optimizers.LossScaleOptimizer(opt, name="loss_scale")
+    return opt
 
 
 def coupled_weight_decay(train_cfg) -> float:

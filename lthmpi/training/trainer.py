@@ -27,15 +27,22 @@ class MaskedTrainer:
     the sparse C kernels for Dense/ReLU nets whose mask keeps at most `sparse_below` of the weights."""
 
     def __init__(self, model, data, train_cfg, seed: int, prunable, augment: bool = False,
-                 eval_chunk: int = 500, sparse_below: float = 0.0, jit: bool = True, fused: bool | None = None,
+                 eval_chunk: int = 500, sparse_below: float = 0.0, jit: bool | None = None, fused: bool | None = None,
                  batches=None):
+        """`jit`, `fused` None: as lthmpi/devices.py's kernel_plan says for this net, device and precision (on the
+        CPU conv nets run one step per call on oneDNN without XLA; on a GPU every net whole blocks under XLA)."""
+        from ..devices import kernel_plan
+        from ..models import has_convolutions
+        from ..runtime import configured_placement
+
         self.threads = configured_threads() or 1
         self.tf = tf = configure_tensorflow(self.threads)
         self.model, self.data, self.cfg, self.seed = model, data, train_cfg, seed
-        if fused is None:
-            from ..models import has_convolutions
-
-            fused = not has_convolutions(model)
+        placement = configured_placement()
+        self.precision = getattr(train_cfg, "precision", "float32")
+        plan = kernel_plan(placement.kind if placement else "cpu", has_convolutions(model), sparse_below, self.precision)
+        fused = plan.fused if fused is None else fused
+        jit = plan.jit if jit is None else jit
         self.fused = fused
         # A training set left on disk (data.in_memory = false; docs/data.md) is read a few steps ahead by a
         # background thread; uint8 images (data.norm) are normalised inside the compiled steps, in memory or not.
@@ -47,7 +54,10 @@ class MaskedTrainer:
             order = BatchOrder(len(data.x_train), train_cfg.batch_size, seed)
             every = max(1, Step.parse(train_cfg.eval_every).iterations(order.per_epoch))
             batches = DiskSource(data, order, ahead=2 * every, pad=every if fused else 1)
-        self.batches = batches if batches is not None else InMemoryBatches(tf, data, train_cfg.batch_size, seed)
+        if batches is None:  # the data live where the steps run: on a GPU, copied there once, not with every call
+            with tf.device("/GPU:0" if placement is not None and placement.kind == "gpu" else "/CPU:0"):
+                batches = InMemoryBatches(tf, data, train_cfg.batch_size, seed)
+        self.batches = batches
         self.order = self.batches.order
         self.per_epoch = self.order.per_epoch
         self.eval_every = max(1, Step.parse(train_cfg.eval_every).iterations(self.per_epoch))
@@ -56,6 +66,7 @@ class MaskedTrainer:
         self.optimizer.build(model.trainable_variables)
         self.variables = {v.path: v for v in model.variables}
         self.opt_variables = optim.state_variables(self.optimizer)
+        self._opt_fresh = {p: v.numpy() for p, v in self.opt_variables.items()}  # zeros, but a loss scale (float16)
         if len(self.variables) != len(model.variables):
             raise ValueError("model variable paths are not unique: give every layer a distinct name")
         prunable_ids = {id(v) for v in prunable}
@@ -74,7 +85,7 @@ class MaskedTrainer:
         self.reducer = None
         self._parallel: DataParallelBackend | None = None
         # Sparse kernels (lthmpi/sparse.py) for masks that keep at most `sparse_below` of the prunable weights.
-        self.sparse_below = sparse_below
+        self.sparse_below = plan.sparse_below
         layers, self.sparse_unsupported = sparse_layout(model, self.optimizer, train_cfg, set(self._mask_of), augment)
         if norm is not None or self.streamed:  # the C kernels read float32 rows held in memory
             layers, self.sparse_unsupported = None, "uint8 images or a training set on disk"
@@ -144,9 +155,9 @@ class MaskedTrainer:
         return {p: v.numpy() for p, v in self.opt_variables.items()}
 
     def reset_optimizer(self, state: dict | None = None):
-        """A fresh optimizer (zero moments, step 0), or the state saved at a reset point."""
+        """A fresh optimizer (zero moments, step 0, the initial loss scale), or the state saved at a reset point."""
         for p, v in self.opt_variables.items():
-            v.assign(state[p] if state is not None else np.zeros(v.shape, v.dtype.name if hasattr(v.dtype, "name") else v.dtype))
+            v.assign(state[p] if state is not None else self._opt_fresh[p])
 
     def set_masks(self, masks: dict | None):
         """Masks by variable path (None = dense); the masked weights are zeroed at once."""

@@ -144,7 +144,3 @@ def random_masks(like: Weights, seed: int | list) -> Weights:
 def fraction_remaining(masks: Weights) -> float:
     total = sum(m.size for m in masks.values())
     return float(sum(int(m.sum()) for m in masks.values()) / total)
-
-
-def layer_fractions(masks: Weights) -> dict:
-    return {p: float(m.mean()) for p, m in masks.items()}

@@ -362,6 +362,10 @@ def test_resume_after_a_kill_does_only_the_missing_work_and_p2_agrees(tmp_path):
     assert "resuming" in (run / "logs" / "rank0.log").read_text() or "2 of 6" in err + out
     p1 = {p["pair"]: p["barrier"] for p in load(str(run))["stability"]}
     assert sorted(p1) == ["stab_dense_k00_eval", "stab_dense_k01_eval"]
+    from lthmpi.analysis.report import analyse  # the pairs alone: no science grid, the stability figures
+
+    done = analyse([load(str(run))], str(tmp_path / "report"))
+    assert "no science tables" in done["text"] and (tmp_path / "report" / "instability.png").exists()
     if not MPIRUN.exists():
         pytest.skip("no mpirun in this environment")
     rc, _, err = finish(start(tmp_path / "p2", 2, ALONE))

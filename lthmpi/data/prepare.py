@@ -87,19 +87,22 @@ def settings_of(cfg) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # split and normalise
 
-def split(raw: RawData, validation: int, subset: int, name: str):
-    """(x_train, y_train, x_val, y_val): the last `validation` training examples are held out, then
-    the first `subset` of the rest are kept (0 = all). Views, no copies."""
-    n = raw.x_train.shape[0]
+def held_out_bounds(n: int, validation: int, subset: int, what: str, flag: str = "--set data.validation=") -> tuple[int, int]:
+    """(end, keep): train on rows [:end], validate on rows [keep:]. The last `validation` of the `n` training
+    examples are held out, then the first `subset` of the rest are kept (0 = all); `what` names them in errors."""
     if validation >= n:
-        raise DataError(f"data.validation = {validation} must be smaller than the {n} training "
-                        f"examples of {name}: set a smaller one, e.g. --set data.validation={max(1, n // 10)}")
+        raise DataError(f"data.validation = {validation} must be smaller than the {n} {what}: "
+                        f"set a smaller one, e.g. {flag}{max(1, n // 10)}")
     keep = n - validation
     if subset > keep:
-        raise DataError(f"data.subset = {subset} is more than the {keep} training examples of "
-                        f"{name} left after holding out {validation} for validation: set data.subset "
-                        f"to at most {keep} (0 = all)")
-    end = subset if subset else keep
+        raise DataError(f"data.subset = {subset} is more than the {keep} {what} left after holding out "
+                        f"{validation} for validation: set data.subset to at most {keep} (0 = all)")
+    return (subset or keep), keep
+
+
+def split(raw: RawData, validation: int, subset: int, name: str):
+    """(x_train, y_train, x_val, y_val) as views, no copies (see held_out_bounds)."""
+    end, keep = held_out_bounds(raw.x_train.shape[0], validation, subset, f"training examples of {name}")
     return raw.x_train[:end], raw.y_train[:end], raw.x_train[keep:], raw.y_train[keep:]
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .imagefolder import decode, list_images
-from .prepare import ARRAYS, UINT8_FORMAT, commit, remove_quietly, sha256_rows, temp_path
+from .prepare import ARRAYS, UINT8_FORMAT, commit, held_out_bounds, remove_quietly, sha256_rows, temp_path
 from .readers import DataError
 
 WRITE_ROWS = 64  # images gathered before one pwrite
@@ -66,15 +66,8 @@ class Plan:
 
 
 def _split(train: list, validation: int, subset: int, root: str) -> tuple[list, list]:
-    n = len(train)
-    if validation >= n:
-        raise DataError(f"data.validation = {validation} must be smaller than the {n} training images in "
-                        f"{root}/train: set a smaller one, e.g. --validation {max(1, n // 10)}")
-    keep = n - validation
-    if subset > keep:
-        raise DataError(f"data.subset = {subset} is more than the {keep} training images left after holding "
-                        f"out {validation} for validation: set it to at most {keep} (0 = all)")
-    return train[:subset or keep], train[keep:]
+    end, keep = held_out_bounds(len(train), validation, subset, f"training images in {root}/train", "--validation ")
+    return train[:end], train[keep:]
 
 
 def _create(settings: dict, root: str, out: str) -> Plan:

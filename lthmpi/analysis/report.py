@@ -108,7 +108,7 @@ def analyse(results: list[dict], out: str, tolerance: float = 0.005, weak: bool 
     for gi, group in enumerate(groups):
         sub = [results[i] for i in group]
         if not any(t.get("kind") != "stability" for r in sub for t in r["tasks"]):  # stability pairs alone: no grid
-            text.append(f"{per_run[group[0]]['name']}: no one-shot or IMP retrainings in the results, no science tables")
+            text.append(f"{per_run[group[0]]['name']}: no retrainings (one-shot or IMP) in the results, no science tables")
             continue
         g = science.build_grid(sub)
         suffix = "" if len(groups) == 1 else f"_{gi + 1}"

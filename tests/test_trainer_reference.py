@@ -5,6 +5,11 @@ split (`python tests/test_trainer_reference.py --write`, 1 TF thread): digests o
 state and the histories of a few short runs on every path (fused dense XLA, one-call-per-step conv net,
 data-parallel, sparse C). On the CPU and TensorFlow it was written with, the dense paths must agree bit for
 bit; elsewhere (other vector units, other XLA) the histories must agree to float rounding.
+
+Two runs are held to their histories bit for bit and their weights to float rounding (ROUNDED): the SGD run
+with milestones (the learning rate is now one float32 array, docs/trainer.md) and the conv net, whose
+optimizer update and re-mask are compiled by XLA as one fused pass since issue 22 (its entry was re-measured
+on the oneDNN path by then; fused arithmetic moves the Adam moments by rounding, 7e-8 of the weights' sums).
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ RUNS = {  # name: (model, train config, kernels, data-parallel replicas)
     "conv2_adam_dense": ("conv2", {"optimizer": "adam", "lr": 0.001}, "dense", 1),
 }
 
-ROUNDED = {"sgd_milestones_wd_dense"}  # see the docstring
+ROUNDED = {"sgd_milestones_wd_dense": True, "conv2_adam_dense": False}  # name: optimizer state still bitwise
 
 
 class _HalfOfTwo:
@@ -116,7 +121,7 @@ def test_trainer_reproduces_its_results_from_before_the_split(tf_runtime, name):
             for k in we:
                 assert ge[k] == (we[k] if exact else pytest.approx(we[k], rel=1e-4, abs=1e-6)), (k, ge, we)
     if exact and name in ROUNDED:
-        assert got["optimizer"] == want["optimizer"]
+        assert got["optimizer"] == want["optimizer"] or not ROUNDED[name]
         for p, total in want["weight_sums"].items():
             assert got["weight_sums"][p] == pytest.approx(total, rel=1e-7), p
     elif exact:

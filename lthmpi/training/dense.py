@@ -3,9 +3,10 @@
 One compiled call runs up to `eval_every` steps, gathering each batch from a (K, B) block of row indices
 into the training split passed as an argument (DESIGN.md §6: a Python call per step costs more than the
 step). After every optimizer update the weights are re-masked, so Adam moments, momentum and weight decay
-never revive a pruned weight. Conv nets take one compiled call per step (XLA:CPU runs a convolution inside
-a while loop ~100x slower: Conv-2, batch 60, 31 s against 0.31 s per step; their steps are long enough that
-the call costs nothing).
+never revive a pruned weight. Conv nets on the CPU take one call per step on TensorFlow's graph executor and oneDNN (XLA:CPU runs a
+convolution inside a while loop ~100x slower: Conv-2, batch 60, 31 s against 0.31 s per step; their steps are
+long enough that the call costs nothing); only their optimizer update and re-mask, elementwise work, is
+compiled by XLA, as one fused pass per variable instead of one kernel per operation (run/bench_conv.py).
 """
 from __future__ import annotations
 
@@ -66,6 +67,10 @@ class CompiledSteps:
             for v, m in masked:
                 v.assign(tf.where(m != 0, v, tf.zeros_like(v)))
 
+        # Without XLA for the step (conv nets on the CPU), the update and re-mask still get it: one fused pass per
+        # variable (momentum or moments, weight, mask) instead of an unfused kernel per operation.
+        update = masked_update if jit else tf.function(masked_update, jit_compile=True)
+
         def batch(x, y, rows, t):
             xb, yb = prep(tf.gather(x, rows)), tf.gather(y, rows)
             if augment_batch is not None:
@@ -77,7 +82,7 @@ class CompiledSteps:
             with tf.GradientTape() as tape:
                 loss = loss_fn(yb, model(xb, training=True))
                 target = for_gradients(loss)
-            masked_update(tape.gradient(target, trainable), lr)
+            update(tape.gradient(target, trainable), lr)
             return loss
 
         @tf.function(jit_compile=jit)
@@ -146,7 +151,7 @@ class CompiledSteps:
         @tf.function(jit_compile=jit)
         def apply_flat(flat, lr):
             parts = tf.split(flat[:-1], sizes)
-            masked_update([tf.reshape(g, v.shape) for g, v in zip(parts, trainable)], lr)
+            update([tf.reshape(g, v.shape) for g, v in zip(parts, trainable)], lr)
 
         self.train_block, self.train_step, self.eval_block, self.snapshot = train_block, train_step, eval_block, snapshot
         self.shard_gradients, self.apply_flat = shard_gradients, apply_flat

@@ -371,3 +371,67 @@ def test_compiled_masked_trainer_trains_every_model(tf_runtime, name):
         now, m = v.numpy(), masks[v.path]
         assert np.all(now[~m] == 0.0), v.path
         assert np.any(now[m] != before[v.path][m]), f"{v.path} did not train"
+
+
+def _stock_and_fused(channels=5, momentum=0.9, epsilon=1e-5):
+    """A Keras BatchNormalization and lthmpi's FusedBatchNorm with the same (non-trivial) variables."""
+    from lthmpi.models import FusedBatchNorm
+
+    rng = np.random.default_rng(3)
+    stock = keras.layers.BatchNormalization(momentum=momentum, epsilon=epsilon)
+    fused = FusedBatchNorm(momentum=momentum, epsilon=epsilon)
+    for layer in (stock, fused):
+        layer.build((None, 4, 6, channels))
+    values = [rng.normal(1, 0.3, channels), rng.normal(0, 0.3, channels), rng.normal(0, 0.1, channels),
+              rng.uniform(0.5, 2, channels)]  # gamma, beta, moving mean, moving variance
+    stock.set_weights([v.astype(np.float32) for v in values])
+    fused.set_weights([v.astype(np.float32) for v in values])
+    return stock, fused
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 6, 5), (1, 1, 1, 5)])
+def test_fused_batch_norm_trains_as_keras_batch_normalization(tf_runtime, shape):
+    """Same output, input/scale/offset gradients and moving statistics as Keras' layer in a training step
+    (to float rounding), also with one value per channel (batch variance 0, not NaN); same inference output."""
+    stock, fused = _stock_and_fused()
+    x = tf.constant(np.random.default_rng(4).normal(2.0, 3.0, shape).astype(np.float32))
+    assert fused._fusable(x, None)  # on this CPU the fused kernel runs, not Keras' code it falls back to
+    dy = tf.constant(np.random.default_rng(5).normal(0, 1, shape).astype(np.float32))
+    results = []
+    for layer in (stock, fused):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * dy)
+        grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        results.append([y, *grads, layer.moving_mean, layer.moving_variance, layer(x, training=False)])
+    names = ["output", "dx", "dgamma", "dbeta", "moving mean", "moving variance", "inference output"]
+    for name, a, b in zip(names, *results):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.all(np.isfinite(b)), name
+        # atol: with one value per channel Keras computes x * rsqrt(eps) - mean * rsqrt(eps), ~4e-5 off beta
+        np.testing.assert_allclose(b, a, rtol=2e-5, atol=1e-4, err_msg=name)
+
+
+def test_fused_batch_norm_keeps_the_policy_dtype_and_float32_statistics(tf_runtime):
+    stock, _ = _stock_and_fused()
+    x = tf.constant(np.random.default_rng(6).normal(0, 1, (2, 4, 6, 5)).astype(np.float32))
+    for policy in ("mixed_bfloat16", "mixed_float16"):
+        from lthmpi.models import FusedBatchNorm
+
+        layer = FusedBatchNorm(momentum=0.9, epsilon=1e-5, dtype=policy)
+        layer.build(x.shape)
+        layer.set_weights(stock.get_weights())
+        y = layer(tf.cast(x, layer.compute_dtype), training=True)
+        assert y.dtype == layer.compute_dtype and layer.moving_mean.dtype == "float32"
+        want = stock(x, training=True)
+        np.testing.assert_allclose(np.asarray(tf.cast(y, tf.float32)), np.asarray(want), atol=0.05)
+
+
+def test_models_with_batch_norm_use_the_fused_layer():
+    from lthmpi.models import FusedBatchNorm
+
+    for name in ("resnet20", "vgg16"):
+        model = build_model(name, (8, 8, 3), 10, 0)
+        bns = [ly for ly in model.layers if isinstance(ly, keras.layers.BatchNormalization)]
+        assert bns and all(isinstance(ly, FusedBatchNorm) for ly in bns), name

@@ -145,8 +145,9 @@ def kernel_plan(kind: str, convolutions: bool, sparse_below: float, precision: s
     """The kernels and call shape for a net on `kind` ("cpu" | "gpu") in `precision`.
 
     CPU, conv nets: one step per call, not compiled by XLA but run by TensorFlow's graph executor on its oneDNN
-    kernels (only the optimizer update and re-mask inside it are XLA-compiled: training.dense.CompiledSteps). XLA:CPU runs a convolution inside a while loop ~100x slower than in a call of its own, and even one
-    step per call it is ~2x slower than oneDNN (run/bench_conv.py, docs/gpu.md). CPU, Dense-only nets: whole
+    kernels (only the optimizer update and re-mask inside it are XLA-compiled: training.dense.CompiledSteps).
+    XLA:CPU runs a convolution inside a while loop ~100x slower than in a call of its own, and even one step
+    per call it is ~2x slower than oneDNN (run/bench_conv.py, docs/gpu.md). CPU, Dense-only nets: whole
     blocks of steps in one XLA call. GPU: every net runs whole blocks under XLA (the conv limitation is
     XLA:CPU's). The sparse C kernels are float32 CPU code: never on a GPU, never in mixed precision."""
     if kind == "gpu":

@@ -3,10 +3,11 @@
 One compiled call runs up to `eval_every` steps, gathering each batch from a (K, B) block of row indices
 into the training split passed as an argument (DESIGN.md §6: a Python call per step costs more than the
 step). After every optimizer update the weights are re-masked, so Adam moments, momentum and weight decay
-never revive a pruned weight. Conv nets on the CPU take one call per step on TensorFlow's graph executor and oneDNN (XLA:CPU runs a
-convolution inside a while loop ~100x slower: Conv-2, batch 60, 31 s against 0.31 s per step; their steps are
-long enough that the call costs nothing); only their optimizer update and re-mask, elementwise work, is
-compiled by XLA, as one fused pass per variable instead of one kernel per operation (run/bench_conv.py).
+never revive a pruned weight. Conv nets on the CPU take one call per step on TensorFlow's graph executor
+and oneDNN (XLA:CPU runs a convolution inside a while loop ~100x slower: Conv-2, batch 60, 31 s against
+0.31 s per step; their steps are long enough that the call costs nothing); only their optimizer update and
+re-mask, elementwise work, is compiled by XLA, as one fused pass per variable instead of one kernel per
+operation (run/bench_conv.py).
 """
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ the paper cannot be reached by it.
 """
 from __future__ import annotations
 
+import functools
 import random as _pyrandom
 import zlib
 from typing import Callable
@@ -122,16 +123,12 @@ class FusedBatchNorm(layers.BatchNormalization):
                 and keras.backend.backend() == "tensorflow")
 
 
+@functools.cache
 def _gpu_visible() -> bool:
     """Whether TensorFlow places ops on a GPU in this process (asked once: devices are fixed at start-up)."""
-    if "gpu" not in _GPU_VISIBLE:
-        import tensorflow as tf
+    import tensorflow as tf
 
-        _GPU_VISIBLE["gpu"] = bool(tf.config.list_logical_devices("GPU"))
-    return _GPU_VISIBLE["gpu"]
-
-
-_GPU_VISIBLE: dict = {}
+    return bool(tf.config.list_logical_devices("GPU"))
 
 
 # --------------------------------------------------------------------------------------------------

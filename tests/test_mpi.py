@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
+import portable
 from faultkit import curves, records as task_records
 
 from lthmpi import results
@@ -26,6 +27,7 @@ TINY = ["--set", "data.dataset=digits", "--set", "data.validation=200", "--set",
         "--set", 'reset.points=["0ep", "10it"]', "--set", 'reset.controls=["random_reinit"]',
         "--set", "train.eval_every=10it", "--set", "parallel.threads=1", "--quiet"]
 N_TASKS = 3 * 2 * 2
+DIGITS_SIZES = {"val": 200, "test": 360}  # data.validation = 200 of digits' 1797, 360 test
 
 
 def launch(run_dir, np_=None, extra=(), env=None, timeout=300):
@@ -57,20 +59,50 @@ def reference(tmp_path_factory):
     return run
 
 
-def test_p1_equals_the_code_before_the_task_graph(reference):
-    """Bitwise the per-task results that commit dd455de gave (tests/data/make_flat_reference.py): the other
-    tests compare every P and scheduler with `reference`, so they equal the old code too."""
-    old = json.loads((ROOT / "tests" / "data" / "flat_reference.json").read_text())
-    assert old["sets"] == [v for k, v in zip(TINY[::2], TINY[1::2]) if k == "--set"], "made on this grid"
-    got, c_got = task_records(reference), curves(reference)
+def flat_reference() -> dict:
+    return json.loads((ROOT / "tests" / "data" / "flat_reference.json").read_text())
+
+
+def reference_mismatches(run, old) -> list[str]:
+    """Every stored field the run does not hold, by tests/portable.py's rules: counts, iterations, accuracies (as
+    counts of the 200 validation and 360 test examples) and fractions exactly, losses within LOSS_RTOL (the
+    reference was made on another CPU, whose float reductions round otherwise)."""
+    got, c_got = task_records(run), curves(run)
     assert sorted(got) == sorted(old["tasks"]) and len(got) == N_TASKS
+    out = []
     for tid, want in old["tasks"].items():
-        for k, v in want["attrs"].items():
-            a = got[tid][k]
-            assert (a or "") == v if k == "control" else a == v, (tid, k, a, v)
-        for key, values in want["curves"].items():
-            name, col = key.split("/")
-            np.testing.assert_array_equal(c_got[(tid, name, col)], np.asarray(values), err_msg=f"{tid} {key}")
+        attrs = dict(got[tid], control=got[tid]["control"] or "")
+        out += portable.mismatches(attrs, want["attrs"], DIGITS_SIZES, f"{tid} ")
+        flat = {key: c_got[(tid, *key.split("/"))] for key in want["curves"]}
+        out += portable.mismatches(flat, want["curves"], DIGITS_SIZES, f"{tid} ")
+    return out
+
+
+def test_p1_equals_the_code_before_the_task_graph(reference):
+    """The per-task results that commit dd455de gave (tests/data/make_flat_reference.py) on another machine,
+    field by field within tests/portable.py's rules: the other tests compare every P and scheduler with
+    `reference` bitwise, so they equal the old code too."""
+    old = flat_reference()
+    assert old["sets"] == [v for k, v in zip(TINY[::2], TINY[1::2]) if k == "--set"], "made on this grid"
+    assert reference_mismatches(reference, old) == []
+
+
+def test_a_stored_value_moved_past_its_tolerance_is_caught(reference):
+    """The comparison above can fail: one loss moved by 3 x LOSS_RTOL, one accuracy by one example, one
+    iteration by one are each named; a loss moved by a third of the tolerance is not."""
+    tid = "m000_r00_random_reinit"
+    for field, move, caught in [("best_val_loss", lambda v: v * (1 + 3 * portable.LOSS_RTOL), True),
+                                ("best_val_loss", lambda v: v * (1 + portable.LOSS_RTOL / 3), False),
+                                ("final_accuracy", lambda v: v + 1 / DIGITS_SIZES["test"], True),
+                                ("early_stop_iteration", lambda v: v + 1, True)]:
+        old = flat_reference()
+        attrs = old["tasks"][tid]["attrs"]
+        attrs[field] = move(attrs[field])
+        found = reference_mismatches(reference, old)
+        assert [m.split(":")[0] for m in found] == ([f"{tid} {field}"] if caught else []), (field, found)
+    old = flat_reference()
+    old["tasks"][tid]["curves"]["evals/val_loss"][3] *= 1 + 3 * portable.LOSS_RTOL
+    assert [m.split(":")[0] for m in reference_mismatches(reference, old)] == [f"{tid} evals/val_loss"]
 
 
 @pytest.mark.parametrize("schedule", ["static", "lpt", "dynamic"])

@@ -34,6 +34,22 @@ def needs_root(what: str):
 TINY_TOTAL = 76
 
 
+# The modules that take longest (pytest --durations, docs/testing.md), first: run/test.sh runs the suite on
+# pytest-xdist workers, each module on one worker (--dist loadscope, so that a module's shared run is made once),
+# handed out in collection order; starting with the longest keeps one worker from finishing a long module alone
+# at the end.
+LONGEST_FIRST = ("test_mpi", "test_faults", "test_models", "test_shards", "test_slurm", "test_graph_run",
+                 "test_imp", "test_stability", "test_sparse", "test_training")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        name = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a module, and of the other modules, is kept
+
+
 def pytest_collection_finish(session):
     if any("tf_runtime" in getattr(item, "fixturenames", ()) for item in session.items):
         from lthmpi.runtime import configure_tensorflow

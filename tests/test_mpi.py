@@ -105,7 +105,14 @@ def test_a_stored_value_moved_past_its_tolerance_is_caught(reference):
     assert [m.split(":")[0] for m in reference_mismatches(reference, old)] == [f"{tid} evals/val_loss"]
 
 
-@pytest.mark.parametrize("schedule", ["static", "lpt", "dynamic"])
+# P = 1 and 2 under each scheduler: the P = 3 cases below run every scheduler's code with MPI, so the default
+# suite keeps one schedule of each here; the others are marked `battery` (`./run/test.sh -m "battery or not
+# battery"` runs them all).
+OTHER_SCHEDULES = pytest.mark.battery
+
+
+@pytest.mark.parametrize("schedule", [pytest.param("static", marks=OTHER_SCHEDULES),
+                                      pytest.param("lpt", marks=OTHER_SCHEDULES), "dynamic"])
 def test_p1_under_mpirun_equals_p1(reference, tmp_path, schedule):
     run = tmp_path / "run"
     r = launch(run, 1, ["--set", f"parallel.schedule={schedule}"])
@@ -142,7 +149,8 @@ def assert_equal_runs(run, reference):
     return got, want
 
 
-@pytest.mark.parametrize("schedule", ["static", "lpt", "dynamic"])
+@pytest.mark.parametrize("schedule", ["static", pytest.param("lpt", marks=OTHER_SCHEDULES),
+                                      pytest.param("dynamic", marks=OTHER_SCHEDULES)])
 def test_p2_mpirun_and_phase_timings(reference, tmp_path, schedule):
     run = tmp_path / "run"
     r = launch(run, 2, ["--set", f"parallel.schedule={schedule}"])

@@ -1,4 +1,4 @@
-"""Iterative magnitude pruning (lthmpi/pruning.imp_step, lthmpi/imp.py): nested masks with exact counts,
+"""Iterative magnitude pruning (lthmpi/pruning.imp_step, lthmpi/kinds/imp.py): nested masks with exact counts,
 level 1 equal to the one-shot mask, the chains' start weights and controls, resume, analysis."""
 from __future__ import annotations
 
@@ -184,7 +184,8 @@ def test_level_one_is_the_one_shot_mask_of_the_parent(imp_run):
 
 
 def test_start_weights_and_controls_per_level(imp_run):
-    from lthmpi.experiment import Experiment, Task
+    from lthmpi.experiment import Experiment
+    from lthmpi.kinds.retraining import Retraining as Task
 
     cfg, path = imp_run
     exp = Experiment(cfg, path)

@@ -1,5 +1,5 @@
 """Stability (linear mode connectivity, docs/stability.md): the interpolation, the barrier and the batch-norm
-re-estimation (lthmpi/stability.py), the [stability] config section's bad input, the analysis tables, figures
+re-estimation (lthmpi/lmc.py), the [stability] config section's bad input, the analysis tables, figures
 and --json/--csv, and the stability kind run by the coordinator (pairs, endpoint files, resume, P = 1 vs 2),
 on tiny models (digits, 8x8)."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from faultkit import launch
 from test_bad_config import assert_one_line
 
-from lthmpi import stability as st
+from lthmpi import lmc as st
 from lthmpi.config import ConfigError, from_dict, resolve, stability_masks
 
 
@@ -314,7 +314,7 @@ def test_pairs_are_merged_alongside_the_grid(pair_run):
 def test_batch_norm_net_through_both_options(tmp_path, tf_runtime):
     """ResNet-20 (21 batch-norm layers) on digits, run with the statistics re-estimated at each alpha; the same
     endpoints evaluated by the kind with the default (statistics interpolated). The option changes only the
-    evaluation, so one pair of trainings serves both. Each stored value is what lthmpi.stability computes."""
+    evaluation, so one pair of trainings serves both. Each stored value is what lthmpi.lmc computes."""
     import dataclasses
 
     from lthmpi.coordinator import run_serial

@@ -434,7 +434,7 @@ def test_reset_restores_checkpoint_times_mask(experiment):
 
 
 def test_controls_start_weights(experiment):
-    from lthmpi.experiment import Task
+    from lthmpi.kinds.retraining import Retraining as Task
 
     exp = experiment
     k = exp.reset_iterations[1]

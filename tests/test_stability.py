@@ -12,7 +12,8 @@ from faultkit import launch
 from test_bad_config import assert_one_line
 
 from lthmpi import lmc as st
-from lthmpi.config import ConfigError, from_dict, resolve, stability_masks
+from lthmpi.config import ConfigError, from_dict
+from lthmpi.validation import resolve, stability_masks
 
 
 def test_interpolation_keeps_zeros_and_ends():
@@ -210,7 +211,7 @@ def stab_config(**stability):
 
     from conftest import TINY
 
-    from lthmpi.config import validate
+    from lthmpi.validation import validate
 
     raw = copy.deepcopy(TINY)
     raw["stability"] = dict(PAIRS, **stability)
@@ -221,7 +222,7 @@ def stab_config(**stability):
 
 @pytest.fixture(scope="module")
 def pair_run(tmp_path_factory, tf_runtime):
-    from lthmpi.coordinator import run_serial
+    from lthmpi.parallel.coordinator import run_serial
 
     path = str(tmp_path_factory.mktemp("pairs") / "run")
     run_serial(stab_config(), path, threads=1, quiet=True)
@@ -317,7 +318,7 @@ def test_batch_norm_net_through_both_options(tmp_path, tf_runtime):
     evaluation, so one pair of trainings serves both. Each stored value is what lthmpi.lmc computes."""
     import dataclasses
 
-    from lthmpi.coordinator import run_serial
+    from lthmpi.parallel.coordinator import run_serial
     from lthmpi.experiment import Experiment
     from lthmpi.kinds import stability as kind
     from lthmpi.results import load
@@ -379,8 +380,8 @@ def test_imp_levels_as_stability_masks(tmp_path, tf_runtime):
     """stability.masks names IMP levels: level 2's pair starts from the chain's level-2 mask (written by level
     1's ticket, which its trainings depend on); levels outside 1..L, points that are not reset points, and
     levels above 1 with stability.only are refused."""
-    from lthmpi.config import validate, validate_against_data
-    from lthmpi.coordinator import run_serial
+    from lthmpi.validation import validate, validate_against_data
+    from lthmpi.parallel.coordinator import run_serial
     from lthmpi.kinds import stability as kind
     from lthmpi.results import load
     from lthmpi.store import RunDir

@@ -5,7 +5,7 @@ they resume unchanged. The static scheduler's unit (`group`) is the mask.
 """
 from __future__ import annotations
 
-from ..graph import Task
+from ..parallel.graph import Task
 from .retraining import Retraining, cost, run_grid_task, start_weights
 
 

@@ -19,11 +19,11 @@ import time
 import numpy as np
 
 from .. import lmc as st
-from ..config import stability_masks
-from ..graph import Task
+from ..validation import stability_masks
+from ..parallel.graph import Task
 from ..lmc import DENSE
 from ..pruning import fraction_remaining
-from ..store import StoreError, atomic_h5, open_h5, read_arrays, write_arrays
+from ..fileio import StoreError, atomic_h5, open_h5, read_arrays, write_arrays
 from .retraining import cost, retrain, start_weights
 
 COPIES = ("a", "b")

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..parallel.scheduling import step_cost
 from ..pruning import fraction_remaining, random_masks
 from ..results import TaskResult
 
@@ -49,8 +50,6 @@ def end_iteration(exp, k: int) -> int:
 def cost(exp, k: int, remaining: float) -> float:
     """Estimated relative cost: iterations to train, times the cost of a step on the kernels its mask trains on
     (every evaluation interval ends in the same evaluations)."""
-    from ..parallel.scheduling import step_cost
-
     return float(end_iteration(exp, k) - k) * step_cost(exp.trainer.kernels_for(remaining), remaining)
 
 

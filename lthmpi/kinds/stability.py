@@ -24,7 +24,7 @@ from ..parallel.graph import Task
 from ..lmc import DENSE
 from ..pruning import fraction_remaining
 from ..fileio import StoreError, atomic_h5, open_h5, read_arrays, write_arrays
-from .retraining import cost, retrain, start_weights
+from .retraining import cost, end_iteration, retrain, start_weights
 
 COPIES = ("a", "b")
 
@@ -76,7 +76,7 @@ class Stability:
         for mask in stability_masks(cfg):
             for i, text, k in self.points(exp):
                 pid = pair_id(mask, i, cfg.imp)
-                end = exp.total if cfg.reset.length == "remaining" else k + exp.total
+                end = end_iteration(exp, k)
                 remaining = 1.0 if mask is None else (exp.remaining[mask] if exp.remaining else 1.0)
                 spec = dict(pair=pid, mask=mask, point=i, reset=text, k=k, end=end)
                 made_by = None if mask is None else exp.mask_made_by(mask, self.chain(exp, spec))

@@ -13,10 +13,10 @@ import time
 import numpy as np
 
 from .config import Config
-from .validation import validate_against_data, validate_against_model
 from .kinds import imp, registry
 from .pruning import fraction_remaining, magnitude_masks
 from .store import RunDir, StoreError, hostname, mixed_kernels
+from .validation import validate_against_data, validate_against_model
 
 log = logging.getLogger("lthmpi")
 

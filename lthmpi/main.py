@@ -11,9 +11,9 @@ import sys
 import time
 
 from .config import ConfigError, help_text
-from .validation import resolve
 from .errors import describe_error, install_signal_handlers, interrupt_code, report_error, resume_line
 from .parallel.launcher import launched_by_mpi, mpi_rank_from_env
+from .validation import resolve
 
 
 def parser(prog: str = "python -m lthmpi.main") -> argparse.ArgumentParser:

@@ -26,8 +26,8 @@ import h5py
 import numpy as np
 
 from .config import tomllib
-from .runtime import available_cores
 from .fileio import DIGEST, StoreError, atomic_h5, attr_value, open_h5, read_arrays
+from .runtime import available_cores
 from .store import RunDir
 from .tables import text_table
 

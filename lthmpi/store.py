@@ -21,7 +21,6 @@ import numpy as np
 from .config import Config, ConfigError, from_dict, load_toml
 from .fileio import DIGEST, StoreError, atomic_h5, atomic_path, attr_value, open_h5, read_arrays, write_arrays
 
-
 _HELD_LOCKS: dict[str, int] = {}  # run directory -> fd of its lock file, for the run(s) of this process
 
 

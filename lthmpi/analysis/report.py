@@ -5,7 +5,8 @@ import json
 import math
 import os
 
-from ..tables import markdown_table as _md_table, text_table as _text_table
+from ..tables import markdown_table as _md_table
+from ..tables import text_table as _text_table
 from . import plots, scaling, scaling_summary, science, stability
 
 

@@ -156,8 +156,8 @@ def scheduler_of(res: dict) -> str:
 def profile_from_results(res: dict, cores: int | None = None, overhead: float | None = None,
                          dp_efficiency: float | None = None):
     """A scaling_model.RunProfile from one loaded results dict (lthmpi.results.load)."""
+    from .scaling import rank_busy, ranks_of, session_tasks
     from .scaling_model import RunProfile
-    from .scaling import ranks_of, rank_busy, session_tasks
 
     tasks = res["tasks"]
     if not tasks:
@@ -291,8 +291,8 @@ def describe_calibration(cal: dict, ref_ranks: int) -> str:
 
 def check(profile, res_ref: dict, checks: list[dict], cores, warmup: float = 0.0) -> list[dict]:
     """For each measured run: P, scheduler, measured and predicted wall / training time, error %."""
-    from .scaling_model import predict
     from .scaling import ranks_of
+    from .scaling_model import predict
 
     rows = []
     for res in checks:

@@ -11,8 +11,7 @@ import argparse
 import sys
 import types
 
-from ..config import DataConfig
-from ..config import NORMALIZATIONS
+from ..config import NORMALIZATIONS, DataConfig
 from .prepare import prepare, settings_of, verify_prepared
 from .readers import DATASETS, DataError
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .imagefolder import decode, list_images
 from ..fileio import commit, remove_quietly, sha256_rows, temp_path
+from .imagefolder import decode, list_images
 from .prepare import ARRAYS, UINT8_FORMAT, held_out_bounds
 from .readers import DataError
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 import os
 
+from ..fileio import StoreError
 from ..parallel.graph import Task
 from ..pruning import fraction_remaining, imp_counts, imp_step
-from ..fileio import StoreError
 from .retraining import Retraining, cost, run_grid_task, start_weights
 
 log = logging.getLogger("lthmpi")

@@ -19,11 +19,11 @@ import time
 import numpy as np
 
 from .. import lmc as st
-from ..validation import stability_masks
-from ..parallel.graph import Task
-from ..lmc import DENSE
-from ..pruning import fraction_remaining
 from ..fileio import StoreError, atomic_h5, open_h5, read_arrays, write_arrays
+from ..lmc import DENSE
+from ..parallel.graph import Task
+from ..pruning import fraction_remaining
+from ..validation import stability_masks
 from .retraining import cost, end_iteration, retrain, start_weights
 
 COPIES = ("a", "b")

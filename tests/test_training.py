@@ -1,4 +1,4 @@
-"""Tests of lthmpi/training.py (the masked trainer) with a tiny LeNet-300-100 on the digits, and of the
+"""Tests of lthmpi/training/ (the masked trainer) with a tiny LeNet-300-100 on the digits, and of the
 late reset as lthmpi/experiment.py builds it. One trainer per optimizer is built (and compiled) once."""
 from __future__ import annotations
 

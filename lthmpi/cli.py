@@ -26,7 +26,7 @@ def _analysis(argv):
 
 
 def _model(argv):
-    from .analysis.model_cli import main
+    from .analysis.scaling_cli import main
 
     return main(argv, prog="lthmpi model")
 

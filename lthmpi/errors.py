@@ -1,6 +1,6 @@
 """Error lines, exit codes and interrupts: what the command line and the coordinator both say and return.
 
-Its own module so that main.py (which hands over to the coordinator) and coordinator.py (which reports a
+Its own module so that main.py (which hands over to the coordinator) and parallel/coordinator.py (which reports a
 failing rank) import it without importing each other.
 """
 from __future__ import annotations
@@ -50,13 +50,13 @@ def resume_line(e: KeyboardInterrupt) -> str:
 
 def is_user_error(e: BaseException) -> bool:
     """Errors a user can fix from the message alone: no traceback for these."""
-    from .store import StoreError
+    from .fileio import StoreError
 
     kinds = [ConfigError, StoreError]
     # Only an imported module can have raised its error: importing lthmpi.models here would import
     # TensorFlow (seconds, and its C++ log lines on stderr) just to report a config error.
     for module, name in (("lthmpi.data", "DataError"), ("lthmpi.models", "ModelError"),
-                         ("lthmpi.graph", "GraphError")):
+                         ("lthmpi.parallel.graph", "GraphError")):
         if module in sys.modules:
             kinds.append(getattr(sys.modules[module], name))
     return isinstance(e, tuple(kinds))
@@ -64,7 +64,7 @@ def is_user_error(e: BaseException) -> bool:
 
 def describe_error(e: BaseException) -> tuple[str, int, bool]:
     """(one line after "lthmpi: error: ", exit status, whether it is a bug that deserves a traceback)."""
-    from .store import disk_errno
+    from .fileio import disk_errno
 
     if is_user_error(e):
         return str(e), EXIT_USAGE, False

@@ -1,45 +1,24 @@
-"""One experiment in one process: parent run, masks, the task list, and run_task(task) -> result.
+"""One experiment in one process: data, model, trainer, the parent run and the masks.
 
-Knows nothing of MPI: a rank is only who calls run_task. Every stage is idempotent: what is complete on
-disk is loaded, not recomputed, so a rerun after any interruption resumes where the last one stopped.
+What runs on them, the retrainings and evaluations, is the experiment kinds' (lthmpi/kinds/). Knows nothing of
+MPI: a rank is only who builds it. Every stage is idempotent: what is complete on disk is loaded, not
+recomputed, so a rerun after any interruption resumes where the last one stopped.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import imp
-from .config import Config, validate_against_data, validate_against_model
-from .pruning import fraction_remaining, magnitude_masks, random_masks
-from .results import TaskResult
-from .schedule import step_cost
+from .config import Config
+from .kinds import imp, registry
+from .pruning import fraction_remaining, magnitude_masks
 from .store import RunDir, StoreError, hostname, mixed_kernels
+from .validation import validate_against_data, validate_against_model
 
 log = logging.getLogger("lthmpi")
-
-CONTROL_CODES = {None: 0, "random_reinit": 1, "random_mask": 2}
-
-
-@dataclass(frozen=True, order=True)
-class Task:
-    """One retraining: mask index, reset-point index, and control (None = the ticket itself); for IMP the
-    level (1 …, 0 = a one-shot task), whose mask index is level - 1 (see imp.py)."""
-    mask: int
-    reset: int
-    control: str | None = None
-    level: int = 0
-
-    @property
-    def id(self) -> str:
-        head = f"l{self.level:02d}" if self.level else f"m{self.mask:03d}"
-        return f"{head}_r{self.reset:02d}_{self.control or 'ticket'}"
-
-    def seed(self, base: int) -> list[int]:
-        return [base, self.mask, self.reset, CONTROL_CODES[self.control]]
 
 
 class Experiment:
@@ -191,83 +170,25 @@ class Experiment:
                                      f"{found}, the model needs {shapes[p]}); delete it to recompute the masks")
         return self.masks
 
-    # -- tasks ----------------------------------------------------------------------------------
-    def tasks(self) -> list[Task]:
-        if self.cfg.imp:
-            return imp.tasks(self.cfg, len(self.reset_iterations), Task)
-        controls = [None, *self.cfg.reset.controls]
-        return [Task(m, r, c) for m in range(len(self.cfg.remaining_fractions()))
-                for r in range(len(self.reset_iterations)) for c in controls]
+    def mask(self, index: int, reset: int) -> dict:
+        """Mask `index` (one-shot), or IMP level index + 1 of chain `reset` as the level before wrote it."""
+        return imp.mask_of(self.run, imp.ticket(index + 1, reset)) if self.cfg.imp else self.masks[index]
 
-    def task_iterations(self, task: Task) -> tuple[int, int]:
-        k = self.reset_iterations[task.reset]
-        return k, (self.total if self.cfg.reset.length == "remaining" else k + self.total)
+    def mask_made_by(self, index: int, reset: int) -> str | None:
+        """The id of the task that writes mask `index` of chain `reset` (IMP levels above 1), None when the masks
+        phase made it."""
+        dep = imp.depends_on(imp.ticket(index + 1, reset)) if self.cfg.imp else None
+        return dep.id if dep else None
 
-    def cost(self, task: Task) -> float:
-        """Estimated relative cost: iterations to train, times the cost of a step on the kernels its mask
-        trains on (every evaluation interval ends in the same evaluations)."""
-        start, end = self.task_iterations(task)
-        remaining = self.remaining[task.mask] if self.remaining else 1.0
-        return float(end - start) * step_cost(self.trainer.kernels_for(remaining), remaining)
+    # -- one process (tests, notebooks): the retrainings of this run's prune.method, in order ------------
+    def _grid(self):
+        return registry()[self.cfg.prune.method]  # kinds/oneshot.py or kinds/imp.py
 
-    def is_done(self, task: Task) -> bool:
-        return os.path.exists(self.run.task_path(task.id))
+    def tasks(self) -> list:
+        return self._grid().specs(self)
 
-    def start_weights(self, task: Task) -> tuple[dict, dict]:
-        """Weights and mask a retraining starts from (the late reset, or a control)."""
-        k = self.reset_iterations[task.reset]
-        mask = imp.mask_of(self.run, task) if task.level else self.masks[task.mask]
-        weights = dict(self.checkpoints[k])
-        if task.control == "random_mask":
-            mask = random_masks(mask, task.seed(self.cfg.seed))
-        elif task.control == "random_reinit":
-            from .models import fresh_init
-            fresh = fresh_init(self.model, int(np.random.default_rng(task.seed(self.cfg.seed)).integers(2**31)))
-            weights = dict(self.checkpoints[0])
-            weights.update({v.path: a for v, a in zip(self.model.trainable_variables, fresh)})
-        return {p: (w * mask[p] if p in mask else w) for p, w in weights.items()}, mask
+    def start_weights(self, spec) -> tuple[dict, dict]:
+        return self._grid().start(self, spec)
 
-    def run_task(self, task: Task, progress=None, write: bool = True) -> dict:
-        """Retrain one subnetwork from its reset point; durable on disk before returning.
-
-        A data-parallel replica other than its subgroup's leader trains in lockstep but writes nothing.
-        """
-        if write and self.is_done(task):
-            return self.run.read_task(task.id)[0]
-        start, end = self.task_iterations(task)
-        weights, mask = self.start_weights(task)
-        tr = self.trainer
-        tr.set_weights(weights)
-        tr.set_masks(mask)
-        restore = self.cfg.reset.optimizer_state == "restore" and task.control != "random_reinit"
-        tr.reset_optimizer(self.optimizer_states.get(start) if restore else None)
-        t0, m0 = time.time(), time.monotonic()  # wall times say when (across ranks); the monotonic clock how long
-        h = tr.fit(start, end, progress=progress)
-        t1, seconds = time.time(), time.monotonic() - m0
-        result = TaskResult(task_id=task.id, mask=task.mask, remaining=fraction_remaining(mask),
-                            target_remaining=self.cfg.remaining_fractions()[task.mask],
-                            reset=self.cfg.reset.points[task.reset], reset_iteration=start,
-                            control=task.control or "", final_accuracy=h.final_accuracy,
-                            early_stop_iteration=h.early_stop_iteration, early_stop_accuracy=h.early_stop_accuracy,
-                            best_val_loss=h.best_val_loss, iterations=end - start, diverged=h.diverged,
-                            seconds=seconds, start_time=t0, end_time=t1, rank=self.rank, host=self.host,
-                            threads=tr.threads, kernels=tr.kernels, device=self.placement.label,
-                            precision=self.cfg.train.precision, deterministic=self.deterministic,
-                            kind="imp" if task.level else "oneshot")
-        attrs = dict(asdict(result), replicas=h.replicas, replicas_identical=h.replicas_identical)
-        if task.level:
-            attrs.update(level=task.level)
-        series = {"evals": _columns(h.evals, ("iteration", "train_loss", "val_loss", "val_accuracy")),
-                  "epochs": _columns(h.epochs, ("epoch", "iteration", "train_loss", "val_loss", "val_accuracy",
-                                                "test_accuracy"))}
-        if write:
-            if task.level:  # the next level's mask is on disk before this level counts as done
-                imp.write_next_mask(self.run, self.cfg, task, mask, tr.get_weights())
-            self.run.write_task(task.id, attrs, series)
-        if h.diverged:
-            log.warning("task %s diverged (loss became NaN); recorded as diverged", task.id)
-        return attrs
-
-
-def _columns(rows: list, names) -> dict:
-    return {n: np.asarray([r[n] for r in rows], dtype=np.float64) for n in names}
+    def run_task(self, spec, progress=None, write: bool = True) -> dict:
+        return self._grid().run_spec(self, spec, progress, write)

@@ -1,4 +1,5 @@
-"""Command line: parse, resolve the config, and hand over to one rank or to the MPI coordinator.
+"""Command line: parse, resolve the config, and hand over to one rank, the MPI coordinator or a shard
+(lthmpi/parallel/).
 
     python -m lthmpi.main [--config FILE.toml] [--set section.key=value ...] [--run-dir DIR]
     mpirun -np P python -m lthmpi.main [same options]
@@ -6,14 +7,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-from .config import ConfigError, help_text, resolve
+from .config import ConfigError, help_text
 from .errors import describe_error, install_signal_handlers, interrupt_code, report_error, resume_line
-
-MPI_ENV = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
+from .parallel.launcher import launched_by_mpi, mpi_rank_from_env
+from .validation import resolve
 
 
 def parser(prog: str = "python -m lthmpi.main") -> argparse.ArgumentParser:
@@ -39,18 +39,6 @@ def parser(prog: str = "python -m lthmpi.main") -> argparse.ArgumentParser:
                    help="resume a run directory whose finished tasks were trained with another parallel.threads or "
                         "on other kernels (parallel.sparse_below) than this run would use; refused without it")
     return p
-
-
-def launched_by_mpi() -> bool:
-    return any(v in os.environ for v in MPI_ENV)
-
-
-def mpi_rank_from_env() -> int:
-    """This process's rank as the launcher says it (before MPI is initialised), 0 when not launched so."""
-    for v in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
-        if os.environ.get(v, "").isdigit():
-            return int(os.environ[v])
-    return 0
 
 
 def describe(cfg) -> str:
@@ -81,11 +69,11 @@ def main(argv=None, prog: str = "python -m lthmpi.main", signals: bool | None = 
             return 0
         if args.shard or args.merge:
             return shard_main(args, t_start)
-        from .coordinator import main as coordinate
+        from .parallel.coordinator import main as coordinate
 
         comm = None
         if launched_by_mpi():
-            from .mpi import world
+            from .parallel.mpi import world
 
             comm = world()
         # Every rank reads the config inside the start-up, so a rank that cannot (a file missing on its
@@ -103,14 +91,14 @@ def main(argv=None, prog: str = "python -m lthmpi.main", signals: bool | None = 
 
 def shard_main(args, t_start: float) -> int:
     """--shard I/N and --merge: one process each, never under mpirun."""
-    from .coordinator import default_run_dir
+    from .parallel.phases import default_run_dir
 
     if args.shard and args.merge:
         raise ConfigError("--shard and --merge are two steps: run the shards, then merge once")
     if launched_by_mpi():
         raise ConfigError(f"{'--shard' if args.shard else '--merge'} runs without MPI: start each shard as a process "
                           f"of its own (e.g. an element of a SLURM job array), not under mpirun")
-    from . import shards
+    from .parallel import shards
 
     if args.merge:
         cfg = resolve(args.config, args.sets) if args.config or args.sets else None

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         print(f"{args.out} is stale: run `{COMMAND}` and commit it", file=sys.stderr)
         return 1
     if current != text:
-        from .store import atomic_path
+        from .fileio import atomic_path
 
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8") as f:

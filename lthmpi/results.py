@@ -26,8 +26,10 @@ import h5py
 import numpy as np
 
 from .config import tomllib
+from .fileio import DIGEST, StoreError, atomic_h5, attr_value, open_h5, read_arrays
 from .runtime import available_cores
-from .store import DIGEST, RunDir, StoreError, atomic_h5, open_h5, read_arrays
+from .store import RunDir
+from .tables import text_table
 
 FORMAT = 1
 
@@ -139,11 +141,11 @@ def load(path: str) -> dict:
     with open_h5(path, "results file", "rerun the experiment to rebuild it from the task files") as f:
         try:
             config = tomllib.loads(f.attrs["config"])
-            parent = {k: _plain(v) for k, v in f["parent"].attrs.items()}
-            cols = {c: [_plain(x) for x in f["tasks"][c][()]] for c in f["tasks"]}
-            timing = {k: _plain(v) for k, v in f["timing"].attrs.items()}
-            provenance = {k: _plain(v) for k, v in f["provenance"].attrs.items()}
-            stability = [{"pair": pid, **{k: _plain(v) for k, v in g.attrs.items()}, **{c: g[c][()] for c in g}}
+            parent = {k: attr_value(v, arrays=True) for k, v in f["parent"].attrs.items()}
+            cols = {c: [attr_value(x, arrays=True) for x in f["tasks"][c][()]] for c in f["tasks"]}
+            timing = {k: attr_value(v, arrays=True) for k, v in f["timing"].attrs.items()}
+            provenance = {k: attr_value(v, arrays=True) for k, v in f["provenance"].attrs.items()}
+            stability = [{"pair": pid, **{k: attr_value(v, arrays=True) for k, v in g.attrs.items()}, **{c: g[c][()] for c in g}}
                          for pid, g in f["stability"].items()] if "stability" in f else []
         except (KeyError, ValueError) as e:
             raise StoreError(f"results file {path} is incomplete or corrupt ({e}); rerun the experiment to rebuild it") from None
@@ -186,16 +188,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _plain(v):
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return v
-
-
 def _none_if_nan(v):
     return None if isinstance(v, float) and math.isnan(v) else v
 
@@ -217,12 +209,8 @@ def format_table(res: dict) -> str:
             vals = [by[(m, r, c)]["early_stop_accuracy"] for r in resets if (m, r, c) in by]
             row.append(_pct(sum(vals) / len(vals) if vals else None))
         rows.append(row)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     parent = res["parent"].get("test_accuracy")
-    out = [f"dense parent test accuracy: {_pct(parent)}%   (test accuracy at early stop, %)", line(head)]
-    out += [line(r) for r in rows]
-    return "\n".join(out)
+    return f"dense parent test accuracy: {_pct(parent)}%   (test accuracy at early stop, %)\n" + text_table(head, rows)
 
 
 def _pct(v) -> str:

@@ -69,7 +69,7 @@ def array_of(path: str, mode: str):
     """x_train of a prepared file as `mode` reads it."""
     import h5py
 
-    from lthmpi.data.batches import DiskArray
+    from lthmpi.data.disk_batches import DiskArray
 
     with h5py.File(path, "r") as f:
         d = f["x_train"]
@@ -79,7 +79,7 @@ def array_of(path: str, mode: str):
     if mode == "disk":
         return DiskArray(path, offset, shape, dtype), y, norm
     if mode == "window":  # one copy per host in an MPI shared-memory window, filled by the host's first rank
-        from lthmpi.mpi import node_shared_array
+        from lthmpi.parallel.mpi import node_shared_array
 
         x, owner, _win, local = node_shared_array(shape, dtype)
         if owner:
@@ -94,7 +94,7 @@ def array_of(path: str, mode: str):
 
 def worker(args) -> None:
     """One rank of step 2: read (then read and augment) this rank's share, print one JSON line."""
-    from lthmpi.data.batches import DiskBatches
+    from lthmpi.data.disk_batches import DiskBatches
     from lthmpi.training import BatchOrder
 
     rank, size = int(os.environ.get("PMI_RANK", 0)), int(os.environ.get("PMI_SIZE", 1))

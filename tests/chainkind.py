@@ -15,7 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lthmpi.graph import Task  # noqa: E402
+from lthmpi.parallel.graph import Task  # noqa: E402
 from lthmpi.results import TaskResult  # noqa: E402
 
 BLOCKS, BLOCK_S = 4, 0.1

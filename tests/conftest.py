@@ -67,7 +67,8 @@ def tf_runtime():
 
 @pytest.fixture(scope="session")
 def tiny_config():
-    from lthmpi.config import from_dict, validate
+    from lthmpi.config import from_dict
+    from lthmpi.validation import validate
 
     cfg = from_dict(TINY)
     validate(cfg)
@@ -77,7 +78,7 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tf_runtime, tiny_config):
     """A finished tiny experiment, run in this process; read it, never write to it (copy it first)."""
-    from lthmpi.coordinator import run_serial
+    from lthmpi.parallel.coordinator import run_serial
 
     path = str(tmp_path_factory.mktemp("tiny") / "run")
     run_serial(tiny_config, path, threads=1, quiet=True)

@@ -102,7 +102,7 @@ def test_run_succeeds_and_prints_the_table(e2e):
 
 
 def check_summary(s, config_file):
-    from lthmpi.config import resolve
+    from lthmpi.validation import resolve
 
     expected_cfg = resolve(config_file, BASE_SETS).to_dict()
     assert s["config"] == expected_cfg  # the resolved config, defaults included

@@ -5,8 +5,8 @@ import dataclasses
 
 import pytest
 
-from lthmpi.config import (Config, ConfigError, from_dict, parse_set, resolve, tomllib, validate,
-                           validate_against_data)
+from lthmpi.config import Config, ConfigError, from_dict, parse_set, tomllib
+from lthmpi.validation import resolve, validate, validate_against_data
 from lthmpi.steps import Step, StepError
 
 

@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from lthmpi.config import ConfigError, from_dict, validate
+from lthmpi.config import ConfigError, from_dict
+from lthmpi.validation import validate
 from lthmpi.devices import (CUDA_CONTEXT_MB, MIN_SHARE_MB, RESERVE, DeviceError, NodeSlot, Placement, assign_gpu,
                             determinism_error_line, kernel_plan, memory_share_mb, parse_gpu_memory, place)
 

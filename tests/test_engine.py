@@ -1,4 +1,4 @@
-"""Tests of the single-process engine (experiment.py, coordinator.py, store.py, results.py) on the tiny run:
+"""Tests of the single-process engine (experiment.py, parallel/coordinator.py, store.py, results.py) on the tiny run:
 reproducibility, resume after deletion and interruption, refusal of another config, atomic files."""
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def test_masks_are_cut_from_the_final_parent_weights(tiny_run, tiny_config):
 
 @pytest.fixture(scope="module")
 def second_run(tmp_path_factory, tiny_config, tf_runtime):
-    from lthmpi.coordinator import run_serial
+    from lthmpi.parallel.coordinator import run_serial
 
     path = str(tmp_path_factory.mktemp("again") / "run")
     run_serial(tiny_config, path, threads=1, quiet=True)
@@ -164,7 +164,7 @@ class Interrupted(KeyboardInterrupt):
 
 def test_resume_after_deletion_and_interruption(tiny_run, tiny_config, tmp_path, monkeypatch):
     from lthmpi.config import from_dict
-    from lthmpi.coordinator import run_serial
+    from lthmpi.parallel.coordinator import run_serial
     from lthmpi.training import MaskedTrainer
 
     run = str(tmp_path / "resumed")
@@ -215,7 +215,7 @@ def test_resume_after_deletion_and_interruption(tiny_run, tiny_config, tmp_path,
 
 
 def test_rerun_of_a_finished_run_trains_nothing(tiny_run, tiny_config, tmp_path, monkeypatch):
-    from lthmpi.coordinator import run_serial
+    from lthmpi.parallel.coordinator import run_serial
     from lthmpi.training import MaskedTrainer
 
     run = str(tmp_path / "again")
@@ -238,7 +238,7 @@ def test_rerun_of_a_finished_run_trains_nothing(tiny_run, tiny_config, tmp_path,
 ])
 def test_other_config_is_refused_and_files_untouched(tiny_run, tiny_config, tmp_path, monkeypatch, change, words):
     from lthmpi.config import from_dict
-    from lthmpi.coordinator import run_serial
+    from lthmpi.parallel.coordinator import run_serial
     from lthmpi.store import StoreError
     from lthmpi.training import MaskedTrainer
 
@@ -293,7 +293,7 @@ def test_failed_task_write_leaves_nothing(tmp_path, tiny_config):
 
 
 def test_atomic_path_keeps_old_file_on_interrupt(tmp_path):
-    from lthmpi.store import atomic_h5
+    from lthmpi.fileio import atomic_h5
 
     path = str(tmp_path / "x.h5")
     with atomic_h5(path) as f:
@@ -312,7 +312,7 @@ def test_written_files_follow_the_umask(tmp_path):
     import os
     import stat
 
-    from lthmpi.store import atomic_path
+    from lthmpi.fileio import atomic_path
 
     old = os.umask(0o022)
     try:
@@ -347,8 +347,8 @@ def test_run_directory_named_by_the_old_hash_still_resumes(tiny_run, tiny_config
     """The default directory of a run made before fields with defaults were added (named by the hash of
     every field) is found, and the rerun trains nothing; a new config gets the new, stable name."""
     from lthmpi.config import Config, identity_hash
-    from lthmpi.coordinator import run_serial
-    from lthmpi.coordinator import default_run_dir
+    from lthmpi.parallel.coordinator import run_serial
+    from lthmpi.parallel.coordinator import default_run_dir
     from lthmpi.training import MaskedTrainer
 
     legacy = tiny_config.default_run_name(legacy=True)
@@ -388,7 +388,7 @@ def test_mixed_kernels_names_the_tasks_and_how_they_differ():
 
 def test_rerun_on_other_kernels_is_refused_unless_allowed(tiny_run, tiny_config, tmp_path, monkeypatch):
     from lthmpi.config import from_dict
-    from lthmpi.coordinator import run_serial
+    from lthmpi.parallel.coordinator import run_serial
     from lthmpi.store import StoreError
     from lthmpi.training import MaskedTrainer
 
@@ -413,7 +413,7 @@ def test_one_process_gives_the_same_results_under_every_scheduler(tiny_run, tiny
     """P = 1 without mpirun: the order of the tasks changes with the scheduler, their results do not (the
     fixture `tiny_run` ran under the default, lpt)."""
     from lthmpi.config import from_dict
-    from lthmpi.coordinator import run_serial
+    from lthmpi.parallel.coordinator import run_serial
     from lthmpi.results import load
 
     cfg = from_dict({"parallel": {"schedule": schedule}}, base=tiny_config)

@@ -66,7 +66,7 @@ def mtimes(run) -> dict:
 
 def test_disk_errors_are_recognised_with_or_without_errno():
     from lthmpi.errors import describe_error
-    from lthmpi.store import disk_errno
+    from lthmpi.fileio import disk_errno
 
     h5_text = ("Can't synchronously write data (file write failed: time = Tue Nov 24 08:48:06 2026\n, filename = "
                "'a.h5', file descriptor = 3, errno = 28, error message = 'No space left on device', buf = 0x1)")
@@ -86,7 +86,7 @@ def test_disk_errors_are_recognised_with_or_without_errno():
 
 @needs_root("mount a tmpfs")
 def test_full_disk_write_names_the_file_and_leaves_nothing(tmp_path):
-    from lthmpi.store import atomic_h5
+    from lthmpi.fileio import atomic_h5
 
     with tmpfs(tmp_path / "small", "1m") as d:
         target = d / "big.h5"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lthmpi.graph import Graph, GraphError, Task
-from lthmpi.schedule import assign_lpt, assign_static, list_schedule, plan
+from lthmpi.parallel.graph import Graph, GraphError, Task
+from lthmpi.parallel.scheduling import assign_lpt, assign_static, list_schedule, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +125,7 @@ def test_no_import_circles_in_lthmpi():
     files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
              for p in (ROOT / "lthmpi").rglob("*.py")}
     edges = {m: sorted(_imports(p, set(files)) - {m}) for m, p in files.items()}
-    assert "lthmpi.errors" in edges["lthmpi.main"] and "lthmpi.coordinator" in edges["lthmpi.main"]
+    assert "lthmpi.errors" in edges["lthmpi.main"] and "lthmpi.parallel.coordinator" in edges["lthmpi.main"]
     state: dict[str, int] = {}
 
     def visit(m, stack):
@@ -152,13 +152,13 @@ def test_mpi4py_is_imported_in_one_module_only():
         return False
 
     users = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "lthmpi").rglob("*.py") if imports_mpi4py(p))
-    assert users == ["lthmpi/mpi.py"]
+    assert users == ["lthmpi/parallel/mpi.py"]
 
 
 @pytest.mark.parametrize("scheduler", ["static", "lpt", "dynamic"])
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
 def test_graph_replay_without_edges_is_the_flat_replay(scheduler, n):
-    from lthmpi.schedule import simulate, simulate_graph
+    from lthmpi.parallel.scheduling import simulate, simulate_graph
 
     durations = [3.0, 7.0, 2.0, 7.0, 5.0, 1.0, 4.0, 2.5]
     groups = [0, 0, 1, 1, 2, 2, 3, 3]
@@ -170,7 +170,7 @@ def test_graph_replay_without_edges_is_the_flat_replay(scheduler, n):
 
 @pytest.mark.parametrize("scheduler", ["static", "lpt", "dynamic"])
 def test_graph_replay_respects_dependencies_and_the_critical_path(scheduler):
-    from lthmpi.schedule import simulate_graph
+    from lthmpi.parallel.scheduling import simulate_graph
 
     # a chain 0 -> 1 -> 2 (4 s each) and six 1-s leaves, two of them off the chain's first task
     durations = [4.0, 4.0, 4.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
@@ -207,7 +207,7 @@ class FakeComm:
 
 
 def test_dispatcher_hands_out_ready_tasks_only_and_says_stop_at_the_end():
-    from lthmpi.coordinator import WAIT, Dispatcher
+    from lthmpi.parallel.dispatch import WAIT, Dispatcher
 
     g = diamond()
     d = Dispatcher(g, g.tasks, done=set())
@@ -230,7 +230,7 @@ def test_rank_0_answers_requests_while_its_own_task_runs():
     and keeps a request that finds no ready task until one is ready."""
     import threading
 
-    from lthmpi.coordinator import Dispatcher, Server
+    from lthmpi.parallel.dispatch import Dispatcher, Server
 
     g = diamond()
     d = Dispatcher(g, g.tasks, done=set())

@@ -18,7 +18,7 @@ from PIL import Image
 
 from lthmpi.data import DataError, load_dataset
 from lthmpi.data.__main__ import main as data_main
-from lthmpi.data.batches import DiskArray
+from lthmpi.data.disk_batches import DiskArray
 from lthmpi.data.imagefolder import decode, list_images
 from lthmpi.data.prepare import decide_in_memory, read_prepared
 
@@ -180,7 +180,8 @@ def test_auto_in_memory_from_file_size_memory_and_ranks(tmp_path, monkeypatch):
 # training from the prepared file: in memory or from disk, the same bits
 
 def experiment(prepared, in_memory, **over):
-    from lthmpi.config import from_dict, validate
+    from lthmpi.config import from_dict
+    from lthmpi.validation import validate
 
     cfg = from_dict({"seed": 5,
                      "data": {"dataset": "imagefolder", "image_size": SIZE, "validation": 40,
@@ -217,7 +218,7 @@ def prepared(tree, tmp_path_factory):
 
 
 def test_streamed_run_equals_in_memory_bitwise_and_resumes_without_work(prepared, tmp_path, tf_runtime):
-    from lthmpi.coordinator import run_serial
+    from lthmpi.parallel.coordinator import run_serial
     from lthmpi.experiment import Experiment
 
     runs = {}
@@ -285,7 +286,7 @@ def test_as_float_normalises_like_the_step(prepared, tf_runtime):
 def test_disk_rows_and_batches_ahead(tmp_path):
     """DiskArray reads what numpy indexing reads; DiskBatches gives the batches BatchOrder names, a replica's
     share only, across jumps (new tasks), and raises a read error in the training thread."""
-    from lthmpi.data.batches import DiskBatches
+    from lthmpi.data.disk_batches import DiskBatches
     from lthmpi.training import BatchOrder
 
     x = np.random.default_rng(0).integers(0, 256, (500, 3, 2, 3), dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""Iterative magnitude pruning (lthmpi/pruning.imp_step, lthmpi/imp.py): nested masks with exact counts,
+"""Iterative magnitude pruning (lthmpi/pruning.imp_step, lthmpi/kinds/imp.py): nested masks with exact counts,
 level 1 equal to the one-shot mask, the chains' start weights and controls, resume, analysis."""
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from lthmpi.config import ConfigError, from_dict, validate, validate_against_model
+from lthmpi.config import ConfigError, from_dict
+from lthmpi.validation import validate, validate_against_model
 from lthmpi.pruning import EmptyLayerError, fraction_remaining, imp_counts, imp_step, magnitude_masks
 
 SIZES = {"fc1/kernel": (40, 25), "fc2/kernel": (25, 12), "output/kernel": (12, 10)}
@@ -128,7 +129,7 @@ def test_identity_of_a_one_shot_config_ignores_the_imp_keys():
 
 @pytest.fixture(scope="module")
 def imp_run(tmp_path_factory, tf_runtime):
-    from lthmpi.coordinator import run_serial
+    from lthmpi.parallel.coordinator import run_serial
 
     cfg = from_dict(IMP_TINY)
     validate(cfg)
@@ -184,7 +185,8 @@ def test_level_one_is_the_one_shot_mask_of_the_parent(imp_run):
 
 
 def test_start_weights_and_controls_per_level(imp_run):
-    from lthmpi.experiment import Experiment, Task
+    from lthmpi.experiment import Experiment
+    from lthmpi.kinds.retraining import Retraining as Task
 
     cfg, path = imp_run
     exp = Experiment(cfg, path)
@@ -209,7 +211,7 @@ def test_analysis_draws_imp_next_to_one_shot_of_the_same_parent(imp_run, tmp_pat
     from lthmpi.analysis import load_runs
     from lthmpi.analysis.report import analyse
     from lthmpi.analysis.science import build_grid, method_pairs, science_groups
-    from lthmpi.coordinator import run_serial
+    from lthmpi.parallel.coordinator import run_serial
 
     cfg, path = imp_run
     one_shot = from_dict({**IMP_TINY, "prune": {"remaining": [0.5, 0.25]},
@@ -254,7 +256,7 @@ def test_the_kind_chains_levels_and_hangs_controls_off_them(imp_run):
 
 
 def test_model_replays_imp_chains_at_their_critical_path(imp_run):
-    from lthmpi.analysis.model_cli import profile_from_results
+    from lthmpi.analysis.scaling_cli import profile_from_results
     from lthmpi.analysis.scaling_model import predict, synthetic_profile
     from lthmpi.results import load
 
@@ -281,7 +283,7 @@ def test_model_replays_imp_chains_at_their_critical_path(imp_run):
 def test_seed_study_prices_imp_on_20_100_and_1000_ranks(capsys):
     import json
 
-    from lthmpi.analysis.model_cli import main
+    from lthmpi.analysis.scaling_cli import main
 
     assert main(["--seed-study", "--json"]) == 0
     imp = json.loads(capsys.readouterr().out)["seed_study_imp"]

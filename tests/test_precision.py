@@ -98,8 +98,9 @@ def test_a_bfloat16_experiment_runs_end_to_end_on_digits(tmp_path, tf_runtime):
     learning (well above the 10% of chance), the precision part of the run's identity."""
     import h5py
 
-    from lthmpi.config import from_dict, validate
-    from lthmpi.coordinator import run_serial
+    from lthmpi.config import from_dict
+    from lthmpi.validation import validate
+    from lthmpi.parallel.coordinator import run_serial
     from lthmpi.results import load
     from lthmpi.store import RunDir
 

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from lthmpi.config import Config, resolve
+from lthmpi.config import Config
+from lthmpi.validation import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "run" / "configs").glob("*.toml"))
@@ -56,7 +57,7 @@ def test_describe_prints_layers_and_paper_parameter_count(model, dataset, total,
 def test_training_from_prepared_file_equals_raw(tmp_path):
     """The prepared HDF5 is a cache of the raw data: the experiment's results must not change."""
     from lthmpi.data.prepare import prepare
-    from lthmpi.coordinator import run_serial
+    from lthmpi.parallel.coordinator import run_serial
     from lthmpi.results import load
 
     sets = ["data.dataset=digits", "data.validation=200", "train.epochs=2", "train.batch_size=32",

@@ -5,7 +5,7 @@ from collections import namedtuple
 
 import pytest
 
-from lthmpi.schedule import (SCHEDULERS, Schedule, assign_lpt, assign_static, groups_for, imbalance,
+from lthmpi.parallel.scheduling import (SCHEDULERS, Schedule, assign_lpt, assign_static, groups_for, imbalance,
                              simulate, use_subgroups)
 from lthmpi.analysis.scaling_model import (RunProfile, amdahl_fit, contention, extrapolate_durations, fit_log, gustafson,
                                   karp_flatt, predict, predict_many, synthetic_profile, task_time_factor)

@@ -1,4 +1,4 @@
-"""Job-array shards (lthmpi/shards.py): plain processes, no MPI, sharing one run directory. Three shards on the
+"""Job-array shards (lthmpi/parallel/shards.py): plain processes, no MPI, sharing one run directory. Three shards on the
 tiny digits grid at once, one SIGKILLed mid-task: every task trained exactly once, the merge names what is
 missing, the rerun of the dead shard redoes only its unfinished work, and the results equal a one-process run
 at the same threads."""
@@ -27,7 +27,7 @@ def tiny_toml(tmp_path, tiny_config):
 
 def test_parse_shard():
     from lthmpi.config import ConfigError
-    from lthmpi.shards import parse_shard
+    from lthmpi.parallel.shards import parse_shard
 
     assert parse_shard("0/3") == (0, 3) and parse_shard("2/3") == (2, 3) and parse_shard("setup") is None
     slurm = dict(SLURM_ARRAY_TASK_ID="7", SLURM_ARRAY_TASK_COUNT="4", SLURM_ARRAY_TASK_MIN="4")
@@ -189,8 +189,9 @@ IMP_TINY = {"seed": 3, "data": {"dataset": "digits", "validation": 200},
 @pytest.fixture(scope="module")
 def imp_reference(tmp_path_factory, tf_runtime):
     """IMP chains (3 levels x 2 reset points x ticket + 2 controls) run in one process, one thread."""
-    from lthmpi.config import from_dict, validate
-    from lthmpi.coordinator import run_serial
+    from lthmpi.config import from_dict
+    from lthmpi.validation import validate
+    from lthmpi.parallel.coordinator import run_serial
 
     cfg = from_dict(IMP_TINY)
     validate(cfg)

@@ -11,7 +11,8 @@ import pytest
 from test_training import OPTIMIZERS, PER_EPOCH, data, train_cfg  # noqa: F401 (data: the digits fixture)
 
 from lthmpi import sparse
-from lthmpi.config import ConfigError, from_dict, validate
+from lthmpi.config import ConfigError, from_dict
+from lthmpi.validation import validate
 from lthmpi.pruning import magnitude_masks
 
 
@@ -195,7 +196,7 @@ def test_which_kernels(data):
 
 
 def test_experiment_records_which_kernels_trained_each_task(tmp_path, tf_runtime):
-    from lthmpi.coordinator import run_serial
+    from lthmpi.parallel.coordinator import run_serial
     from lthmpi.results import load
 
     cfg = from_dict({"seed": 1, "data": {"dataset": "digits", "validation": 200},

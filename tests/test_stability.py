@@ -1,5 +1,5 @@
 """Stability (linear mode connectivity, docs/stability.md): the interpolation, the barrier and the batch-norm
-re-estimation (lthmpi/stability.py), the [stability] config section's bad input, the analysis tables, figures
+re-estimation (lthmpi/lmc.py), the [stability] config section's bad input, the analysis tables, figures
 and --json/--csv, and the stability kind run by the coordinator (pairs, endpoint files, resume, P = 1 vs 2),
 on tiny models (digits, 8x8)."""
 from __future__ import annotations
@@ -11,8 +11,9 @@ import pytest
 from faultkit import launch
 from test_bad_config import assert_one_line
 
-from lthmpi import stability as st
-from lthmpi.config import ConfigError, from_dict, resolve, stability_masks
+from lthmpi import lmc as st
+from lthmpi.config import ConfigError, from_dict
+from lthmpi.validation import resolve, stability_masks
 
 
 def test_interpolation_keeps_zeros_and_ends():
@@ -210,7 +211,7 @@ def stab_config(**stability):
 
     from conftest import TINY
 
-    from lthmpi.config import validate
+    from lthmpi.validation import validate
 
     raw = copy.deepcopy(TINY)
     raw["stability"] = dict(PAIRS, **stability)
@@ -221,7 +222,7 @@ def stab_config(**stability):
 
 @pytest.fixture(scope="module")
 def pair_run(tmp_path_factory, tf_runtime):
-    from lthmpi.coordinator import run_serial
+    from lthmpi.parallel.coordinator import run_serial
 
     path = str(tmp_path_factory.mktemp("pairs") / "run")
     run_serial(stab_config(), path, threads=1, quiet=True)
@@ -314,10 +315,10 @@ def test_pairs_are_merged_alongside_the_grid(pair_run):
 def test_batch_norm_net_through_both_options(tmp_path, tf_runtime):
     """ResNet-20 (21 batch-norm layers) on digits, run with the statistics re-estimated at each alpha; the same
     endpoints evaluated by the kind with the default (statistics interpolated). The option changes only the
-    evaluation, so one pair of trainings serves both. Each stored value is what lthmpi.stability computes."""
+    evaluation, so one pair of trainings serves both. Each stored value is what lthmpi.lmc computes."""
     import dataclasses
 
-    from lthmpi.coordinator import run_serial
+    from lthmpi.parallel.coordinator import run_serial
     from lthmpi.experiment import Experiment
     from lthmpi.kinds import stability as kind
     from lthmpi.results import load
@@ -379,8 +380,8 @@ def test_imp_levels_as_stability_masks(tmp_path, tf_runtime):
     """stability.masks names IMP levels: level 2's pair starts from the chain's level-2 mask (written by level
     1's ticket, which its trainings depend on); levels outside 1..L, points that are not reset points, and
     levels above 1 with stability.only are refused."""
-    from lthmpi.config import validate, validate_against_data
-    from lthmpi.coordinator import run_serial
+    from lthmpi.validation import validate, validate_against_data
+    from lthmpi.parallel.coordinator import run_serial
     from lthmpi.kinds import stability as kind
     from lthmpi.results import load
     from lthmpi.store import RunDir

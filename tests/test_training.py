@@ -1,4 +1,4 @@
-"""Tests of lthmpi/training.py (the masked trainer) with a tiny LeNet-300-100 on the digits, and of the
+"""Tests of lthmpi/training/ (the masked trainer) with a tiny LeNet-300-100 on the digits, and of the
 late reset as lthmpi/experiment.py builds it. One trainer per optimizer is built (and compiled) once."""
 from __future__ import annotations
 
@@ -434,7 +434,7 @@ def test_reset_restores_checkpoint_times_mask(experiment):
 
 
 def test_controls_start_weights(experiment):
-    from lthmpi.experiment import Task
+    from lthmpi.kinds.retraining import Retraining as Task
 
     exp = experiment
     k = exp.reset_iterations[1]

@@ -1,5 +1,5 @@
 """python -m lthmpi.analysis RUN_DIR [RUN_DIR ...] [--out DIR] [--json] [--csv] [--tolerance 0.005] [--weak]
-   python -m lthmpi.analysis model RUN_DIR [...]   (the scaling model, see model_cli.py)
+   python -m lthmpi.analysis model RUN_DIR [...]   (the scaling model, see scaling_cli.py)
    python -m lthmpi.analysis efficiency P1_RUN_DIR RUN_DIR [...]   (E(P) on training and wall time, and the
                                                    wall-time bound of each run's serial phases)
 
@@ -42,7 +42,7 @@ def fail(msg: str) -> int:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "model":  # the scaling model: python -m lthmpi.analysis model --help
-        from .model_cli import main as model_main
+        from .scaling_cli import main as model_main
 
         return model_main(argv[1:], *([f"{prog} model"] if prog else []))
     if argv and argv[0] == "efficiency":

@@ -5,13 +5,9 @@ import json
 import math
 import os
 
+from ..tables import markdown_table as _md_table
+from ..tables import text_table as _text_table
 from . import plots, scaling, scaling_summary, science, stability
-
-
-def _md_table(head: list[str], rows: list[list]) -> str:
-    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
 
 
 def _f(v, fmt: str = ".3f") -> str:
@@ -62,12 +58,6 @@ def fits(per_run: list[dict]) -> list[str]:
                        f"S = {_f(b['speedup'])} vs T(1); P = {best['ranks']} is {verdict} "
                        f"({_f(b['seconds'] / best['seconds'], '.2f')}x)")
     return out
-
-
-def _text_table(head, rows) -> str:
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(head)]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(cs, widths)) for cs in [head, *cells])
 
 
 def _comparison(imp_grid: tuple, oneshot_grid: tuple, out: str, suffix: str, tolerance: float, md, text, files):

@@ -35,7 +35,7 @@ import os
 import numpy as np
 
 from . import scaling_model as _model
-from .. import schedule as _schedule
+from ..parallel import scheduling as _schedule
 
 PHASES = ("startup", "parent", "masks", "distribution", "training", "gather")
 

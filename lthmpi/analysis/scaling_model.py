@@ -1,6 +1,6 @@
 """Predict the wall time of a run on P ranks from one measured run, and the classic scaling laws.
 
-The model follows the engine's phases (the names of ``PhaseTimer`` in ``coordinator.py``):
+The model follows the engine's phases (the names of ``PhaseTimer`` in ``parallel/phases.py``):
 
     T(P) = startup(P) + parent + masks + distribution(P) + makespan(P) + gather(P)
 
@@ -42,7 +42,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..schedule import SCHEDULERS, groups_for, imbalance, simulate, simulate_graph
+from ..parallel.scheduling import SCHEDULERS, groups_for, imbalance, simulate, simulate_graph
 
 PHASES = ("startup", "parent", "masks", "distribution", "training", "gather")
 LOG_PHASES = ("startup", "parent", "distribution", "gather")
@@ -183,8 +183,8 @@ def _schedule(profile: RunProfile, P: int, scheduler: str, cores: int | None):
 
 
 def graph_width(deps: Sequence[Sequence[int]]) -> int:
-    """Tasks that can run at once (lthmpi.graph.Graph.width): IMP's chains, each with its level's controls."""
-    from ..graph import Graph, Task
+    """Tasks that can run at once (lthmpi.parallel.graph.Graph.width): IMP's chains, each with its level's controls."""
+    from ..parallel.graph import Graph, Task
 
     return Graph([Task(str(i), "sim", tuple(str(d) for d in ds)) for i, ds in enumerate(deps)]).width()
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..tables import markdown_table, text_table
+
 METRICS = ("early_stop_accuracy", "final_accuracy", "early_stop_iteration")
 TICKET = None  # the control value of a ticket (the subnetwork itself)
 
@@ -289,13 +291,7 @@ def _fmt(v, col: str) -> str:
 def render(head: list[str], rows: list[list], markdown: bool = False, value_kind: str = "acc") -> str:
     """A table as aligned plain text, or as a markdown table. Numbers: accuracies and margins in %."""
     cells = [[_fmt(v, head[i] if value_kind == "acc" or i < 2 else value_kind) for i, v in enumerate(r)] for r in rows]
-    if markdown:
-        out = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
-        out += ["| " + " | ".join(c) + " |" for c in cells]
-        return "\n".join(out)
-    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(head)]
-    line = lambda cs: "  ".join(c.rjust(w) for c, w in zip(cs, widths))  # noqa: E731
-    return "\n".join([line(head)] + [line(c) for c in cells])
+    return markdown_table(head, cells, "---:") if markdown else text_table(head, cells)
 
 
 def tables(g: Grid, tolerance: float, markdown: bool = False) -> dict[str, str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import math
 
-DENSE = -1  # the mask index stored for the dense network (all-ones mask)
+from ..lmc import DENSE
 
 
 def pairs(res: dict) -> list[dict]:

@@ -11,8 +11,8 @@ import argparse
 import sys
 import types
 
-from ..config import DataConfig
-from .prepare import NORMALIZE, prepare, settings_of, verify_prepared
+from ..config import NORMALIZATIONS, DataConfig
+from .prepare import prepare, settings_of, verify_prepared
 from .readers import DATASETS, DataError
 
 
@@ -35,7 +35,7 @@ def _parser(prog: str = "python -m lthmpi.data") -> argparse.ArgumentParser:
     pp.add_argument("--validation", type=int, default=default.validation,
                     help="hold out the last N training examples for validation (default: data.validation's "
                          "default, %(default)s)")
-    pp.add_argument("--normalize", choices=NORMALIZE, default=default.normalize,
+    pp.add_argument("--normalize", choices=NORMALIZATIONS, default=default.normalize,
                     help="scale: divide by the value range; standardize: per-channel mean/std of "
                          "the training part")
     pp.add_argument("--image-size", type=int, default=default.image_size,
@@ -58,7 +58,7 @@ def _summary(out: str, ds) -> str:
 
 def main(argv=None, prog: str = "python -m lthmpi.data", signals: bool = False) -> int:
     from ..errors import install_signal_handlers, interrupt_code, interrupt_line
-    from ..main import launched_by_mpi
+    from ..parallel.launcher import launched_by_mpi
 
     args = _parser(prog).parse_args(argv)
     if args.command == "verify":
@@ -76,7 +76,7 @@ def main(argv=None, prog: str = "python -m lthmpi.data", signals: bool = False) 
     if argv is None or signals:  # the command line, not a test calling main() in its own process
         install_signal_handlers()
     if launched_by_mpi():
-        from ..mpi import world
+        from ..parallel.mpi import world
 
         comm = world()
     rank = comm.rank if comm else 0
@@ -86,10 +86,10 @@ def main(argv=None, prog: str = "python -m lthmpi.data", signals: bool = False) 
     try:
         if cfg.dataset == "imagefolder":  # streamed by every rank (stream_prepare imports prepare, not back)
             from .readers import resolve_dir
-            from .stream_prepare import ONE_RANK, prepare_images
+            from .stream_prepare import prepare_images
 
             ds = prepare_images(settings_of(cfg), resolve_dir("imagefolder", str(cfg.dir or "")), args.out,
-                                comm or ONE_RANK, lambda: fault.at("prepare"))
+                                comm, lambda: fault.at("prepare"))
         else:
             ds = prepare(cfg, args.out)
     except DataError as e:

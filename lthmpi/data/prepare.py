@@ -12,20 +12,19 @@ written whole or not at all (temp file, fsync, rename), as everything the engine
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import NORMALIZATIONS
+from ..fileio import attr_value, commit, remove_quietly, sha256, sha256_rows, temp_path
 from .readers import DataError, RawData, read_raw
 
 FORMAT_VERSION = 1  # float32 images, normalised when prepared
 UINT8_FORMAT = 2  # uint8 images with the statistics to normalise them in the training step (stream_prepare)
 ARRAYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 SETTINGS = ("dataset", "subset", "validation", "normalize")
-NORMALIZE = ("scale", "standardize")
 
 
 @dataclass
@@ -78,8 +77,8 @@ def settings_of(cfg) -> dict:
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
             raise DataError(f"data.image_size must be a whole number >= 1 (e.g. 224), got {size!r}")
         s["image_size"] = int(size)
-    if s["normalize"] not in NORMALIZE:
-        raise DataError(f"data.normalize must be one of {', '.join(NORMALIZE)}, "
+    if s["normalize"] not in NORMALIZATIONS:
+        raise DataError(f"data.normalize must be one of {', '.join(NORMALIZATIONS)}, "
                         f"got {s['normalize']!r}")
     return s
 
@@ -152,56 +151,6 @@ def build(raw: RawData, settings: dict) -> Dataset:
 # ---------------------------------------------------------------------------------------------------
 # the prepared HDF5 file
 
-def _sha256(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a).data).hexdigest()
-
-
-def sha256_rows(x, chunk_bytes: int = 64 << 20) -> str:
-    """The same digest as `_sha256` of an array on disk (h5py dataset, DiskArray), read in pieces."""
-    h = hashlib.sha256()
-    row = int(np.prod(x.shape[1:], dtype=np.int64)) * np.dtype(x.dtype).itemsize
-    step = max(1, chunk_bytes // max(1, row))
-    for start in range(0, x.shape[0], step):
-        h.update(np.ascontiguousarray(x[start:start + step]).data)
-    return h.hexdigest()
-
-
-def temp_path(path: str) -> str:
-    """An empty temporary file next to `path` (same file system, so the rename is atomic), with a unique
-    name and the usual permissions (mkstemp's 0600 would hide it from others)."""
-    path = os.path.abspath(path)
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    return tmp
-
-
-def remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def commit(tmp: str, path: str) -> None:
-    """fsync `tmp`, rename it to `path`, and make the rename durable."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    try:
-        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
 def write_prepared(ds: Dataset, settings: dict, path: str, source: str = "") -> None:
     """Write `ds` to `path` atomically: a temp file in the same directory, fsync, rename."""
     import h5py
@@ -217,7 +166,7 @@ def write_prepared(ds: Dataset, settings: dict, path: str, source: str = "") -> 
             for name in ARRAYS:
                 a = np.ascontiguousarray(getattr(ds, name))
                 f.create_dataset(name, data=a)  # contiguous: no chunks, no compression
-                f.attrs["sha256_" + name] = _sha256(a)
+                f.attrs["sha256_" + name] = sha256(a)
             f.flush()
         commit(tmp, path)
     except BaseException:
@@ -225,20 +174,11 @@ def write_prepared(ds: Dataset, settings: dict, path: str, source: str = "") -> 
         raise
 
 
-def _attr(f, key):
-    v = f.attrs[key]
-    if isinstance(v, bytes):
-        v = v.decode()
-    if isinstance(v, np.generic):
-        v = v.item()
-    return v
-
-
 def _on_disk(path: str, d):
     """HDF5 dataset `d` (contiguous, uncompressed) of the file at `path`, left on disk and read by row
     (batches.DiskArray): ranks on one host share its pages through the page cache, and rows not read take
     no memory at all."""
-    from .batches import DiskArray
+    from .disk_batches import DiskArray
 
     if d.shape[0] == 0:
         return np.zeros(d.shape, d.dtype)
@@ -261,12 +201,12 @@ def read_prepared(path: str, expect: dict | None = None, in_memory: bool = True)
     corrupt = f"prepared file {path} is corrupt"
     try:
         with h5py.File(path, "r") as f:
-            version = _attr(f, "format_version")
+            version = attr_value(f.attrs["format_version"])
             if version not in (FORMAT_VERSION, UINT8_FORMAT):
                 raise DataError(f"prepared file {path} has format version {version}, this engine "
                                 f"reads {FORMAT_VERSION} and {UINT8_FORMAT}: prepare it again")
             keys = SETTINGS + (("image_size",) if "image_size" in f.attrs else ())
-            recorded = {k: _attr(f, k) for k in keys}
+            recorded = {k: attr_value(f.attrs[k]) for k in keys}
             if expect is not None:
                 diff = [f"{k} {recorded.get(k)!r} (config says {expect.get(k)!r})"
                         for k in sorted(set(keys) | set(expect)) if recorded.get(k) != expect.get(k)]
@@ -279,10 +219,10 @@ def read_prepared(path: str, expect: dict | None = None, in_memory: bool = True)
                     arrays[name] = _on_disk(path, f[name])
                     continue
                 a = f[name][()]
-                if _sha256(a) != _attr(f, "sha256_" + name):
+                if sha256(a) != attr_value(f.attrs["sha256_" + name]):
                     raise DataError(f"{corrupt}: checksum of {name} does not match; prepare it again")
                 arrays[name] = a
-            num_classes = int(_attr(f, "num_classes"))
+            num_classes = int(attr_value(f.attrs["num_classes"]))
             norm = None
             if version == UINT8_FORMAT:
                 norm = tuple(np.asarray(f.attrs[k], np.float32) for k in ("norm_shift", "norm_div"))
@@ -310,7 +250,7 @@ def verify_prepared(path: str) -> Dataset:
     ds = read_prepared(path, in_memory=False)
     with h5py.File(path, "r") as f:
         for name in ("x_train", "x_val", "x_test"):
-            if sha256_rows(getattr(ds, name)) != _attr(f, "sha256_" + name):
+            if sha256_rows(getattr(ds, name)) != attr_value(f.attrs["sha256_" + name]):
                 raise DataError(f"prepared file {path} is corrupt: checksum of {name} does not match; "
                                 f"prepare it again")
     return ds
@@ -327,15 +267,6 @@ def prepare(cfg, out: str):
     ds = build(raw, settings)
     write_prepared(ds, settings, out, source=raw.source)
     return ds
-
-
-def ranks_on_this_host() -> int:
-    """How many ranks of this job share this host, as the launcher says (1 when not launched by MPI)."""
-    for var in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
-        value = os.environ.get(var, "")
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return 1
 
 
 def host_memory() -> int:
@@ -360,6 +291,8 @@ def decide_in_memory(setting, path: str, ranks: int | None = None, memory: int |
     this host together fit in MEMORY_SHARE of its memory, and else reads batches from disk."""
     if setting is True or setting is False:
         return setting
+    from ..parallel.launcher import ranks_on_this_host
+
     need = os.path.getsize(path) * (ranks or ranks_on_this_host())
     return need <= MEMORY_SHARE * (memory or host_memory())
 

@@ -11,7 +11,7 @@ into place: whole or not at all.
 
 Any rank's failure (a damaged image, a full disk) is gathered, the lowest-numbered image's message is
 raised on every rank as one DataError, and the temporary file is removed. The communicator is anything
-with rank, size, bcast, allgather and barrier (lthmpi.mpi.world() under mpirun, ONE_RANK alone).
+with rank, size, bcast, allgather and barrier (lthmpi.parallel.mpi.world() under mpirun, parallel.comm.SelfComm alone).
 """
 from __future__ import annotations
 
@@ -21,28 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..fileio import commit, remove_quietly, sha256_rows, temp_path
 from .imagefolder import decode, list_images
-from .prepare import ARRAYS, UINT8_FORMAT, commit, held_out_bounds, remove_quietly, sha256_rows, temp_path
+from .prepare import ARRAYS, UINT8_FORMAT, held_out_bounds
 from .readers import DataError
 
 WRITE_ROWS = 64  # images gathered before one pwrite
-
-
-class OneRank:
-    """The communicator of a process that prepares alone."""
-    rank, size = 0, 1
-
-    def bcast(self, obj):
-        return obj
-
-    def allgather(self, obj):
-        return [obj]
-
-    def barrier(self):
-        pass
-
-
-ONE_RANK = OneRank()
 
 
 @dataclass
@@ -171,9 +155,13 @@ def _finish(plan: Plan, stats: dict, out: str) -> None:
     commit(plan.tmp, out)
 
 
-def prepare_images(settings: dict, root: str, out: str, comm=ONE_RANK, after_write=lambda: None) -> dict:
+def prepare_images(settings: dict, root: str, out: str, comm=None, after_write=lambda: None) -> dict:
     """Prepare the image tree at `root` into `out`; every rank of `comm` calls this. Returns a summary.
-    `after_write` is called after each pwrite (the fault tests' hook)."""
+    `after_write` is called after each pwrite (the fault tests' hook). `comm` None: this process alone."""
+    if comm is None:
+        from ..parallel.comm import SelfComm
+
+        comm = SelfComm()
     plan, error = None, None
     if comm.rank == 0:
         try:

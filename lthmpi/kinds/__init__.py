@@ -1,24 +1,25 @@
 """Experiment kinds: each contributes tasks to the run's graph and runs its own tasks.
 
-The coordinator (lthmpi/coordinator.py) knows no kind: after the parent and the masks exist it asks every
-enabled kind for its tasks, runs the union as one lthmpi.graph.Graph, and hands each task back to the kind
+The coordinator (lthmpi/parallel/coordinator.py) knows no kind: after the parent and the masks exist it asks every
+enabled kind for its tasks, runs the union as one lthmpi.parallel.graph.Graph, and hands each task back to the kind
 named in `task.kind`. A kind is an object with
 
     name: str                                    the value of `task.kind` for its tasks
     enabled(cfg) -> bool                         whether this experiment has tasks of this kind
-    tasks(exp) -> list[lthmpi.graph.Task]        its tasks, given the experiment (exp.cfg, exp.checkpoints,
-                                                 exp.masks, exp.reset_iterations, exp.cost ...); called on
-                                                 every rank after the masks phase, so it must be
-                                                 deterministic, and ids must not change between runs (they
-                                                 name the result files a rerun skips)
-    run(exp, task, progress, write) -> dict      do the work: train, evaluate; when `write`, write the
-                                                 result file RUN_DIR/tasks/<task.id>.h5 whole (exp.run
-                                                 .write_task, atomic) before returning; return the
-                                                 result's attributes (lthmpi.results.TaskResult columns
-                                                 plus any of the kind's own; a task that trains records
-                                                 `threads` and `kernels`, one that does not leaves `threads`
-                                                 0, so a rerun's mixed-kernels check skips it).
-                                                 `progress(n)` is called
+    tasks(exp) -> list[parallel.graph.Task]      its tasks, given the experiment (exp.cfg, exp.checkpoints,
+                                                 exp.masks or exp.mask(i, chain), exp.reset_iterations;
+                                                 retraining.cost estimates one); called on every rank after
+                                                 the masks phase, so it must be deterministic, and ids must
+                                                 not change between runs (they name the result files a
+                                                 rerun skips)
+    run(exp, task, progress, write) -> dict      do the work (retraining.retrain trains one subnetwork);
+                                                 when `write`, write the result file
+                                                 RUN_DIR/tasks/<task.id>.h5 whole (exp.run.write_task,
+                                                 atomic) before returning; return the result's attributes
+                                                 (lthmpi.results.TaskResult columns plus any of the kind's
+                                                 own; a task that trains records `threads` and `kernels`,
+                                                 one that does not leaves `threads` 0, so a rerun's
+                                                 mixed-kernels check skips it). `progress(n)` is called
                                                  after each training block (fault hooks, the progress
                                                  bar, rank 0 serving requests); `write` is False on the
                                                  non-leading ranks of a data-parallel subgroup, which
@@ -27,7 +28,8 @@ named in `task.kind`. A kind is an object with
 A task's dependencies are finished, and their files complete, before it starts; it reads their outputs from
 the run directory (exp.run.read_task(dep_id), or files of its own kind under exp.run.path). A task is done
 when its result file exists: that is how a rerun resumes mid-graph and how ranks (and independent
-processes sharing the directory) see each other's progress.
+processes sharing the directory) see each other's progress. A kind's module imports no other kind and not
+lthmpi.experiment: what it needs of the experiment comes through `exp`.
 
 To add a kind: write lthmpi/kinds/<name>.py defining KIND = <your kind object>, and add "<name>" to
 MODULES below. Tests may register kinds of their own with register().
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..graph import Graph, GraphError
+from ..parallel.graph import Graph, GraphError
 
 MODULES = ("oneshot", "imp", "stability")
 

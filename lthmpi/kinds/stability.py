@@ -2,7 +2,7 @@
 parent's weights at k under the mask, identical except for the data order, and an evaluation that joins them.
 
 Tasks of pair P (ids stable across runs; P = stab_<dense|mNNN>_kNN, NN the index in stability.points):
-  P_a, P_b   train copy A (the run's data order) / copy B (another order, lthmpi.stability.order_seed) for
+  P_a, P_b   train copy A (the run's data order) / copy B (another order, lthmpi.lmc.order_seed) for
              T − k iterations (T with reset.length = "full"); each writes its final weights to
              RUN_DIR/stability/P_<a|b>.h5 (with the sha256 of the start weights and the order seed), then its
              result file tasks/P_<a|b>.h5: a copy is done when both exist
@@ -18,14 +18,14 @@ import time
 
 import numpy as np
 
-from .. import stability as st
-from ..config import stability_masks
-from ..graph import Task
+from .. import lmc as st
+from ..fileio import StoreError, atomic_h5, open_h5, read_arrays, write_arrays
+from ..lmc import DENSE
+from ..parallel.graph import Task
 from ..pruning import fraction_remaining
-from ..schedule import step_cost
-from ..store import StoreError, atomic_h5, open_h5, read_arrays, write_arrays
+from ..validation import stability_masks
+from .retraining import cost, end_iteration, retrain, start_weights
 
-DENSE = -1  # the mask index recorded for the dense network (all-ones mask)
 COPIES = ("a", "b")
 
 
@@ -33,14 +33,6 @@ def pair_id(mask: int | None, point: int, imp: bool = False) -> str:
     """stab_dense_kNN, stab_mNNN_kNN (one-shot mask index) or stab_lNN_kNN (IMP level = mask index + 1)."""
     net = "dense" if mask is None else (f"l{mask + 1:02d}" if imp else f"m{mask:03d}")
     return f"stab_{net}_k{point:02d}"
-
-
-def imp_task(exp, spec: dict):
-    """The IMP ticket whose chain (the reset point k) and level give this pair's mask (experiment.Task)."""
-    from ..experiment import Task as Retraining
-
-    level = spec["mask"] + 1
-    return Retraining(spec["mask"], exp.reset_iterations.index(spec["k"]), None, level=level)
 
 
 def endpoint_path(run, pid: str, copy: int) -> str:
@@ -84,16 +76,12 @@ class Stability:
         for mask in stability_masks(cfg):
             for i, text, k in self.points(exp):
                 pid = pair_id(mask, i, cfg.imp)
-                end = exp.total if cfg.reset.length == "remaining" else k + exp.total
+                end = end_iteration(exp, k)
                 remaining = 1.0 if mask is None else (exp.remaining[mask] if exp.remaining else 1.0)
-                cost = float(end - k) * step_cost(exp.trainer.kernels_for(remaining), remaining)
                 spec = dict(pair=pid, mask=mask, point=i, reset=text, k=k, end=end)
-                deps = ()
-                if cfg.imp and mask is not None and mask > 0:  # level l's mask is written by level l - 1's ticket
-                    from .. import imp
-
-                    deps = (imp.depends_on(imp_task(exp, spec)).id,)
-                trains = [Task(f"{pid}_{c}", self.name, deps=deps, cost=cost, spec=dict(spec, copy=j))
+                made_by = None if mask is None else exp.mask_made_by(mask, self.chain(exp, spec))
+                deps = (made_by,) if made_by else ()  # an IMP level's mask is written by the level before
+                trains = [Task(f"{pid}_{c}", self.name, deps=deps, cost=cost(exp, k, remaining), spec=dict(spec, copy=j))
                           for j, c in enumerate(COPIES)]
                 out += trains
                 out.append(Task(f"{pid}_eval", self.name, deps=tuple(t.id for t in trains), cost=eval_cost,
@@ -112,39 +100,24 @@ class Stability:
         return {"level": spec["mask"] + 1} if exp.cfg.imp and spec["mask"] is not None else {}
 
     # -- the two trainings ------------------------------------------------------------------------------------
+    def chain(self, exp, spec: dict) -> int:
+        """The reset-point index of the pair's k: in an IMP run, the chain whose level gives its mask."""
+        return exp.reset_iterations.index(spec["k"]) if exp.cfg.imp else 0
+
     def start(self, exp, spec: dict) -> tuple[dict, dict | None]:
         """The weights at k with the pruned ones zeroed, and the mask (None = dense): the same for A and B."""
-        if spec["mask"] is None:
-            mask = None
-        elif exp.cfg.imp:
-            from .. import imp
-
-            mask = imp.mask_of(exp.run, imp_task(exp, spec))
-        else:
-            mask = exp.masks[spec["mask"]]
-        weights = dict(exp.checkpoints[spec["k"]])
-        if mask is not None:
-            weights = {p: (w * mask[p] if p in mask else w) for p, w in weights.items()}
-        return weights, mask
+        mask = None if spec["mask"] is None else exp.mask(spec["mask"], self.chain(exp, spec))
+        return start_weights(exp, spec["k"], mask)
 
     def train(self, exp, task: Task, progress, write: bool) -> dict:
         spec, cfg, tr = task.spec, exp.cfg, exp.trainer
         weights, mask = self.start(exp, spec)
-        tr.set_weights(weights)
-        tr.set_masks(mask)
-        tr.reset_optimizer(exp.optimizer_states.get(spec["k"]) if cfg.reset.optimizer_state == "restore" else None)
         seed = st.order_seed(cfg.seed, spec["copy"])
-        t0 = time.time()
-        h = tr.fit(spec["k"], spec["end"], progress=progress, order_seed=seed)
-        t1 = time.time()
-        attrs = dict(task_id=task.id, kind=self.name, mask=DENSE if mask is None else spec["mask"],
-                     remaining=1.0 if mask is None else fraction_remaining(mask), reset=spec["reset"],
-                     reset_iteration=spec["k"], control=f"stability_{COPIES[spec['copy']]}",
-                     final_accuracy=h.final_accuracy, early_stop_iteration=h.early_stop_iteration,
-                     early_stop_accuracy=h.early_stop_accuracy, best_val_loss=h.best_val_loss,
-                     iterations=spec["end"] - spec["k"], diverged=h.diverged, seconds=t1 - t0, start_time=t0,
-                     end_time=t1, rank=exp.rank, host=exp.host, threads=tr.threads, kernels=tr.kernels,
-                     order_seed=seed, start_sha256=weights_digest(weights), **self.level(exp, spec))
+        attrs, _ = retrain(exp, weights, mask, spec["k"], spec["end"], cfg.reset.optimizer_state == "restore",
+                           progress, order_seed=seed, task_id=task.id, kind=self.name,
+                           mask=DENSE if mask is None else spec["mask"], reset=spec["reset"],
+                           control=f"stability_{COPIES[spec['copy']]}")
+        attrs.update(order_seed=seed, start_sha256=weights_digest(weights), **self.level(exp, spec))
         if write:
             path = endpoint_path(exp.run, spec["pair"], spec["copy"])
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -166,16 +139,16 @@ class Stability:
         data = exp.data
         batches = (st.bn_batches(len(data.x_train), exp.cfg.train.batch_size, s.bn_batches, exp.cfg.seed)
                    if s.bn_reestimate else None)
-        t0 = time.time()
+        t0, m0 = time.time(), time.monotonic()
         c = st.curve(exp.trainer.model, wa, wb, data.x_test, data.y_test, s.alphas, data.x_train, batches)
-        t1 = time.time()
+        t1, seconds = time.time(), time.monotonic() - m0
         mask = spec["mask"]
         remaining = 1.0 if mask is None else fraction_remaining(self.start(exp, spec)[1])
         bn = bool(batches) and bool(st.batch_norm_layers(exp.trainer.model))
         attrs = dict(task_id=task.id, kind=self.name, mask=DENSE if mask is None else mask, remaining=remaining,
                      reset=spec["reset"], reset_iteration=spec["k"], control="stability_eval", iterations=0,
                      threads=exp.trainer.threads, threshold=s.threshold, bn_reestimate=bn,
-                     seconds=t1 - t0, start_time=t0, end_time=t1, rank=exp.rank, host=exp.host,
+                     seconds=seconds, start_time=t0, end_time=t1, rank=exp.rank, host=exp.host,
                      **self.level(exp, spec), **st.summary(c, s.threshold))
         if write:
             exp.run.write_task(task.id, attrs, {"curve": c})

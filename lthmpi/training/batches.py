@@ -1,9 +1,9 @@
 """Where a block of training batches comes from: the batch order, and the source of the rows.
 
-The fast path (DESIGN.md §6) keeps a split in memory as one tensor and hands it, with a (K, B) block of row
+The fast path (docs/performance.md) keeps a split in memory as one tensor and hands it, with a (K, B) block of row
 indices, to one compiled call that gathers each batch itself. A source that streams from disk plugs in at
 `train_feed`: it returns the rows of the block (x, y) and indices into them (docs/trainer.md), as
-lthmpi.data.batches.DiskSource does for a prepared file left on disk (docs/data.md).
+lthmpi.data.disk_batches.DiskSource does for a prepared file left on disk (docs/data.md).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ and their gradients are summed through a reducer between the two compiled halves
 global batch, and with it the mathematics, does not change with the subgroup's size.
 
 A reducer is anything with `rank`, `size`, `allreduce_sum(numpy array) -> numpy array` and
-`all_equal(value) -> bool` (lthmpi/parallel.py's MpiReducer over mpi4py; a test's stand-in in one process).
+`all_equal(value) -> bool` (lthmpi/parallel/mpi.py's MpiReducer over mpi4py; a test's stand-in in one process).
 """
 from __future__ import annotations
 

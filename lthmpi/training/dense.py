@@ -1,7 +1,7 @@
 """The dense backend: XLA-compiled masked steps on TensorFlow's kernels, and the compiled evaluation.
 
 One compiled call runs up to `eval_every` steps, gathering each batch from a (K, B) block of row indices
-into the training split passed as an argument (DESIGN.md §6: a Python call per step costs more than the
+into the training split passed as an argument (docs/performance.md: a Python call per step costs more than the
 step). After every optimizer update the weights are re-masked, so Adam moments, momentum and weight decay
 never revive a pruned weight. Conv nets on the CPU take one call per step on TensorFlow's graph executor
 and oneDNN (XLA:CPU runs a convolution inside a while loop ~100x slower: Conv-2, batch 60, 31 s against

@@ -27,34 +27,6 @@ class History:
         return self.best_iteration - self.start if self.best_iteration >= 0 else -1
 
 
-class Callback:
-    """Keras-like hooks of the fit loop; override what you need (each gets the loop's History too)."""
-
-    def on_block_end(self, t: int, n: int, history: History):
-        """n iterations ending at t were trained (a block: at most `eval_every` steps)."""
-
-    def on_evaluation(self, record: dict, history: History):
-        """A validation at an evaluation boundary (record: iteration, train_loss, val_loss, val_accuracy)."""
-
-    def on_checkpoint(self, t: int, history: History):
-        """Iteration t is a checkpoint: the model and optimizer variables hold their state at t."""
-
-
-class _Functions(Callback):
-    """The loop's two plain-function hooks (progress(n), on_checkpoint(t)) as a Callback."""
-
-    def __init__(self, progress=None, on_checkpoint=None):
-        self.progress, self.checkpoint = progress, on_checkpoint
-
-    def on_block_end(self, t, n, history):
-        if self.progress:
-            self.progress(n)
-
-    def on_checkpoint(self, t, history):
-        if self.checkpoint:
-            self.checkpoint(t)
-
-
 def boundaries(start: int, end: int, every: int, per_epoch: int, checkpoints) -> list[int]:
     """The iterations in (start, end] after which the loop evaluates: every `every`, each epoch's end, each
     checkpoint, and `end`."""
@@ -64,18 +36,19 @@ def boundaries(start: int, end: int, every: int, per_epoch: int, checkpoints) ->
 
 
 def fit(backend, schedule, start: int, end: int, every: int, per_epoch: int, checkpoints=(),
-        callbacks=(), progress=None, on_checkpoint=None) -> History:
+        progress=None, on_checkpoint=None) -> History:
     """Train iterations [start, end) on `backend` at `schedule`'s learning rates; evaluate every `every`
-    iterations and at epoch ends, keep the best weights (lowest validation loss), report checkpoints."""
-    hooks = [*callbacks, _Functions(progress, on_checkpoint)]
+    iterations and at epoch ends, keep the best weights (lowest validation loss), report checkpoints:
+    `progress(n)` after each block of n iterations, `on_checkpoint(t)` with the model's state at t."""
+    progress = progress or (lambda n: None)
+    on_checkpoint = on_checkpoint or (lambda t: None)
     h = History(start=start, end=end)
     ckpts = {c for c in checkpoints if start <= c <= end}
     backend.begin()
     try:
         if start in ckpts:
-            for cb in hooks:
-                cb.on_checkpoint(start, h)
-        _train(backend, schedule, h, every, per_epoch, ckpts, hooks)
+            on_checkpoint(start)
+        _train(backend, schedule, h, every, per_epoch, ckpts, progress, on_checkpoint)
         last = h.epochs[-1] if h.epochs else None
         if last is not None and last["iteration"] == end and not h.diverged:
             h.final_accuracy = last["test_accuracy"]  # measured at the last boundary already
@@ -90,7 +63,7 @@ def fit(backend, schedule, start: int, end: int, every: int, per_epoch: int, che
     return h
 
 
-def _train(backend, schedule, h: History, every: int, per_epoch: int, ckpts: set, hooks):
+def _train(backend, schedule, h: History, every: int, per_epoch: int, ckpts: set, progress, on_checkpoint):
     t, epoch_loss, epoch_n, seg_loss, seg_n = h.start, 0.0, 0, 0.0, 0
     for b in boundaries(h.start, h.end, every, per_epoch, ckpts):
         while t < b:
@@ -98,8 +71,7 @@ def _train(backend, schedule, h: History, every: int, per_epoch: int, ckpts: set
             seg_loss += backend.train(t, n, schedule.rates(t, n))
             seg_n += n
             t += n
-            for cb in hooks:
-                cb.on_block_end(t, n, h)
+            progress(n)
         if not math.isfinite(seg_loss):
             h.diverged = True
             return
@@ -107,8 +79,6 @@ def _train(backend, schedule, h: History, every: int, per_epoch: int, ckpts: set
         val_loss, val_acc = backend.evaluate("val")
         record = dict(iteration=b, train_loss=seg_loss / max(1, seg_n), val_loss=val_loss, val_accuracy=val_acc)
         h.evals.append(record)
-        for cb in hooks:
-            cb.on_evaluation(record, h)
         seg_loss, seg_n = 0.0, 0
         if not math.isfinite(val_loss):
             h.diverged = True
@@ -123,5 +93,4 @@ def _train(backend, schedule, h: History, every: int, per_epoch: int, ckpts: set
             epoch_loss, epoch_n = 0.0, 0
         if b in ckpts:
             backend.sync()
-            for cb in hooks:
-                cb.on_checkpoint(b, h)
+            on_checkpoint(b)

@@ -14,8 +14,8 @@ from . import loop, optimizer as optim
 from .batches import BatchOrder, InMemoryBatches
 from .data_parallel import DataParallelBackend
 from .dense import CompiledSteps, DenseBackend
-from .schedule import StepDecay
-from .sparse_c import SparseBackend, sparse_layout
+from .lr_schedule import StepDecay
+from .sparse_backend import SparseBackend, sparse_layout
 
 log = logging.getLogger("lthmpi")
 _SAID: set = set()  # reasons the sparse kernels are off, logged once per process
@@ -49,7 +49,7 @@ class MaskedTrainer:
         self.streamed = not getattr(data, "in_memory", True)
         norm = getattr(data, "norm", None)
         if batches is None and self.streamed:
-            from ..data.batches import DiskSource
+            from ..data.disk_batches import DiskSource
 
             order = BatchOrder(len(data.x_train), train_cfg.batch_size, seed)
             every = max(1, Step.parse(train_cfg.eval_every).iterations(order.per_epoch))
@@ -201,7 +201,7 @@ class MaskedTrainer:
             return self._fitting.evaluate(split)
         return (self._parallel or self._dense).evaluate(split)
 
-    def fit(self, start: int, end: int, checkpoints=(), on_checkpoint=None, progress=None, callbacks=(),
+    def fit(self, start: int, end: int, checkpoints=(), on_checkpoint=None, progress=None,
             order_seed: int | None = None) -> loop.History:
         """Train iterations [start, end); evaluate every `eval_every` and at epoch ends; early-stop bookkeeping.
 
@@ -211,12 +211,12 @@ class MaskedTrainer:
             mine = self.batches.order
             self.batches.set_order(BatchOrder(mine.n, mine.batch, order_seed))
             try:
-                return self.fit(start, end, checkpoints, on_checkpoint, progress, callbacks)
+                return self.fit(start, end, checkpoints, on_checkpoint, progress)
             finally:
                 self.batches.set_order(mine)
         self._fitting = self.backend()
         try:
             return loop.fit(self._fitting, self.schedule, start, end, self.eval_every, self.per_epoch, checkpoints,
-                            callbacks, progress=progress, on_checkpoint=on_checkpoint)
+                            progress=progress, on_checkpoint=on_checkpoint)
         finally:
             self._fitting = None

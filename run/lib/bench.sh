@@ -32,7 +32,8 @@ bench_setup() {
 bench_check_config() {
   "$PY" - "$@" <<'PYEOF' || die "the experiment's options are refused (above)"
 import sys
-from lthmpi.config import ConfigError, resolve
+from lthmpi.config import ConfigError
+from lthmpi.validation import resolve
 from lthmpi.main import parser
 args = parser().parse_args(["--run-dir", "unused", *sys.argv[1:]])
 try:

@@ -29,11 +29,13 @@ import re
 import shutil
 import time
 
-from . import faults, kinds
-from .config import Config, ConfigError
-from .coordinator import PhaseTimer, check_finished, run_one, setup_logging
-from .schedule import plan
-from .store import RunDir, StoreError, atomic_path, release
+from .. import faults, kinds
+from ..config import Config, ConfigError
+from ..fileio import StoreError, atomic_path
+from ..store import RunDir, release
+from .comm import SelfComm
+from .phases import PhaseTimer, check_finished, make_masks, make_parent, merge, run_one, startup
+from .scheduling import plan
 
 log = logging.getLogger("lthmpi")
 
@@ -92,32 +94,24 @@ def run_shard(cfg: Config, run_dir: str, share: tuple[int, int] | None, t_start:
               quiet: bool = False, allow_mixed: bool = False) -> dict:
     """Run share (I, N) in this process, or with None only make the parent and the masks. Returns what it did:
     trained (task ids), done and total (tasks of the graph). `allow_mixed`: as the coordinator's."""
-    from .experiment import Experiment
-    from .runtime import auto_threads
+    from ..runtime import auto_threads
 
     index, count = share or (0, 0)
     faults.set_fault(index)
     timer = PhaseTimer(t_start)
     run = RunDir(run_dir)
-    if cfg.imp and "imp" not in {k.name for k in kinds.enabled(cfg)}:
-        raise ConfigError("prune.method = \"imp\" runs on one process for now (its chains are not yet tasks of "
-                          "the graph with their dependencies): run it without --shard")
+    one = SelfComm()
     with timer.phase("startup"):
-        if os.path.exists(run.config_path):  # another experiment's directory: before seconds of imports
-            run.check_config(cfg)
-        exp = Experiment(cfg, run.path, rank=index, threads=auto_threads(1, cfg.parallel.threads))
-        exp.check_rerun(allow_mixed)  # tasks already trained on other threads or kernels: refused
-        run.create(cfg, shared=True)
-        setup_logging(run.path, index, verbose=not quiet, name=f"shard{index}" if share else "setup")
-        check_finished(run)
+        exp = startup(cfg, run, one, auto_threads(1, cfg.parallel.threads), allow_mixed=allow_mixed, quiet=quiet,
+                      shard=(index, f"shard{index}" if share else "setup"))
     with contextlib.ExitStack() as setup:  # the parent and the masks, made once
         with timer.phase("parent"):  # waiting for the shard that trains it included
             setup.enter_context(run.hold("setup"))
             for path in (run.parent_path, run.masks_path):
                 run.remove_temporaries_of(path)
-            exp.train_parent()
+            make_parent(exp, one)
         with timer.phase("masks"):
-            exp.compute_masks()
+            make_masks(exp, one)
     with timer.phase("distribution"):
         graph = kinds.build_graph(exp)
         if not os.path.exists(_graph_path(run)):  # for --merge, which then needs neither data nor model
@@ -182,7 +176,7 @@ def _claim_next(run: RunDir, graph, left: list, done: set):
 def merge_run(cfg: Config | None, run_dir: str, t_start: float | None = None) -> str:
     """results.h5 of a run whose tasks the shards have trained; refuses, naming them and their shards, while
     any is missing. Reads the task ids the shards recorded (no data, no model); builds the graph otherwise."""
-    from .results import merge, provenance
+    from ..results import provenance
 
     run = RunDir(run_dir)
     saved = run.load_config()
@@ -207,7 +201,7 @@ def merge_run(cfg: Config | None, run_dir: str, t_start: float | None = None) ->
     prov = provenance(max(1, len({r["shard"] for r in records})), hosts, records[0]["threads"] if records else 0,
                       "none (job-array shards)")
     prov.update(schedule="shards", shards=max([r["shards"] for r in records], default=1))
-    path = merge(run, ids, _timing(records, timer), prov, deps=deps)
+    path = merge(run, ids, deps, _timing(records, timer), prov)
     shutil.rmtree(run.claims_dir, ignore_errors=True)  # every task is done: no shard will claim again
     return path
 
@@ -224,7 +218,7 @@ def _graph_ids(run: RunDir) -> tuple[list[str], dict] | None:
 
 def _build_graph_ids(cfg: Config, run: RunDir) -> tuple[list[str], dict]:
     """The task ids from the graph itself (shards that never got as far as recording them): data and model."""
-    from .experiment import Experiment
+    from ..experiment import Experiment
 
     if not (os.path.exists(run.parent_path) and os.path.exists(run.masks_path)):
         raise StoreError(f"{run.path} has no parent and masks yet: run the shards (--shard I/N) first")

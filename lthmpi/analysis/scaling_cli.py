@@ -45,7 +45,8 @@ import math
 import os
 import sys
 
-from ..schedule import step_cost
+from ..parallel.scheduling import step_cost
+from ..tables import text_table
 
 PROG = "lthmpi.analysis model"
 
@@ -87,7 +88,7 @@ def parse_ranks(text: str) -> list[int]:
 
 
 def parse_schedulers(text: str) -> list[str]:
-    from ..schedule import SCHEDULERS
+    from ..parallel.scheduling import SCHEDULERS
 
     out = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in out if s not in SCHEDULERS]
@@ -155,8 +156,8 @@ def scheduler_of(res: dict) -> str:
 def profile_from_results(res: dict, cores: int | None = None, overhead: float | None = None,
                          dp_efficiency: float | None = None):
     """A scaling_model.RunProfile from one loaded results dict (lthmpi.results.load)."""
+    from .scaling import rank_busy, ranks_of, session_tasks
     from .scaling_model import RunProfile
-    from .scaling import ranks_of, rank_busy, session_tasks
 
     tasks = res["tasks"]
     if not tasks:
@@ -290,8 +291,8 @@ def describe_calibration(cal: dict, ref_ranks: int) -> str:
 
 def check(profile, res_ref: dict, checks: list[dict], cores, warmup: float = 0.0) -> list[dict]:
     """For each measured run: P, scheduler, measured and predicted wall / training time, error %."""
-    from .scaling_model import predict
     from .scaling import ranks_of
+    from .scaling_model import predict
 
     rows = []
     for res in checks:
@@ -351,19 +352,13 @@ def _f(v, fmt=".2f") -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
 
-def table(head: list[str], rows: list[list]) -> str:
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(head)]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head, *cells])
-
-
 def prediction_table(rows: list[dict], unit: float = 1.0, unit_name: str = "s") -> str:
     head = ["P", "scheduler", f"wall {unit_name}", "S(P)", "E(P)", f"training {unit_name}", "imbalance", "workers", "idle",
             f"cp bound {unit_name}"]
     body = [[r["P"], r["scheduler"], _f(r["wall"] / unit), _f(r["speedup"]), _f(r["efficiency"], ".3f"),
              _f(r["makespan"] / unit), _f(r["imbalance"], ".3f"), r["workers"], r["idle"], _f(r["bound"] / unit)]
             for r in rows]
-    return table(head, body)
+    return text_table(head, body)
 
 
 def check_table(rows: list[dict]) -> str:
@@ -371,7 +366,7 @@ def check_table(rows: list[dict]) -> str:
             "training error %"]
     body = [[r["run"], r["P"], r["scheduler"], _f(r["measured"]), _f(r["predicted"]), _signed(r["error_pct"]),
              _f(r["measured_training"]), _f(r["predicted_training"]), _signed(r["training_error_pct"])] for r in rows]
-    return table(head, body)
+    return text_table(head, body)
 
 
 def _signed(v) -> str:

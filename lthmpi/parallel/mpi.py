@@ -1,4 +1,4 @@
-"""The communicator over MPI (lthmpi.comm's interface): the only module that imports mpi4py.
+"""The communicator over MPI (comm.py's interface): the only module that imports mpi4py.
 
 Waits sleep between tests of a pending request instead of blocking in MPI: a blocking MPICH call spins a core
 (on an oversubscribed host, one that a training rank needs) and defers Python's signal handlers.
@@ -81,7 +81,7 @@ class MpiComm:
 
     def node_slot(self):
         """Where this rank sits on its host (devices.NodeSlot: its GPU follows from it). Collective."""
-        from .devices import NodeSlot
+        from ..devices import NodeSlot
 
         local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED)
         slot = NodeSlot(local.Get_rank(), local.Get_size(),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 EVAL_BATCH = 500  # rows per forward pass
+DENSE = -1  # the mask index recorded for the dense network (an all-ones mask), in task files and results
 
 
 def alphas(n: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The communicator the coordinator is written against, and its one-rank implementation (no MPI at all).
 
-`lthmpi/mpi.py` implements the same interface over mpi4py; the coordinator cannot tell them apart. Every
+`mpi.py` (this package) implements the same interface over mpi4py; the coordinator cannot tell them apart. Every
 method that waits sleeps between polls (a blocking MPICH call spins a core and defers signals), so waiting
 ranks of an oversubscribed host leave its cores to the ranks that train.
 

@@ -7,11 +7,11 @@ A Task is a value: it can be written to disk and sent between ranks (it is pickl
 is only who runs it. Its fields:
   id     unique, also the file name of its result (RUN_DIR/tasks/<id>.h5); stable across runs, so a rerun
          recognises what is complete on disk
-  kind   the name of the kind that made it and that runs it (lthmpi.kinds.KINDS)
+  kind   the name of the kind that made it and that runs it (lthmpi.kinds.registry)
   deps   ids of the tasks whose results it reads (they finish before it starts)
   cost   estimated relative cost (e.g. iterations x cost of a step); only ratios matter
   group  the `static` scheduler's unit: tasks of one group go to one rank (default: the task alone)
-  spec   the kind's own picklable description of the work (the one-shot grid: experiment.Task)
+  spec   the kind's own picklable description of the work (the one-shot grid and IMP: kinds/retraining.Retraining)
 
 Priority (who runs first among ready tasks): the longest remaining path through the graph (the task's cost
 plus the costliest chain of tasks that depend on it, the critical path), then its own cost, then its place

@@ -69,7 +69,7 @@ def assign_static(tasks: list, n_ranks: int, group_key: Callable = lambda t: t.m
 
 
 def list_schedule(graph, todo: list, n_ranks: int) -> list[list]:
-    """LPT on a task graph (lthmpi.graph.Graph): each task, highest priority (critical path, then cost) among
+    """LPT on a task graph (graph.py): each task, highest priority (critical path, then cost) among
     those whose dependencies are placed, onto the rank where it can start first (ties -> lowest rank), with
     the tasks' estimated costs. Tasks not in `todo` are complete. On a graph without edges this is exactly
     `assign_lpt` (longest first onto the least-loaded rank). Each rank's list is in order of planned start,

@@ -70,9 +70,10 @@ def test_each_level_prunes_the_smallest_survivors():
 @pytest.mark.parametrize("rate", [0.2, 0.1, 0.35, 0.5])
 @pytest.mark.parametrize("scope", ["global", "layerwise"])
 def test_level_one_equals_the_one_shot_mask(rate, scope):
+    """At level 1's overall fraction, one-shot with the same per-round rate cuts level 1's mask."""
     w = random_weights(7)
     a = imp_step(w, None, rate, scope, {"output": 0.5})
-    b = magnitude_masks(w, 1 - rate, scope, {"output": 0.5})
+    b = magnitude_masks(w, fraction_remaining(a), scope, {"output": 0.5}, rate=rate)
     assert all(np.array_equal(a[p], b[p]) for p in SIZES)
 
 
@@ -178,8 +179,8 @@ def test_level_one_is_the_one_shot_mask_of_the_parent(imp_run):
     ckpts, _, attrs = RunDir(path).read_checkpoints()
     final = ckpts[int(attrs["iterations"])]
     m1 = chain_masks(path, 0, 1)[0][0]
-    one_shot = magnitude_masks({p: final[p] for p in m1}, 1 - cfg.prune.imp_rate, cfg.prune.scope,
-                               cfg.prune.layer_rates)
+    one_shot = magnitude_masks({p: final[p] for p in m1}, fraction_remaining(m1), cfg.prune.scope,
+                               cfg.prune.layer_rates, rate=cfg.prune.imp_rate)
     assert all(np.array_equal(m1[p], one_shot[p]) for p in m1)
 
 

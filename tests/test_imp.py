@@ -17,7 +17,7 @@ IMP_TINY = {
     "seed": 3,
     "data": {"dataset": "digits", "validation": 200},
     "train": {"iterations": 30, "batch_size": 32, "eval_every": "10it"},
-    "prune": {"method": "imp", "levels": 3, "imp_rate": 0.5},
+    "prune": {"method": "imp", "levels": 3, "imp_rate": 0.5, "layer_rates": {}},  # one pool: level 1 is one-shot 50%
     "reset": {"points": ["0it", "10it"], "controls": ["random_reinit", "random_mask"]},
     "parallel": {"threads": 1},
 }
@@ -213,7 +213,7 @@ def test_analysis_draws_imp_next_to_one_shot_of_the_same_parent(imp_run, tmp_pat
     from lthmpi.coordinator import run_serial
 
     cfg, path = imp_run
-    one_shot = from_dict({**IMP_TINY, "prune": {"remaining": [0.5, 0.25]},
+    one_shot = from_dict({**IMP_TINY, "prune": {"remaining": [0.5, 0.25], "layer_rates": {}},
                           "reset": {"points": ["0it"], "controls": []}})
     validate(one_shot)
     other = run_serial(one_shot, str(tmp_path / "oneshot"), threads=1, quiet=True)

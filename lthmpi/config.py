@@ -109,12 +109,14 @@ class PruneConfig:
     quantiles: list = key([], "the seed study's magnitude percentiles pruned (60 -> 40% kept); overrides "
                               "prune.remaining when given")
     scope: str = key("global", "global (layers ranked together) | layerwise")
-    layer_rates: dict = key({"output": 0.5}, "layer-name pattern -> multiplier of the pruning rate (Frankle & "
-                                             "Carbin prune the output layer at half rate)")
+    layer_rates: dict = key({"output": 0.5}, "layer-name pattern -> multiplier m of the per-round rate prune.imp_rate "
+                                             "(Frankle & Carbin: output at half rate); a one-shot mask gives layer j "
+                                             "the density (1 - imp_rate * m_j)^n that IMP reaches, one n per mask")
     method: str = key("oneshot", "oneshot (a mask per prune.remaining fraction) | imp (iterative magnitude "
                                  "pruning: a chain of levels per reset point, docs/imp.md)")
     levels: int = key(20, "imp: pruning levels per reset point (level l keeps about (1 - imp_rate)^l)")
-    imp_rate: float = key(0.2, "imp: fraction of the surviving weights pruned per level (x the layer multiplier)")
+    imp_rate: float = key(0.2, "fraction of the surviving weights pruned per IMP level (x the layer multiplier); "
+                               "one-shot's layer_rates scale it too")
 
 
 @dataclass

@@ -27,7 +27,8 @@ def parser(prog: str = "python -m lthmpi.main") -> argparse.ArgumentParser:
                    help="override one key, value read as TOML (e.g. --set 'prune.remaining=[0.5, 0.2]'); repeatable")
     p.add_argument("--run-dir", metavar="DIR", help="run directory (default: runs/<dataset>_<model>_<config hash>)")
     p.add_argument("--describe", action="store_true",
-                   help="print the model's layers and parameter count for the dataset's shape, then exit (no data read)")
+                   help="print the model's layers, parameter count and memory for the dataset's shape and the "
+                        "per-layer densities of every mask, then exit (no data read, no weight drawn)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
     jobs = p.add_argument_group("job arrays (no MPI; docs/clusters.md)")
     jobs.add_argument("--shard", metavar="I/N", help="run share I of N (0-based) of the tasks as one process, in a "
@@ -41,18 +42,6 @@ def parser(prog: str = "python -m lthmpi.main") -> argparse.ArgumentParser:
     return p
 
 
-def describe(cfg) -> str:
-    from .data import KNOWN_SHAPES
-    from .models import build_model, describe as describe_model
-    from .runtime import configure_tensorflow
-
-    if cfg.data.dataset not in KNOWN_SHAPES:
-        raise ConfigError(f"--describe needs a dataset of known shape ({', '.join(sorted(KNOWN_SHAPES))}), "
-                          f"not {cfg.data.dataset!r}")
-    shape, classes = KNOWN_SHAPES[cfg.data.dataset]
-    configure_tensorflow(1)
-    model = build_model(cfg.model.name, shape, classes, cfg.seed)
-    return f"{cfg.model.name} on {cfg.data.dataset} {shape}, {classes} classes\n" + describe_model(model)
 
 
 def main(argv=None, prog: str = "python -m lthmpi.main", signals: bool | None = None) -> int:
@@ -65,6 +54,8 @@ def main(argv=None, prog: str = "python -m lthmpi.main", signals: bool | None = 
         if args.describe:
             cfg = resolve(args.config, args.sets)
             if not (launched_by_mpi() and mpi_rank_from_env() != 0):  # under mpirun, once
+                from .describe import describe
+
                 print(describe(cfg))
             return 0
         if args.shard or args.merge:

@@ -23,8 +23,9 @@ Every key of an experiment's config, its default and what it means. Give keys in
 (`--config FILE.toml`, sections as below; `run/configs/` holds the paper presets) or one at a time with
 `--set section.key=value` (the value is read as TOML: `--set 'prune.remaining=[0.5, 0.2]'`,
 `--set train.lr=3e-4`; a bare word is a string: `--set model.name=conv2`). Unknown keys and wrong types are
-refused with one line. `lthmpi run --describe` prints the model a config builds; `lthmpi run --help` lists
-these keys too. Steps are given in epochs or iterations (`"2ep"`, `"500it"`).
+refused with one line. `lthmpi run --describe` prints the model a config builds, its memory and every mask's
+per-layer densities; `lthmpi run --help` lists these keys too. Steps are given in epochs or iterations (`"2ep"`,
+`"500it"`).
 
 The resolved config is saved as `RUN_DIR/config.toml`; its hash names the default run directory. The sections
 are part of the run's identity (a rerun with another value is refused) unless their description below says

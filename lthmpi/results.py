@@ -147,11 +147,16 @@ def load(path: str) -> dict:
             provenance = {k: attr_value(v, arrays=True) for k, v in f["provenance"].attrs.items()}
             stability = [{"pair": pid, **{k: attr_value(v, arrays=True) for k, v in g.attrs.items()}, **{c: g[c][()] for c in g}}
                          for pid, g in f["stability"].items()] if "stability" in f else []
+            parent["early_stop_val_accuracy"] = early_stop_val_accuracy(
+                {c.split("/", 1)[1]: v[()] for c, v in _items(f["parent"].get("history"), "evals/")})
+            val = [early_stop_val_accuracy({c: v[()] for c, v in _items(f.get(f"curves/{tid}/evals"))})
+                   for tid in cols.get("task_id", [])]
         except (KeyError, ValueError) as e:
             raise StoreError(f"results file {path} is incomplete or corrupt ({e}); rerun the experiment to rebuild it") from None
     n = len(cols.get("task_id", []))
     tasks = [{c: cols[c][i] for c in cols} for i in range(n)]
-    for t in tasks:
+    for t, v in zip(tasks, val):
+        t["early_stop_val_accuracy"] = v
         t["control"] = t.get("control") or None
         t["rank"] = int(t["rank"])
         t["mask"] = int(t["mask"])
@@ -159,10 +164,32 @@ def load(path: str) -> dict:
                 stability=stability)
 
 
+def _items(group, prefix: str = "") -> list:
+    """(name, dataset) of an HDF5 group's datasets whose names start with `prefix`, walking subgroups
+    ("evals/val_loss"); none for a missing group."""
+    if group is None:
+        return []
+    found = []
+    group.visititems(lambda name, obj: found.append((name, obj)) if hasattr(obj, "shape") and name.startswith(prefix)
+                     else None)
+    return found
+
+
+def early_stop_val_accuracy(evals: dict) -> float:
+    """The validation accuracy where the validation loss was lowest (the early-stop point; the first on ties, as
+    the trainer keeps it): what the analysis selects winning tickets and reset points by. NaN where the curves
+    hold no finite validation loss or no validation accuracy."""
+    loss = np.asarray(evals.get("val_loss", []), dtype=float)
+    acc = np.asarray(evals.get("val_accuracy", []), dtype=float)
+    if not loss.size or acc.shape != loss.shape or not np.isfinite(loss).any():
+        return math.nan
+    return float(acc[int(np.argmin(np.where(np.isfinite(loss), loss, np.inf)))])
+
+
 def summary_json(res: dict) -> dict:
     """The machine-readable summary `python -m lthmpi.analysis RUN_DIR --json` prints."""
     keys = ("mask", "remaining", "reset", "control", "final_accuracy", "early_stop_iteration",
-            "early_stop_accuracy", "seconds", "rank")
+            "early_stop_accuracy", "early_stop_val_accuracy", "seconds", "rank")
     tasks = [{k: _none_if_nan(t[k]) for k in keys} | {"diverged": bool(t.get("diverged", False))} for t in res["tasks"]]
     parent = {k: _none_if_nan(v) for k, v in res["parent"].items()}
     return dict(config=res["config"], parent=parent, tasks=tasks, timing=res["timing"], provenance=res["provenance"])

@@ -86,10 +86,10 @@ def validate(cfg: Config) -> None:
         dup = sorted({f for f in fractions if fractions.count(f) > 1})
         raise ConfigError(f"prune thresholds contain duplicates {dup}: each mask must be distinct")
     _one_of("prune.scope", p.scope, SCOPES)
-    top_rate = p.imp_rate if cfg.imp else 1 - min(fractions)
     for name, mult in p.layer_rates.items():
-        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not 0 <= mult <= 1 / max(1e-9, top_rate):
-            raise ConfigError(f"prune.layer_rates.{name} = {mult!r} must be a number >= 0 that keeps the rate <= 1")
+        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not 0 <= mult * p.imp_rate <= 1:
+            raise ConfigError(f"prune.layer_rates.{name} = {mult!r} must be a number >= 0 that keeps the per-round "
+                              f"rate prune.imp_rate x it <= 1 (at most {1 / p.imp_rate:g})")
     if not points:
         raise ConfigError("reset.points is empty: give at least one reset point, e.g. [\"0ep\"]")
     if len({x.text for x in points}) != len(points):
@@ -169,11 +169,17 @@ def stability_masks(cfg: Config) -> list[int | None]:
 def _validate_method(p: PruneConfig) -> None:
     """prune.method and, for IMP, its keys (before remaining_fractions() does arithmetic on them)."""
     _one_of("prune.method", p.method, METHODS)
-    if p.method != "imp":
-        return
     if isinstance(p.imp_rate, bool) or not isinstance(p.imp_rate, (int, float)) or not 0 < p.imp_rate < 1:
         raise ConfigError(f"prune.imp_rate must be a fraction in (0, 1) of the surviving weights pruned per level "
                           f"(e.g. 0.2), not {p.imp_rate!r}")
+    if p.method != "imp":
+        from .pruning import ONESHOT_RATE
+
+        if p.imp_rate != ONESHOT_RATE and any(m != 1 for m in p.layer_rates.values()):
+            raise ConfigError(f"prune.imp_rate = {p.imp_rate!r}: one-shot masks with prune.layer_rates use the "
+                              f"per-round rate {ONESHOT_RATE} (Frankle & Carbin's) in this version; remove "
+                              f"prune.imp_rate or use prune.method = \"imp\"")
+        return
     if p.levels < 1:
         raise ConfigError(f"prune.levels must be >= 1 (IMP pruning levels per reset point), not {p.levels}")
     if p.quantiles:
@@ -183,12 +189,18 @@ def _validate_method(p: PruneConfig) -> None:
 
 def validate_against_model(cfg: Config, sizes: dict) -> None:
     """Checks that need the prunable layers' sizes (path -> weight count): IMP levels must leave every
-    pruning unit (a layer on its own, or the global pool) at least one weight per layer."""
-    if not cfg.imp:
-        return
-    from .pruning import imp_counts, rate_multiplier
+    pruning unit (a layer on its own, or the global pool) at least one weight per layer; a one-shot fraction
+    must leave room for the layers that rate multiplier 0 keeps dense."""
+    from .pruning import imp_counts, oneshot_counts, rate_multiplier
 
     p = cfg.prune
+    if not cfg.imp:
+        for f in cfg.remaining_fractions():
+            try:
+                oneshot_counts(sizes, f, p.scope, p.layer_rates, p.imp_rate)
+            except ValueError as e:
+                raise ConfigError(f"prune.remaining {f}: {e}") from None
+        return
     pooled = sum(1 for path in sizes if p.scope == "global" and rate_multiplier(path, p.layer_rates) == 1.0)
     for level, counts in enumerate(imp_counts(sizes, p.levels, p.imp_rate, p.scope, p.layer_rates), start=1):
         for unit, n in counts.items():

@@ -42,20 +42,33 @@ def accuracy(mask, reset, control):
     return {"random_reinit": REINIT, "random_mask": RANDMASK}[control].get((mask, reset), OTHER_CONTROL)
 
 
+def evals_at(val_accuracy: float) -> dict:
+    """Validation curves whose lowest loss (the early stop, at the 2nd of 4 evals, tied with the 4th: the first
+    counts) is where the validation accuracy is `val_accuracy`."""
+    return {"iteration": np.arange(4.0), "val_loss": np.array([0.5, 0.3, 0.4, 0.3]),
+            "val_accuracy": np.array([val_accuracy - 0.1, val_accuracy, val_accuracy + 0.05, val_accuracy + 0.02])}
+
+
 def make_run(path, *, seed=0, ranks=1, total=100.0, acc=accuracy, durations=None, masks=REMAINING,
-             parent_iterations=1000, workers=None, prov_extra=None):
+             parent_iterations=1000, workers=None, prov_extra=None, val=None, dense=(DENSE_ES, DENSE_FINAL, None)):
     """A finished run directory: config, parent attrs, one task file per retraining, merged results.h5.
 
     durations(i, task) -> (rank, seconds[, start relative to launch]); by default tasks on one rank run
-    back to back from launch + 10 s.
+    back to back from launch + 10 s. val(mask, reset, control): each retraining's validation accuracy at early
+    stop (None: no validation accuracy in the curves); dense: the parent's early-stop and final test accuracy
+    and its validation accuracy at early stop.
     """
+    dense_es, dense_final, dense_val = dense
     cfg = from_dict({"seed": seed, "data": {"dataset": "digits"},
                      "train": {"iterations": parent_iterations, "eval_every": "10it"},
                      "prune": {"remaining": list(masks)}, "reset": {"points": RESETS, "controls": CONTROLS}})
     run = RunDir(str(path))
     run.create(cfg)
-    run.write_checkpoints({}, {}, {"epochs/test_accuracy": [0.5, DENSE_FINAL]},
-                          dict(test_accuracy=DENSE_FINAL, early_stop_accuracy=DENSE_ES, early_stop_iteration=800,
+    history = {"epochs/test_accuracy": [0.5, dense_final]}
+    if dense_val is not None:
+        history.update({f"evals/{k}": v for k, v in evals_at(dense_val).items()})
+    run.write_checkpoints({}, {}, history,
+                          dict(test_accuracy=dense_final, early_stop_accuracy=dense_es, early_stop_iteration=800,
                                iterations=parent_iterations, seconds=5.0, rank=0, host="h0"))
     t0 = 1_000_000.0
     clock = {}
@@ -79,7 +92,8 @@ def make_run(path, *, seed=0, ranks=1, total=100.0, acc=accuracy, durations=None
                                          best_val_loss=0.3, iterations=parent_iterations - k, diverged=False,
                                          seconds=secs, start_time=start, end_time=start + secs, rank=rank,
                                          host="h0", threads=1),
-                               {"evals": {"iteration": np.arange(3.0), "val_loss": np.ones(3)}})
+                               {"evals": {"iteration": np.arange(3.0), "val_loss": np.ones(3)} if val is None
+                                else evals_at(val(m % len(REMAINING), point, c))})
                 ids.append(tid)
                 i += 1
     timing = dict(startup=2.0, parent=5.0, masks=0.5, distribution=0.1, training=total - 8.0, gather=0.1,
@@ -160,7 +174,10 @@ def test_text_and_markdown_tables(one_run):
     text = "\n".join(t.values())
     assert "k=0ep" in text and "k=500it" in text and "+3.60" in text and "-0.40" in text
     md = "\n".join(science.tables(g, 0.005, markdown=True).values())
-    assert "| reset | sparsest mask |" in md and "| k=500it | 2 | 10.00 | 89.60 | 90.00 | +3.60 | -0.40 |" in md
+    # these results hold no validation curves: selected on test accuracy, and the titles say so
+    assert "| reset | sparsest mask |" in md and "| k=500it | 2 | 10.00 | - | 89.60 | - | 90.00 | +3.60 | -0.40 |" in md
+    assert all("selected on TEST accuracy: these results hold no validation accuracy" in title for title in t
+               if title.startswith(("Winning", "Best")))
 
 
 def test_replicates_pool_by_seed(tmp_path):
@@ -179,6 +196,89 @@ def test_replicates_pool_by_seed(tmp_path):
         if f.endswith(".png"):
             assert_png(f)
     assert "mean of 2 seeds" in done["text"]
+
+
+# Validation accuracies at early stop, designed against TICKET's test accuracies: on validation (dense 0.91,
+# threshold 0.905 at tolerance 0.005) k=0ep's sparsest qualifying mask is 2 (on test it is mask 1: 2 misses by
+# 0.001), and mask 0's best reset point is 500it (on test it is 0ep, 0.91 against 0.905).
+VAL = {(0, "0ep"): 0.915, (1, "0ep"): 0.92, (2, "0ep"): 0.906, (3, "0ep"): 0.86,
+       (0, "500it"): 0.925, (1, "500it"): 0.88, (2, "500it"): 0.89, (3, "500it"): 0.87}
+DENSE_VAL = 0.91
+
+
+def val_accuracy(mask, reset, control):
+    return VAL[(mask, reset)] if control is None else 0.5
+
+
+def test_early_stop_validation_accuracy_is_read_where_the_validation_loss_is_lowest(tmp_path):
+    from lthmpi.results import early_stop_val_accuracy
+
+    assert early_stop_val_accuracy(evals_at(0.8)) == pytest.approx(0.8)  # the first of two equal minima
+    assert early_stop_val_accuracy({"val_loss": np.array([np.nan, 0.2]), "val_accuracy": np.array([0.9, 0.7])}) == 0.7
+    assert math.isnan(early_stop_val_accuracy({"val_loss": np.ones(3)}))  # no validation accuracy recorded
+    (res,) = load_runs([make_run(tmp_path / "v", val=val_accuracy, dense=(DENSE_ES, DENSE_FINAL, DENSE_VAL))])
+    t = next(t for t in res["tasks"] if t["task_id"] == "m002_r00_ticket")
+    assert t["early_stop_val_accuracy"] == pytest.approx(0.906) and t["early_stop_accuracy"] == pytest.approx(0.894)
+    assert res["parent"]["early_stop_val_accuracy"] == pytest.approx(DENSE_VAL)
+
+
+def test_winning_tickets_and_best_reset_are_selected_on_validation_not_test(tmp_path):
+    run = make_run(tmp_path / "v", val=val_accuracy, dense=(DENSE_ES, DENSE_FINAL, DENSE_VAL))
+    g = science.build_grid(load_runs([run]))
+    w = {row["reset"]: row for row in science.winning_tickets(g, 0.005)}
+    assert w["0ep"]["mask"] == 2  # best on validation; on test accuracy mask 1 would win
+    assert g.selected_on == science.VAL
+    assert w["0ep"]["selected"].mean == pytest.approx(0.906) and w["0ep"]["accuracy"] == pytest.approx(0.894)
+    assert w["0ep"]["margin"]["random_reinit"] == pytest.approx(0.894 - 0.70)  # margins stay on test accuracy
+    assert w["500it"]["mask"] == 0  # 0.925 qualifies; masks 1 and 2 do not on validation
+    best = {b["mask"]: b for b in science.best_reset(g)}
+    assert best[0]["reset"] == "500it" and best[0]["lead"] == pytest.approx(0.01)
+    assert best[0]["accuracy"] == pytest.approx(0.905)  # its test accuracy, reported beside it
+    md = science.tables(g, 0.005, markdown=True)
+    title = next(t for t in md if t.startswith("Winning"))
+    assert "early-stop validation accuracy" in title and "selected on validation accuracy, test beside it" in title
+    assert "| k=0ep | 2 | 10.00 | 90.60 | 89.40 | 91.00 | 90.00 | +19.40 |" in md[title]
+
+
+def seed_runs(tmp_path, offsets):
+    """One run per seed, every accuracy shifted by its seed's offset."""
+    return load_runs([make_run(tmp_path / f"s{s}", seed=s, acc=lambda m, r, c, d=d: accuracy(m, r, c) + d,
+                               val=lambda m, r, c, d=d: val_accuracy(m, r, c) + d,
+                               dense=(DENSE_ES + d, DENSE_FINAL + d, DENSE_VAL + d))
+                      for s, d in enumerate(offsets)])
+
+
+def test_fewer_than_five_seeds_show_mean_and_min_max(tmp_path):
+    g = science.build_grid(seed_runs(tmp_path, [-0.01, 0.0, 0.02]))
+    assert g.seeds == [0, 1, 2]
+    e = g.estimate("early_stop_accuracy", 2, "500it")
+    assert (e.mean, e.lo, e.hi, e.n) == pytest.approx((0.896 + 0.01 / 3, 0.886, 0.916, 3))
+    assert g.spread("early_stop_accuracy", 2, "500it") == pytest.approx((0.886, 0.916))  # the figures' band
+    assert g.dense_spread("early_stop_accuracy") == pytest.approx((0.89, 0.92))
+    tables = science.tables(g, 0.005)
+    title = next(t for t in tables if t.startswith("Test accuracy at early stop"))
+    assert "mean of 3 seeds [min, max]: fewer than 5 seeds, no t-interval" in title
+    assert "89.93 [88.60, 91.60]" in tables[title]
+    w = {row["reset"]: row for row in science.winning_tickets(g, 0.005)}
+    assert w["0ep"]["mask"] == 2 and (w["0ep"]["test"].lo, w["0ep"]["test"].hi) == pytest.approx((0.884, 0.914))
+
+
+def test_five_seeds_show_mean_and_95_percent_t_interval(tmp_path):
+    offsets = [-0.02, -0.01, 0.0, 0.01, 0.02]
+    g = science.build_grid(seed_runs(tmp_path, offsets))
+    half = 2.7764 * np.std(offsets, ddof=1) / math.sqrt(5)  # t(0.975, 4 degrees of freedom) = 2.7764
+    assert g.spread("early_stop_accuracy", 1, "0ep") == pytest.approx((0.90 - half, 0.90 + half), rel=1e-4)  # band
+    e = g.estimate("early_stop_accuracy", 1, "0ep")
+    assert e.mean == pytest.approx(0.90) and e.hi - e.mean == pytest.approx(half, rel=1e-4)
+    assert e.mean - e.lo == pytest.approx(half, rel=1e-4) and e.n == 5
+    tables = science.tables(g, 0.005)
+    title = next(t for t in tables if t.startswith("Test accuracy at early stop"))
+    assert "mean of 5 seeds ± 95% t-interval" in title and f"90.00 ± {100 * half:.2f}" in tables[title]
+    done = analyse(seed_runs(tmp_path / "again", offsets), str(tmp_path / "out"), 0.005)
+    assert "95% t-interval" in done["text"]
+    for f in done["files"]:
+        if f.endswith(".png"):
+            assert_png(f)
 
 
 # -- scaling ---------------------------------------------------------------------------------------------

@@ -38,7 +38,10 @@ CASES = {
     "lr_gamma_zero": (["train.lr_gamma=0"], ["train.lr_gamma must be in (0, 1]"]),
     "eval_every_zero_epochs": (["train.eval_every=0ep"], ["train.eval_every must be > 0"]),
     "quantile_negative": (["prune.quantiles=[50, -5]"], ["prune.quantiles entry -5", "(0, 100)"]),
-    "layer_rate_too_big": (["prune.layer_rates={output=3.0}"], ["prune.layer_rates.output = 3.0"]),
+    "layer_rate_too_big": (["prune.layer_rates={output=6.0}"], ["prune.layer_rates.output = 6.0", "at most 5"]),
+    "oneshot_layer_rates_other_rate": (["prune.imp_rate=0.1"], ["prune.imp_rate = 0.1", "per-round rate 0.2"]),
+    "oneshot_below_dense_layers": (["prune.layer_rates={fc1 = 0.0}", "prune.remaining=[0.2]"],
+                                   ["prune.remaining 0.2", "rate multiplier 0 alone keep 19200"]),
     # iterative magnitude pruning (the layer check needs the model: it runs before the run directory exists)
     "imp_rate_one": (["prune.method=imp", "prune.imp_rate=1.0"], ["prune.imp_rate must be a fraction in (0, 1)"]),
     "imp_rate_zero": (["prune.method=imp", "prune.imp_rate=0"], ["prune.imp_rate must be a fraction in (0, 1)"]),

@@ -126,8 +126,8 @@ def check_summary(s, config_file):
     # every task of a mask has the same sparsity (the random mask keeps the per-layer counts)
     assert all(len(v) == 1 for v in by_mask.values())
     r0, r1 = by_mask[0].pop(), by_mask[1].pop()
-    # global pruning with the output layer at half the rate keeps a little more than asked
-    assert 0.5 < r0 < 0.52 and 0.2 < r1 < 0.23
+    # the output layer at half the per-round rate keeps more of itself, the pool less: overall exactly as asked
+    assert abs(r0 - 0.5) < 1e-4 and abs(r1 - 0.2) < 1e-4
     tickets = [t for t in tasks if t["control"] is None]
     assert max(t["early_stop_accuracy"] for t in tickets) > 0.5
 

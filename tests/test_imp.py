@@ -18,7 +18,7 @@ IMP_TINY = {
     "seed": 3,
     "data": {"dataset": "digits", "validation": 200},
     "train": {"iterations": 30, "batch_size": 32, "eval_every": "10it"},
-    "prune": {"method": "imp", "levels": 3, "imp_rate": 0.5},
+    "prune": {"method": "imp", "levels": 3, "imp_rate": 0.5, "layer_rates": {}},  # one pool: level 1 is one-shot 50%
     "reset": {"points": ["0it", "10it"], "controls": ["random_reinit", "random_mask"]},
     "parallel": {"threads": 1},
 }
@@ -71,9 +71,10 @@ def test_each_level_prunes_the_smallest_survivors():
 @pytest.mark.parametrize("rate", [0.2, 0.1, 0.35, 0.5])
 @pytest.mark.parametrize("scope", ["global", "layerwise"])
 def test_level_one_equals_the_one_shot_mask(rate, scope):
+    """At level 1's overall fraction, one-shot with the same per-round rate cuts level 1's mask."""
     w = random_weights(7)
     a = imp_step(w, None, rate, scope, {"output": 0.5})
-    b = magnitude_masks(w, 1 - rate, scope, {"output": 0.5})
+    b = magnitude_masks(w, fraction_remaining(a), scope, {"output": 0.5}, rate=rate)
     assert all(np.array_equal(a[p], b[p]) for p in SIZES)
 
 
@@ -179,8 +180,8 @@ def test_level_one_is_the_one_shot_mask_of_the_parent(imp_run):
     ckpts, _, attrs = RunDir(path).read_checkpoints()
     final = ckpts[int(attrs["iterations"])]
     m1 = chain_masks(path, 0, 1)[0][0]
-    one_shot = magnitude_masks({p: final[p] for p in m1}, 1 - cfg.prune.imp_rate, cfg.prune.scope,
-                               cfg.prune.layer_rates)
+    one_shot = magnitude_masks({p: final[p] for p in m1}, fraction_remaining(m1), cfg.prune.scope,
+                               cfg.prune.layer_rates, rate=cfg.prune.imp_rate)
     assert all(np.array_equal(m1[p], one_shot[p]) for p in m1)
 
 
@@ -214,7 +215,7 @@ def test_analysis_draws_imp_next_to_one_shot_of_the_same_parent(imp_run, tmp_pat
     from lthmpi.parallel.coordinator import run_serial
 
     cfg, path = imp_run
-    one_shot = from_dict({**IMP_TINY, "prune": {"remaining": [0.5, 0.25]},
+    one_shot = from_dict({**IMP_TINY, "prune": {"remaining": [0.5, 0.25], "layer_rates": {}},
                           "reset": {"points": ["0it"], "controls": []}})
     validate(one_shot)
     other = run_serial(one_shot, str(tmp_path / "oneshot"), threads=1, quiet=True)

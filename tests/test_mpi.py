@@ -25,7 +25,7 @@ MPIRUN = Path(sys.executable).parent / "mpirun"
 TINY = ["--set", "data.dataset=digits", "--set", "data.validation=200", "--set", "train.epochs=2",
         "--set", "train.batch_size=32", "--set", "prune.remaining=[0.5, 0.2, 0.1]",
         "--set", 'reset.points=["0ep", "10it"]', "--set", 'reset.controls=["random_reinit"]',
-        "--set", "train.eval_every=10it", "--set", "parallel.threads=1", "--quiet"]
+        "--set", "train.eval_every=10it", "--set", "parallel.threads=1", "--set", "prune.layer_rates={}", "--quiet"]
 N_TASKS = 3 * 2 * 2
 DIGITS_SIZES = {"val": 200, "test": 360}  # data.validation = 200 of digits' 1797, 360 test
 

@@ -82,3 +82,90 @@ def test_presets_use_the_weight_decay_their_papers_used():
         cfg = resolve(str(preset))
         if cfg.train.weight_decay:
             assert cfg.train.weight_decay_mode == "l2", preset.name
+
+
+def describe(*args):
+    """--describe in a process of its own (it builds models without values, for a process that then exits)."""
+    r = subprocess.run([sys.executable, "-m", "lthmpi.main", "--describe", *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def density_rows(text: str) -> dict:
+    """The densities table: mask label -> {column head: percent}, from the line that starts with "mask"."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("mask "))
+    heads = lines[start].split()[1:]
+    rows = {}
+    for ln in lines[start + 1:]:
+        cells = ln.rsplit(None, len(heads))
+        if len(cells) != len(heads) + 1 or not cells[-1].endswith("%"):
+            break
+        rows[cells[0]] = {h: float(c.rstrip("%")) for h, c in zip(heads, cells[1:])}
+    return rows
+
+
+@pytest.mark.parametrize("preset,mask,rounds", [("lenet_mnist_frankle", "0.028147", 0.1),
+                                                ("lenet_mnist_frankle_imp", "level 16", 0.02)])
+def test_describe_prints_memory_and_the_per_layer_densities_of_every_mask(preset, mask, rounds):
+    """LeNet-300-100 (Frankle & Carbin): the fully connected layers keep 0.8^n and the output 0.9^n with one n:
+    16 at IMP's level 16; a little more at one-shot's 0.8^16 of all weights (IMP's level 16 keeps more than that,
+    its output being pruned at half rate). The output keeps ~18.5% in both, not one-shot's old 51%."""
+    import math
+
+    cfg = resolve(str(ROOT / "run" / "configs" / f"{preset}.toml"))
+    text = describe("--config", str(ROOT / "run" / "configs" / f"{preset}.toml"))
+    params = 784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10
+    weights = params * 4 / 2 ** 20
+    assert f"float32 weights {weights:.1f} MiB + 2 Adam slots = {3 * weights:.1f} MiB per model and rank" in text
+    rows = density_rows(text)
+    assert len(rows) == len(cfg.remaining_fractions())
+    row = rows[mask]
+    n = math.log(row["fc1"] / 100) / math.log(0.8)
+    assert n == pytest.approx(16, abs=rounds) and row["kept"] >= 100 * 0.8 ** 16 - 0.005
+    assert row["fc2"] == pytest.approx(row["fc1"], abs=0.01)
+    assert row["output"] == pytest.approx(100 * 0.9 ** n, abs=0.1) and row["output"] == pytest.approx(18.5, abs=0.3)
+    assert "depend on the trained weights" not in text  # layer-wise: every density is fixed by the sizes
+
+
+def test_describe_says_when_per_layer_densities_depend_on_the_weights():
+    text = describe("--set", "prune.layer_rates={}", "--set", "train.optimizer=sgd")
+    assert "global by magnitude: per-layer densities depend on the trained weights" in text
+    assert density_rows(text)["0.8"] == {"kept": 80.0, "pool[fc1,fc2,output]": 80.0}
+    assert "+ 1 SGD momentum slot =" in text
+
+
+def image_tree(root: Path, classes: int) -> Path:
+    for c in range(classes):
+        (root / "train" / f"class{c}").mkdir(parents=True)
+    return root
+
+
+def test_describe_warns_of_a_model_far_larger_than_on_its_papers_input(tmp_path):
+    """conv2 on a 224x224 image tree: fc1 alone has 112 * 112 * 64 * 256 weights, ~48x Conv-2 on CIFAR-10."""
+    tree = image_tree(tmp_path, 3)
+    sets = ["--set", "data.dataset=imagefolder", "--set", f"data.dir={tree}", "--set", "model.name=conv2"]
+    conv = 3 * 3 * 3 * 64 + 64 + 3 * 3 * 64 * 64 + 64
+    big = conv + 112 * 112 * 64 * 256 + 256 + 256 * 256 + 256 + 256 * 3 + 3
+    paper = conv + 16 * 16 * 64 * 256 + 256 + 256 * 256 + 256 + 256 * 3 + 3
+    text = describe(*sets)
+    warning = [ln for ln in text.splitlines() if ln.startswith("warning:")]
+    assert len(warning) == 1 and f"{big:,} parameters, {big / paper:.0f}x the {paper:,}" in warning[0]
+    assert "set data.image_size = 32" in warning[0] and f"total params: {big:,}" in text
+    assert "GiB per model and rank" in text
+    assert "warning:" not in describe(*sets, "--set", "data.image_size=32")
+
+
+def test_presets_on_image_trees_use_their_papers_input_size(tmp_path):
+    tree = image_tree(tmp_path, 4)
+    for preset in PRESETS:
+        if resolve(str(preset)).data.dataset == "imagefolder":
+            text = describe("--config", str(preset), "--set", f"data.dir={tree}", "--set", 'data.prepared=""')
+            assert "warning:" not in text and "4 classes" in text, preset.name
+
+
+def test_describe_an_image_tree_without_its_directory_is_one_line():
+    r = subprocess.run([sys.executable, "-m", "lthmpi.main", "--describe", "--set", "data.dataset=imagefolder",
+                        "--set", "data.dir=/nonexistent/tree"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "set data.dir to the image tree" in r.stderr

@@ -130,17 +130,19 @@ BARRIERS = {(-1, 0): 0.05, (-1, 500): 0.01, (0, 0): 0.01, (0, 500): 0.015, (1, 0
             (2, 0): 0.03, (2, 500): 0.019, (3, 0): 0.01, (3, 500): 0.04}
 
 
-def make_stability_run(path):
+def make_stability_run(path, seed=0, shift=0.0):
+    """The designed run with its stability pairs; `shift` is added to every barrier (another seed)."""
     from test_analysis import REMAINING, make_run
 
     from lthmpi.results import merge
     from lthmpi.store import RunDir
 
-    make_run(path)
+    make_run(path, seed=seed)
     run = RunDir(str(path))
     tasks = sorted(run.done_tasks())
     pair_ids = []
     for (m, k), b in BARRIERS.items():
+        b += shift
         a = st.alphas(5)
         err = 0.1 + b * 4 * a * (1 - a)
         curve = {"alpha": a, "error": err, "loss": 0.3 + 2 * b * 4 * a * (1 - a)}
@@ -429,3 +431,18 @@ def test_a_rerun_does_not_call_an_evaluation_trained_on_other_kernels():
                                                          "p_eval")]
     assert mixed_kernels({"p_a": train}, 1, sparse) == [("1 finished task(s) trained with dense kernels (this run: "
                                                          "sparse): p_a")]
+
+
+def test_stability_over_seeds_is_a_mean_with_its_range_and_stable_count(tmp_path):
+    from lthmpi.analysis import load_runs
+    from lthmpi.analysis import stability as sa
+    from lthmpi.analysis.report import analyse
+
+    runs = load_runs([make_stability_run(tmp_path / f"s{s}", seed=s, shift=d) for s, d in enumerate([0, 0.01, -0.01])])
+    head, rows = sa.seed_rows(runs)
+    assert head == ["network", "k=0ep (min–max)", "k=500it (min–max)"]
+    by = {r[0]: r[1:] for r in rows}
+    assert by["dense"] == ["5.00 [4.00, 6.00], stable in 0/3", "1.00 [0.00, 2.00], stable in 2/3"]
+    assert by["50% left"][1] == "1.50 [0.50, 2.50], stable in 2/3"
+    done = analyse(runs, str(tmp_path / "out"), 0.005)
+    assert "Stability over seeds" in done["text"] and "5.00 [4.00, 6.00], stable in 0/3" in done["text"]

@@ -14,7 +14,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 
 from . import scaling as _scaling  # noqa: E402
-from .science import Grid  # noqa: E402
+from .science import Grid, interval_name  # noqa: E402
 
 # Okabe–Ito colours (colour-blind safe), then markers, dashes and hatches so that grey prints still separate.
 COLORS = ["#000000", "#E69F00", "#0072B2", "#009E73", "#D55E00", "#56B4E9", "#CC79A7", "#F0E442"]
@@ -100,14 +100,15 @@ def accuracy_figure(g: Grid | dict, path: str, tolerance: float, title: str = ""
         if math.isfinite(dense):
             lo, hi = g.dense_spread(metric)
             ax.axhspan(100 * (lo - tolerance), 100 * (hi + tolerance), color="#bbbbbb", alpha=0.35, hatch="",
-                       label=f"dense parent ±{100 * tolerance:g} pp" + (" (range over seeds)" if len(g.seeds) > 1 else ""))
+                       label=f"dense parent ±{100 * tolerance:g} pp" + (" (widened to its interval over seeds)"
+                                                                         if len(g.seeds) > 1 else ""))
             ax.axhline(100 * dense, color="black", linewidth=1.0, linestyle="-.", label="dense parent (mean)")
             ax.annotate(f"dense {100 * dense:.2f}%", (0.01, 100 * dense), xycoords=("axes fraction", "data"),
                         textcoords="offset points", xytext=(0, 3), fontsize=8)
         _percent_axis(ax, xs)
         ax.set_title(f"test accuracy {name}")
         ax.set_ylabel("test accuracy (%)")
-    spread = f"; mean of {len(g.seeds)} seeds, band = min–max" if len(g.seeds) > 1 else ""
+    spread = f"; mean of {len(g.seeds)} seeds, band = {interval_name(len(g.seeds))}" if len(g.seeds) > 1 else ""
     what = " vs ".join(grids) if len(grids) > 1 else ("IMP" if g.method == "imp" else "")
     fig.suptitle((title + ": " if title else "") + f"accuracy of {what + ' ' if what else ''}late-reset subnetworks{spread}")
     axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
@@ -128,7 +129,7 @@ def early_stop_figure(g: Grid | dict, path: str, title: str = "") -> str:
                    label=f"dense parent ({dense.mean():.0f} it. from init)")
     _percent_axis(ax, xs)
     ax.set_ylabel("early-stop iteration (iterations since reset)")
-    spread = f" (mean of {len(g.seeds)} seeds, band = min–max)" if len(g.seeds) > 1 else ""
+    spread = f" (mean of {len(g.seeds)} seeds, band = {interval_name(len(g.seeds))})" if len(g.seeds) > 1 else ""
     ax.set_title((title + ": " if title else "") + "early-stopping iteration" + spread)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
     return _save(fig, path)

@@ -67,7 +67,8 @@ def _comparison(imp_grid: tuple, oneshot_grid: tuple, out: str, suffix: str, tol
     acc = plots.accuracy_figure(grids, os.path.join(out, f"accuracy_imp_vs_oneshot{suffix}.png"), tolerance, title)
     es = plots.early_stop_figure(grids, os.path.join(out, f"early_stop_imp_vs_oneshot{suffix}.png"), title)
     head, rows = science.comparison_rows(grids, tolerance)
-    name = f"Winning tickets, IMP vs one-shot: sparsest with early-stop accuracy >= dense - {100 * tolerance:.2f} pp"
+    name = (f"Winning tickets, IMP vs one-shot: sparsest with early-stop accuracy >= dense - {100 * tolerance:.2f} pp "
+            f"({science.selection_words(grids['IMP'])})")
     md += [f"## IMP vs one-shot: {title}", "", "Same parent (data, model, training, seeds). IMP: solid lines, filled "
            "markers; one-shot: dash-dot lines, open markers; controls dashed/dotted (one-shot's in lighter grey).", "",
            f"![IMP vs one-shot accuracy]({os.path.basename(acc)})", "",
@@ -122,8 +123,11 @@ def analyse(results: list[dict], out: str, tolerance: float = 0.005, weak: bool 
                    "each level rewound to its reset point's weights. Level l's controls use level l's mask.", ""]
         md += ["Controls are drawn as one dashed/dotted line each, their mean over reset points; the tables give "
                "them per reset point. The grey band is the dense parent's test accuracy ± the tolerance "
-               f"({100 * tolerance:g} percentage points)" + (", widened to the range over seeds" if len(g.seeds) > 1 else "")
-               + ". Early-stop iterations count from the reset point.", ""]
+               f"({100 * tolerance:g} percentage points)" + (", widened to its interval over seeds" if len(g.seeds) > 1 else "")
+               + ". Early-stop iterations count from the reset point."
+               + (f" Curves are the mean of {len(g.seeds)} seeds, bands their {science.interval_name(len(g.seeds))}."
+                  if len(g.seeds) > 1 else " One seed: no interval; differences of a few tenths of a point are noise.")
+               + " Winning tickets and best reset points are " + science.selection_words(g) + ".", ""]
         text.append(f"== {title} ==")
         for name, table in science.tables(g, tolerance).items():
             if "Final" in name or "iteration" in name:
@@ -160,6 +164,17 @@ def analyse(results: list[dict], out: str, tolerance: float = 0.005, weak: bool 
                "### Earliest stable reset point per sparsity", "", _md_table(eh, er), ""]
         text += [f"Stability: {name} (error barrier, pp; * = stable)", _text_table(bh, br), "",
                  "Earliest stable reset point", _text_table(eh, er), ""]
+
+    for group in groups:
+        runs = [results[i] for i in group if stability.pairs(results[i])]
+        if len(runs) < 2:
+            continue
+        title = f"{per_run[group[0]]['name']} + {len(runs) - 1} other seed(s)"
+        head, rows = stability.seed_rows(runs)
+        words = (f"Error barrier (pp) over {len(runs)} seeds (seeds {', '.join(str(r['config'].get('seed')) for r in runs)}): "
+                 f"mean and {science.interval_name(len(runs))}, and the seeds in which the pair is stable.")
+        md += [f"## Stability over seeds: {title}", "", words, "", _md_table(head, rows), ""]
+        text += [f"Stability over seeds: {title}", words, _text_table(head, rows), ""]
 
     # -- scaling ------------------------------------------------------------------------------------
     md += ["## Scaling", ""]

@@ -51,6 +51,29 @@ def barrier_rows(ps: list[dict]) -> tuple[list[str], list[list]]:
     return head, rows
 
 
+def seed_rows(results: list[dict]) -> tuple[list[str], list[list]]:
+    """The barrier (pp) per sparsity and reset point over the runs of one experiment that differ in seed: mean
+    and interval (science.estimate: 95% t from 5 seeds, min–max below), and in how many seeds the pair is stable."""
+    from .science import estimate, interval_name
+
+    ps = [p for r in results for p in pairs(r)]
+    ks = resets(ps)
+    head = ["network"] + [f"k={r} ({interval_name(len(results)).split(' (')[0]})" for _, r in ks]
+    rows = []
+    for m, name in sparsities(ps):
+        row = [name]
+        for it, _ in ks:
+            got = [p for p in ps if p["mask"] == m and p["reset_iteration"] == it]
+            e = estimate([100 * p["barrier"] for p in got])
+            if not got:
+                row.append("-")
+                continue
+            interval = f"± {e.hi - e.mean:.2f}" if e.n >= 5 else f"[{e.lo:.2f}, {e.hi:.2f}]"
+            row.append(f"{e.mean:.2f} {interval}, stable in {sum(bool(p['stable']) for p in got)}/{len(got)}")
+        rows.append(row)
+    return head, rows
+
+
 def earliest_stable(ps: list[dict], res: dict | None = None, tolerance: float = 0.005) -> list[dict]:
     """Per sparsity: the earliest k from which it stays stable, and whether the run's ticket at that k
     matches the dense accuracy (None where the run has no such ticket)."""

@@ -9,6 +9,10 @@ which runs the real CLI on one process (no mpirun), one TF thread, on test_mpi.p
 (3 masks x 2 reset points x (ticket + random_reinit) = 12 tasks), and writes each task's measured columns
 and curves. Python's float repr round-trips, so the JSON holds the exact bits. Do not rerun it on newer code:
 that would make the reference agree with whatever the code does now.
+
+Issue 32 changed one-shot masks with rate multipliers (prune.layer_rates) to Frankle & Carbin's per-round
+densities, so the reference was re-made at dd455de (`git archive dd455de`, this script copied in) with
+prune.layer_rates = {}: a global pool without multipliers, cut the same way by dd455de and by the code since.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(__file__).with_name("flat_reference.json")
 SETS = ["data.dataset=digits", "data.validation=200", "train.epochs=2", "train.batch_size=32",
         "prune.remaining=[0.5, 0.2, 0.1]", 'reset.points=["0ep", "10it"]', 'reset.controls=["random_reinit"]',
-        "train.eval_every=10it", "parallel.threads=1"]
+        "train.eval_every=10it", "parallel.threads=1", "prune.layer_rates={}"]
 MEASURED = ("final_accuracy", "early_stop_iteration", "early_stop_accuracy", "best_val_loss", "remaining",
             "target_remaining", "iterations", "reset_iteration", "mask", "reset", "control", "diverged")
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A private one-node Slurm cluster for tests and trials (root only): slurmctld, slurmd and munged of its own,
 # with their slurm.conf, ports, munge key and socket, state, spool, pid and log files all under DIR.
-#   run/slurm/local_cluster.sh start DIR     start it (refused while DIR's cluster runs); waits for the node
+#   run/slurm/local_cluster.sh start DIR     start it (refused while DIR's cluster runs); waits for the node;
+#                                            a start after a stop begins with no jobs (slurmctld -c)
 #   run/slurm/local_cluster.sh status DIR    its daemons and node; exit 0 running, 3 not running
 #   run/slurm/local_cluster.sh stop DIR      cancel its jobs, stop its daemons (by their pid files only)
 # Then: export SLURM_CONF=DIR/slurm.conf   (sbatch, squeue, srun, scancel, ... talk to this cluster)

@@ -88,7 +88,8 @@ if ! command -v clang >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)
     echo "setup: warning: could not install clang with apt; the clang and sanitizer tests of the sparse kernels will fail" >&2
 fi
 # Slurm and munge (as root): tests/test_slurm.py runs the batch scripts on a private one-node cluster
-# (run/slurm/local_cluster.sh); its daemons are started only by that script, never as system services here.
+# (run/slurm/local_cluster.sh), which starts daemons of its own (own config, munge key and socket) and never uses
+# the system's, whether or not the package's services run.
 if ! { command -v slurmctld || [ -x /usr/sbin/slurmctld ]; } >/dev/null || ! { command -v munged || [ -x /usr/sbin/munged ]; } >/dev/null; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     apt_slurm() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300 slurm-wlm munge >/dev/null 2>&1; }

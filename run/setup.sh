@@ -87,6 +87,19 @@ if ! command -v clang >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)
     echo "setup: installed clang (the sparse kernels are tested with gcc and clang)" ||
     echo "setup: warning: could not install clang with apt; the clang and sanitizer tests of the sparse kernels will fail" >&2
 fi
+# Slurm and munge (as root): tests/test_slurm.py runs the batch scripts on a private one-node cluster
+# (run/slurm/local_cluster.sh), which starts daemons of its own (own config, munge key and socket) and never uses
+# the system's, whether or not the package's services run.
+if ! { command -v slurmctld || [ -x /usr/sbin/slurmctld ]; } >/dev/null || ! { command -v munged || [ -x /usr/sbin/munged ]; } >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt_slurm() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300 slurm-wlm munge >/dev/null 2>&1; }
+    (apt_slurm || { apt-get update -q >/dev/null 2>&1 && apt_slurm; }) &&
+      echo "setup: installed Slurm ($(/usr/sbin/slurmctld -V 2>/dev/null)) and munge (for the Slurm tests, run/slurm/local_cluster.sh)" ||
+      echo "setup: warning: could not install slurm-wlm and munge with apt; the Slurm tests (tests/test_slurm.py) will fail" >&2
+  else
+    echo "setup: note: Slurm is not installed; the Slurm tests (tests/test_slurm.py) are skipped (as root, this script installs slurm-wlm and munge)" >&2
+  fi
+fi
 if ! err=$("$VENV/bin/python" -m lthmpi.sparse 2>&1 >/dev/null); then
   echo "setup: warning: ${err:-the sparse kernels could not be built}; masks keeping few weights will train on the slower dense kernels (install a C compiler, e.g. 'apt-get install gcc')" >&2
 fi

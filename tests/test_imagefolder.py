@@ -366,3 +366,37 @@ def test_data_parallel_replica_reads_its_share_from_disk(prepared, tf_runtime):
         assert same(got, trainer.order.block(t, t + 1)[0, 1::2].astype(got.dtype)), t
     for k in weights[0]:
         assert same(weights[0][k], weights[1][k]), k
+
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 12 12\n%%EndComments\n"
+       b"0 0 moveto 12 12 lineto stroke\nshowpage\n%%EOF\n")
+
+
+@pytest.mark.parametrize("kind", ["eps", "gif", "bmp"])
+def test_other_formats_named_jpeg_are_refused_with_their_path(tmp_path, monkeypatch, capsys, kind):
+    """A file named .JPEG that holds EPS (which Pillow would render through Ghostscript), GIF or BMP is not
+    decoded: one line names it. Ghostscript is never started (made to fail the test if it were)."""
+    from PIL import EpsImagePlugin
+
+    started = []
+
+    def ghostscript(*args, **kwargs):
+        started.append(args)
+        raise AssertionError("Ghostscript was started")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    root = make_tree(tmp_path / "tree", per_class=(6, 2))
+    victim = os.path.join(root, "train", "bee", "bee003.JPEG")
+    if kind == "eps":
+        with open(victim, "wb") as f:
+            f.write(EPS)
+    else:
+        Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(victim, format=kind.upper())
+    with pytest.raises(DataError) as e:
+        decode(victim, SIZE)
+    assert str(e.value) == (f"{victim}: not a JPEG or PNG image (an image tree holds only those, whatever the "
+                            f"file's name); replace or remove the file")
+    out = tmp_path / "p.h5"
+    assert data_main(["prepare", *SETS, "--validation", "4", "--dir", root, "--out", str(out)]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert lines == [f"error: {e.value}"] and not out.exists() and started == []

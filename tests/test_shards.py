@@ -126,7 +126,7 @@ def test_array_script_submits_parent_then_array_then_merge(tmp_path):
                     f'printf "%s\\n" "$*" >> {log}\necho "$n;cluster"\n')
     fake.chmod(0o755)
     env = dict(os.environ, SBATCH=str(fake), SHARDS="3", MAX_RUNNING="2", RUN_DIR=str(tmp_path / "run"),
-               CONFIG="c.toml", LTHMPI_HOME=str(tmp_path), VENV="/venv")
+               CONFIG="c.toml", LTHMPI_HOME=str(tmp_path), VENV="/venv", LOG_DIR=str(tmp_path / "logs"))
     r = subprocess.run(["bash", str(ARRAY)], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     jobs = [shlex.split(line) for line in log.read_text().splitlines()]
@@ -135,6 +135,8 @@ def test_array_script_submits_parent_then_array_then_merge(tmp_path):
     assert {"--dependency=afterok:101", "--array=0-2%2", "--export=ALL,LTHMPI_ARRAY_STEP=shard"} <= set(jobs[1])
     assert {"--dependency=afterany:102", "--export=ALL,LTHMPI_ARRAY_STEP=merge"} <= set(jobs[2])
     assert "parent job 101, array 102 (3 shards), merge 103" in r.stdout
+    logs = [[a.split("=", 1)[1] for a in j if a.startswith("--output=")] for j in jobs]  # each job's log, by its name
+    assert logs == [[f"{tmp_path}/logs/%x-%j.out"], [f"{tmp_path}/logs/%x-%A_%a.out"], [f"{tmp_path}/logs/%x-%j.out"]]
 
     def step(name, **more):
         out = subprocess.run(["bash", str(ARRAY)], env=dict(env, LTHMPI_ARRAY_STEP=name, DRY_RUN="1", **more),

@@ -21,6 +21,8 @@ import numpy as np
 from .readers import DataError, DataMissing
 
 EXTENSIONS = (".jpeg", ".jpg", ".png")
+FORMATS = ("JPEG", "PNG")  # what Pillow may decode a file of the tree as, whatever it detects in it (never, e.g.,
+                           # EPS through Ghostscript because a file named .jpg holds PostScript)
 ORDER_SEED = 20210401  # the fixed permutation of the training images; never the run's seed
 
 
@@ -81,15 +83,20 @@ def list_images(root: str) -> ImageList:
 def decode(path: str, size: int) -> np.ndarray:
     """One image as (size, size, 3) uint8 RGB: the largest centred square of the image's aspect ratio,
     resized bilinearly (Pillow's ImageOps.fit). JPEGs are decoded at the smallest DCT scale still at least
-    `size` (Image.draft), which makes decoding large photos several times faster."""
-    from PIL import Image, ImageOps
+    `size` (Image.draft), which makes decoding large photos several times faster. Only JPEG and PNG are
+    decoded (FORMATS, whatever the file's name); any other content, and any decoder error, is a DataError
+    that names the file."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=FORMATS) as img:
             img.draft("RGB", (size, size))
             img = img.convert("RGB")  # loads the whole image: a truncated file fails here
             img = ImageOps.fit(img, (size, size), method=Image.Resampling.BILINEAR)
             return np.asarray(img, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not a {' or '.join(FORMATS)} image (an image tree holds only those, whatever the "
+                        f"file's name); replace or remove the file") from None
+    except Exception as e:  # any decoder's error, named with its file
         raise DataError(f"{path}: cannot decode this image ({type(e).__name__}: {e}); "
                         f"replace or remove the file") from None

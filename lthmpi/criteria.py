@@ -49,10 +49,10 @@ def check_criterion(name: str, has_data: bool = True, score_batches: int = 1, ba
                           f"use at most {n_train // batch_size}")
 
 
-def score_batches_from(x, y, batch_size: int, count: int, seed) -> list:
+def score_batches_from(x, y, batch_size: int, count: int, seed, criterion: str = "snip") -> list:
     """`count` disjoint batches of (x, y), drawn by a seeded permutation (the examples SNIP/GraSP score on).
     `x` must already be what the model takes (float, normalized)."""
-    check_criterion("snip", x is not None, count, batch_size, None if x is None else len(x))
+    check_criterion(criterion, x is not None, count, batch_size, None if x is None else len(x))
     order = np.random.default_rng(seed).permutation(len(x))[: count * batch_size]
     return [(x[idx], y[idx]) for idx in np.split(order, count)]
 
@@ -85,8 +85,10 @@ def _restored(model):
 
 
 def _loss(tf, model, x, y, temperature: float = 1.0):
-    """Mean softmax cross-entropy of the logits / temperature, in float32 (as the trainer's loss)."""
-    logits = tf.cast(model(x, training=False), tf.float32) / temperature
+    """Mean softmax cross-entropy of the logits / temperature, in float32 (as the trainer's loss). Training mode:
+    batch norm normalizes by the batch's statistics, as the reference implementations score (their nets are in
+    train mode); the moving statistics this updates are put back by the caller (_restored)."""
+    logits = tf.cast(model(x, training=True), tf.float32) / temperature
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(y, tf.int32), logits=logits))
 
 
@@ -124,16 +126,17 @@ def random_scores(like: Weights, seed) -> Weights:
 def snip_scores(model, batches) -> Weights:
     """SNIP (Lee et al. 2019): |g ⊙ θ|, g the gradient of the loss summed over `batches` at the model's
     current weights; equal to |∂L/∂c| of a multiplicative mask c at c = 1. One forward and one backward
-    pass per batch. Batch norm runs in inference mode (no statistics are updated)."""
+    pass per batch. Batch norm uses batch statistics; the model is left as it was found."""
     import tensorflow as tf
 
     batches = _need_batches("snip", batches)
     variables = _prunable(model)
     total = [tf.zeros_like(v) for v in variables]
-    for x, y in batches:
-        with tf.GradientTape() as tape:
-            loss = _loss(tf, model, x, y)
-        total = [t + g for t, g in zip(total, tape.gradient(loss, variables))]
+    with _restored(model):
+        for x, y in batches:
+            with tf.GradientTape() as tape:
+                loss = _loss(tf, model, x, y)
+            total = [t + g for t, g in zip(total, tape.gradient(loss, variables))]
     return _finite("snip", {v.path: np.abs(g.numpy().astype(np.float64) * v.numpy())
                             for v, g in zip(variables, total)})
 
@@ -149,18 +152,19 @@ def grasp_scores(model, batches, temperature: float = GRASP_TEMPERATURE) -> Weig
     batches = _need_batches("grasp", batches)
     variables = _prunable(model)
     g = [tf.zeros_like(v) for v in variables]
-    for x, y in batches:
-        with tf.GradientTape() as tape:
-            loss = _loss(tf, model, x, y, temperature)
-        g = [a + b for a, b in zip(g, tape.gradient(loss, variables))]
     hg = [tf.zeros_like(v) for v in variables]
-    for x, y in batches:
-        with tf.GradientTape() as outer:
-            with tf.GradientTape() as inner:
+    with _restored(model):
+        for x, y in batches:
+            with tf.GradientTape() as tape:
                 loss = _loss(tf, model, x, y, temperature)
-            grads = inner.gradient(loss, variables)
-            z = tf.add_n([tf.reduce_sum(tf.stop_gradient(a) * b) for a, b in zip(g, grads)])
-        hg = [a + (b if b is not None else 0.0) for a, b in zip(hg, outer.gradient(z, variables))]
+            g = [a + b for a, b in zip(g, tape.gradient(loss, variables))]
+        for x, y in batches:
+            with tf.GradientTape() as outer:
+                with tf.GradientTape() as inner:
+                    loss = _loss(tf, model, x, y, temperature)
+                grads = inner.gradient(loss, variables)
+                z = tf.add_n([tf.reduce_sum(tf.stop_gradient(a) * b) for a, b in zip(g, grads)])
+            hg = [a + (b if b is not None else 0.0) for a, b in zip(hg, outer.gradient(z, variables))]
     return _finite("grasp", {v.path: h.numpy().astype(np.float64) * v.numpy() for v, h in zip(variables, hg)})
 
 

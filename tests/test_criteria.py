@@ -8,7 +8,7 @@ import pytest
 from lthmpi.config import ConfigError
 from lthmpi.criteria import (CRITERIA, check_criterion, check_transform, criterion_masks, invert, layer_shuffle,
                              masks_from_scores, score_batches_from, scores, synflow_masks, synflow_scores)
-from lthmpi.pruning import pruned_count
+from lthmpi.pruning import magnitude_masks, pruned_count
 
 SIZES = {"fc1/kernel": (6, 16), "fc2/kernel": (16, 8), "output/kernel": (8, 3)}
 
@@ -153,6 +153,17 @@ def test_iterative_synflow_reaches_the_exact_count_with_nested_rounds(tf_runtime
     assert any(not np.array_equal(final[p], fewer[p]) for p in final), "iterating changes the mask"
 
 
+def test_iterative_synflow_is_the_exponential_schedule_with_nested_masks(tf_runtime):
+    model = mlp(seed=4)
+    got = synflow_masks(model, 0.04, "layerwise", {"output": 0.5}, iterations=2)
+    first = masks_from_scores(synflow_scores(model), 0.04 ** 0.5, "layerwise", {"output": 0.5})  # d^(1/2)
+    second = masks_from_scores(synflow_scores(model, first), 0.04, "layerwise", {"output": 0.5}, alive=first)
+    assert all(np.array_equal(got[p], second[p]) for p in got)
+    assert all(not (second[p] & ~first[p]).any() for p in got), "a pruned weight never comes back"
+    one_shot = masks_from_scores(synflow_scores(model), 0.04, "layerwise", {"output": 0.5})
+    assert any(not np.array_equal(got[p], one_shot[p]) for p in got), "rescoring after a round matters"
+
+
 def counts(masks, scope):
     """Kept weights per pruning unit: the output layer on its own (rate x 0.5), the rest pooled when global."""
     if scope == "global":
@@ -184,6 +195,10 @@ def test_every_criterion_gives_exact_counts(tf_runtime, scope):
                                 seed=4, synflow_iterations=3)
             assert list(m) == list(SIZES) and all(a.dtype == bool for a in m.values())
             assert counts(m, scope) == expected_counts(remaining, scope), (name, remaining)
+            if name.startswith("magnitude"):  # the same masks as pruning.py's for the same weights
+                w = final if name == "magnitude" else {v.path: v.numpy() for v in model.variables if v.path in SIZES}
+                want = magnitude_masks(w, remaining, scope, {"output": 0.5})
+                assert all(np.array_equal(m[p], want[p]) for p in SIZES), name
 
 
 def test_masks_keep_the_highest_signed_scores():
@@ -250,3 +265,47 @@ def test_synflow_runs_batch_norm_in_inference_mode_and_restores_it(tf_runtime):
     s = synflow_scores(model)
     assert all(np.array_equal(before[p], v) for p, v in by_path(model).items())
     assert all((a >= 0).all() and a.sum() > 0 for a in s.values())
+
+
+def test_grasp_through_the_fused_batch_norm_equals_a_finite_difference(tf_runtime):
+    """GraSP's double backward through lthmpi's FusedBatchNorm (TensorFlow's fused kernel, batch statistics)
+    against Hg as a central difference of the gradient along g: (∇L(θ + εg) - ∇L(θ - εg)) / 2ε."""
+    import keras
+    import tensorflow as tf
+
+    from lthmpi.models import FusedBatchNorm
+
+    inputs = keras.Input(shape=(4, 4, 2))
+    h = keras.layers.Conv2D(3, 3, padding="same", use_bias=False, name="conv1",
+                            kernel_initializer=keras.initializers.HeNormal(1))(inputs)
+    h = FusedBatchNorm(momentum=0.9, epsilon=1e-5, name="bn")(h)
+    h = keras.layers.Flatten()(keras.layers.ReLU()(h))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="output",
+                                                   kernel_initializer=keras.initializers.GlorotNormal(2))(h))
+    assert model.get_layer("bn")._fusable(model.get_layer("conv1").output, None), "the fused kernel is under test"
+    rng = np.random.default_rng(5)
+    batches = [(rng.normal(size=(6, 4, 4, 2)).astype(np.float32), rng.integers(0, 3, 6)) for _ in range(2)]
+    before = by_path(model)
+    got = scores("grasp", model, batches=batches, temperature=1.0)
+    assert all(np.array_equal(before[p], v) for p, v in by_path(model).items()), "moving statistics put back"
+    kernels = [model.get_layer(n).kernel for n in ("conv1", "output")]
+
+    def gradient():
+        total = [0.0, 0.0]
+        for x, y in batches:
+            with tf.GradientTape() as tape:
+                logits = model(x, training=True)
+                loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+            total = [t + d.numpy().astype(np.float64) for t, d in zip(total, tape.gradient(loss, kernels))]
+        return total
+
+    theta, g, eps = [k.numpy() for k in kernels], gradient(), 1e-3
+    sides = []
+    for sign in (1, -1):
+        for k, t, d in zip(kernels, theta, g):
+            k.assign((t + sign * eps * d).astype(np.float32))
+        sides.append(gradient())
+    for k, t in zip(kernels, theta):
+        k.assign(t)
+    want = {k.path: t * (a - b) / (2 * eps) for k, t, a, b in zip(kernels, theta, *sides)}
+    assert_close(got, want, 1e-3)

@@ -269,11 +269,11 @@ def masks_from_scores(scores: Weights, remaining: float, scope: str = "global", 
 
 
 def synflow_masks(model, remaining: float, scope: str = "global", layer_rates: dict | None = None,
-                  iterations: int = 100) -> Weights:
+                  iterations: int = 100, rounds: list | None = None) -> Weights:
     """Iterative SynFlow (Tanaka et al. 2020): `iterations` rounds, round k rescoring the model masked by
     round k-1 and keeping a fraction remaining^(k/n) (the exponential schedule), each cut exactly as
     masks_from_scores; the last round keeps exactly magnitude_masks' count. Costs `iterations` forward and
-    backward passes on one input."""
+    backward passes on one input. `rounds`, when a list, receives every round's mask (to check the schedule)."""
     if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 1:
         raise ConfigError(f"prune.synflow_iterations must be an integer >= 1, not {iterations!r}")
     if not 0 < remaining < 1:
@@ -283,6 +283,8 @@ def synflow_masks(model, remaining: float, scope: str = "global", layer_rates: d
         for k in range(1, iterations + 1):
             s = _synflow_round(model, variables, base, flow, masks)
             masks = masks_from_scores(s, remaining ** (k / iterations), scope, layer_rates, alive=masks)
+            if rounds is not None:
+                rounds.append(masks)
     return masks
 
 

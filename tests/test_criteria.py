@@ -155,11 +155,17 @@ def test_iterative_synflow_reaches_the_exact_count_with_nested_rounds(tf_runtime
 
 def test_iterative_synflow_is_the_exponential_schedule_with_nested_masks(tf_runtime):
     model = mlp(seed=4)
-    got = synflow_masks(model, 0.04, "layerwise", {"output": 0.5}, iterations=2)
-    first = masks_from_scores(synflow_scores(model), 0.04 ** 0.5, "layerwise", {"output": 0.5})  # d^(1/2)
-    second = masks_from_scores(synflow_scores(model, first), 0.04, "layerwise", {"output": 0.5}, alive=first)
-    assert all(np.array_equal(got[p], second[p]) for p in got)
-    assert all(not (second[p] & ~first[p]).any() for p in got), "a pruned weight never comes back"
+    rounds = []
+    got = synflow_masks(model, 0.04, "layerwise", {"output": 0.5}, iterations=3, rounds=rounds)
+    assert len(rounds) == 3 and rounds[-1] is got
+    alive = None
+    for k, m in enumerate(rounds, start=1):  # round k: d^(k/n) kept, cut on the scores of round k-1's mask
+        assert counts(m, "layerwise") == expected_counts(0.04 ** (k / 3), "layerwise"), k
+        want = masks_from_scores(synflow_scores(model, alive), 0.04 ** (k / 3), "layerwise", {"output": 0.5}, alive)
+        assert all(np.array_equal(m[p], want[p]) for p in m), k
+        if alive is not None:
+            assert all(not (m[p] & ~alive[p]).any() for p in m), "a pruned weight never comes back"
+        alive = m
     one_shot = masks_from_scores(synflow_scores(model), 0.04, "layerwise", {"output": 0.5})
     assert any(not np.array_equal(got[p], one_shot[p]) for p in got), "rescoring after a round matters"
 

@@ -86,8 +86,8 @@ def _restored(model):
 
 def _loss(tf, model, x, y, temperature: float = 1.0):
     """Mean softmax cross-entropy of the logits / temperature, in float32 (as the trainer's loss). Training mode:
-    batch norm normalizes by the batch's statistics, as the reference implementations score (their nets are in
-    train mode: Wang et al.'s GraSP code); the moving statistics this updates are put back by the caller (_restored)."""
+    batch norm normalizes by the batch's statistics, as Wang et al.'s GraSP code scores (its net stays in train
+    mode); the moving statistics this updates are put back by the caller (_restored)."""
     logits = tf.cast(model(x, training=True), tf.float32) / temperature
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(y, tf.int32), logits=logits))
 

@@ -258,14 +258,19 @@ def _ranks(scores: Weights, alive: Weights | None = None) -> Weights:
 
 
 def masks_from_scores(scores: Weights, remaining: float, scope: str = "global", layer_rates: dict | None = None,
-                      alive: Weights | None = None) -> Weights:
+                      alive: Weights | None = None, exact: bool = True) -> Weights:
     """Keep the highest scores so that a fraction `remaining` is left: the counts, scopes and per-layer rate
-    rules of pruning.magnitude_masks (it is called on the scores' ranks). With `alive`, only alive positions
-    are kept (the count must not exceed them: iterative pruning with nested masks)."""
+    rules of pruning.magnitude_masks (it is called on the scores' ranks). With `alive` (iterative pruning, nested
+    masks) only alive positions are kept: a pruning unit with fewer alive weights than its count keeps them all,
+    which `exact` refuses. Why allowed at all: a unit's one-shot count need not fall by at least one weight
+    whenever the overall fraction falls (rounding), and an intermediate SynFlow round need not be exact."""
     masks = magnitude_masks(_ranks(scores, alive), remaining, scope, layer_rates)
-    if alive is not None and any((m & ~alive[p]).any() for p, m in masks.items()):
-        raise ValueError(f"keeping {remaining} of the weights needs more than the alive ones")
-    return masks
+    if alive is None or not any((m & ~alive[p]).any() for p, m in masks.items()):
+        return masks
+    if exact:
+        raise ValueError(f"keeping {remaining} of the weights needs more in some layer than the alive ones; "
+                         f"with synflow, use fewer prune.synflow_iterations")
+    return {p: m & alive[p] for p, m in masks.items()}
 
 
 def synflow_masks(model, remaining: float, scope: str = "global", layer_rates: dict | None = None,
@@ -282,7 +287,8 @@ def synflow_masks(model, remaining: float, scope: str = "global", layer_rates: d
     with _linearized(model) as (variables, base, flow):
         for k in range(1, iterations + 1):
             s = _synflow_round(model, variables, base, flow, masks)
-            masks = masks_from_scores(s, remaining ** (k / iterations), scope, layer_rates, alive=masks)
+            masks = masks_from_scores(s, remaining ** (k / iterations), scope, layer_rates, alive=masks,
+                                      exact=k == iterations)
             if rounds is not None:
                 rounds.append(masks)
     return masks

@@ -8,7 +8,7 @@ import pytest
 from lthmpi.config import ConfigError
 from lthmpi.criteria import (CRITERIA, check_criterion, check_transform, criterion_masks, invert, layer_shuffle,
                              masks_from_scores, score_batches_from, scores, synflow_masks, synflow_scores)
-from lthmpi.pruning import magnitude_masks, pruned_count
+from lthmpi.pruning import magnitude_masks
 
 SIZES = {"fc1/kernel": (6, 16), "fc2/kernel": (16, 8), "output/kernel": (8, 3)}
 
@@ -179,14 +179,33 @@ def counts(masks, scope):
 
 
 def expected_counts(remaining, scope):
-    n = {p: int(np.prod(s)) for p, s in SIZES.items()}
-    rate = 1 - remaining
-    out = {"output/kernel": n["output/kernel"] - pruned_count(n["output/kernel"], 0.5 * rate)}
-    if scope == "global":
-        pool = n["fc1/kernel"] + n["fc2/kernel"]
-        return {"pool": pool - pruned_count(pool, rate), **out}
-    return {"fc1/kernel": n["fc1/kernel"] - pruned_count(n["fc1/kernel"], rate),
-            "fc2/kernel": n["fc2/kernel"] - pruned_count(n["fc2/kernel"], rate), **out}
+    """What pruning.magnitude_masks keeps per unit at this fraction, output layer at half rate (criteria promise
+    magnitude masks' counts, whatever rule pruning.py gives them)."""
+    w = {p: np.random.default_rng(0).normal(size=s) for p, s in SIZES.items()}
+    return counts(magnitude_masks(w, remaining, scope, {"output": 0.5}), scope)
+
+
+def test_layerwise_counts_without_rate_multipliers_are_round_of_fraction(tf_runtime):
+    model = mlp(seed=6)
+    for name in ("magnitude_init", "synflow", "random"):
+        m = criterion_masks(name, model, 0.13, "layerwise", synflow_iterations=3)
+        for p, shape in SIZES.items():
+            n = int(np.prod(shape))
+            assert int(m[p].sum()) == n - int(round(0.87 * n)), (name, p)
+    g = criterion_masks("random", model, 0.13, "global")
+    assert sum(int(a.sum()) for a in g.values()) == 248 - int(round(0.87 * 248))
+
+
+def test_nested_cut_keeps_only_alive_weights():
+    s = {"a/kernel": np.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.0])}
+    alive = {"a/kernel": np.array([False, True, True, False, True, True])}
+    m = masks_from_scores(s, 0.5, alive=alive)
+    assert m["a/kernel"].tolist() == [False, True, True, False, True, False]  # the best 3 alive, not 5
+    with pytest.raises(ValueError, match="more in some layer than the alive ones"):
+        masks_from_scores(s, 0.9, alive={"a/kernel": np.array([True, True, False, False, False, False])})
+    loose = masks_from_scores(s, 0.9, alive={"a/kernel": np.array([True, True, False, False, False, False])},
+                              exact=False)
+    assert loose["a/kernel"].tolist() == [True, True, False, False, False, False]
 
 
 @pytest.mark.parametrize("scope", ["global", "layerwise"])

@@ -198,8 +198,10 @@ def _synflow_round(model, variables, base: Weights, flow, masks: Weights | None)
         v.assign(base[v.path] * masks[v.path] if masks is not None else base[v.path])
     r, grads = flow()
     if not np.isfinite(float(r)):
-        raise ValueError(f"synflow's R = 1ᵀf(1) overflowed float32 on model {model.name!r}; "
-                         f"this model cannot be scored by synflow in float32")
+        from .models import ModelError
+
+        raise ModelError(f"synflow's R = 1ᵀf(1) overflowed float32 on model {model.name!r}; "
+                         f"this model cannot be scored by synflow in float32: choose another prune.criterion")
     return _finite("synflow", {v.path: np.abs(g.numpy().astype(np.float64) * v.numpy())
                                for v, g in zip(variables, grads)})
 
@@ -268,7 +270,7 @@ def masks_from_scores(scores: Weights, remaining: float, scope: str = "global", 
     if alive is None or not any((m & ~alive[p]).any() for p, m in masks.items()):
         return masks
     if exact:
-        raise ValueError(f"keeping {remaining} of the weights needs more in some layer than the alive ones; "
+        raise ConfigError(f"keeping {remaining} of the weights needs more in some layer than the alive ones; "
                          f"with synflow, use fewer prune.synflow_iterations")
     return {p: m & alive[p] for p, m in masks.items()}
 

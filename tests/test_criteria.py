@@ -143,6 +143,17 @@ def test_synflow_scores_conserve_the_flow_in_every_layer(tf_runtime):
     assert all(np.array_equal(kernels[p], v.numpy()) for p, v in zip(kernels, model.variables)), "model restored"
 
 
+def test_synflow_refuses_a_flow_that_overflows_float32(tf_runtime):
+    from lthmpi.models import ModelError
+
+    model = linear_net()
+    for v in model.variables:
+        v.assign(np.full(v.shape, 1e15, np.float32))  # R ~ 420 * 1e45: beyond float32
+    with pytest.raises(ModelError, match="overflowed float32 on model .*choose another prune.criterion"):
+        synflow_scores(model)
+    assert all((v.numpy() == 1e15).all() for v in model.variables), "restored even when refused"
+
+
 @pytest.mark.parametrize("scope", ["global", "layerwise"])
 def test_iterative_synflow_reaches_the_exact_count_with_nested_rounds(tf_runtime, scope):
     model = mlp(seed=3)

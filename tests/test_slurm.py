@@ -152,7 +152,7 @@ def grid(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tf_runtime, grid):
     """The grid run in this process, one thread: what every job's results must equal, bit for bit."""
-    from lthmpi.coordinator import run_serial
+    from lthmpi.parallel.coordinator import run_serial
 
     path = tmp_path_factory.mktemp("reference") / "run"
     run_serial(grid[0], str(path), threads=1, quiet=True)

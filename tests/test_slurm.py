@@ -140,7 +140,8 @@ def _site_files() -> dict:
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
-    from lthmpi.config import from_dict, validate
+    from lthmpi.config import from_dict
+    from lthmpi.validation import validate
 
     cfg = from_dict(GRID)
     validate(cfg)

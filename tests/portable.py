@@ -1,15 +1,16 @@
 """Comparing a run with numbers stored from another machine (tests/data/*.json), field by field.
 
-The stored references were made on an Intel Sapphire Rapids box (AVX-512); the suite also runs on AMD EPYC
-(AVX2) boxes. There float reductions (a loss summed over a batch, a weight update) run in another order and
-differ in their last bits (../shared/DESIGN.md §6), while every count the run makes stays equal. So:
+The stored references were made on one CPU each (trainer_reference.json on an Intel Sapphire Rapids box with
+AVX-512, flat_reference.json re-made on an AMD EPYC with AVX2), and the suite runs on either make. Across
+makes, float reductions (a loss summed over a batch, a weight update) run in another order and differ in
+their last bits (../shared/DESIGN.md §6), while every count the run makes stays equal. So:
 
 - exact: iterations, epochs, early-stopping iterations, masks' fractions left (exact counts over exact
   sizes), strings, flags; accuracies compared as *counts of correct examples* (accuracy × set size);
 - within LOSS_RTOL: losses. A float32 loss summed in another order moves by a few units in the last place
-  (float32's is 1.2e-7 relative); measured AMD EPYC against the Intel reference: at most 1.7e-7 relative over
-  every loss of both references. 1e-6 (~8 units in the last place) holds that with a margin and still
-  catches any real change of the training, which moves a loss by far more;
+  (float32's is 1.2e-7 relative); measured AMD EPYC against the Intel references: at most 1.7e-7 relative over
+  every loss. 1e-6 (~8 units in the last place) holds that with a margin and still catches any real change
+  of the training, which moves a loss by far more;
 - within WEIGHT_SUM_RTOL: the sum of |w| of a variable after training (measured: at most 1.3e-7 relative).
 
 Comparisons between two runs made on one machine in one test stay bitwise (tests/faultkit.py).

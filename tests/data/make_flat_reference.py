@@ -13,6 +13,7 @@ that would make the reference agree with whatever the code does now.
 Issue 32 changed one-shot masks with rate multipliers (prune.layer_rates) to Frankle & Carbin's per-round
 densities, so the reference was re-made at dd455de (`git archive dd455de`, this script copied in) with
 prune.layer_rates = {}: a global pool without multipliers, cut the same way by dd455de and by the code since.
+That re-make ran on an AMD EPYC (AVX2) box; tests/portable.py says how it is compared on other CPUs.
 """
 from __future__ import annotations
 

@@ -347,7 +347,15 @@ def test_max_pool_equals_keras_same_pooling(tf_runtime, shape):
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), keras.ops.convert_to_numpy(want))
 
 
-@pytest.mark.parametrize("name", NAMES)
+# XLA compiles MobileNetV2 and VGG-16 for minutes on a 2-core CPU, where they train on oneDNN without XLA
+# anyway (test_logits_and_masked_step above steps both); their XLA form, the GPU's, runs with the slow
+# variants (`./run/test.sh -m "battery or not battery"`). Every layer type they use but the depthwise
+# convolution is compiled here in the other nets.
+XLA_ON_CPU_TAKES_MINUTES = pytest.mark.battery
+
+
+@pytest.mark.parametrize("name", [n if n not in ("vgg16", "mobilenetv2") else pytest.param(n, marks=XLA_ON_CPU_TAKES_MINUTES)
+                                  for n in NAMES])
 def test_compiled_masked_trainer_trains_every_model(tf_runtime, name):
     """Two compiled training steps: MaxPooling2D's gradient, for one, has no deterministic XLA kernel."""
     from types import SimpleNamespace

@@ -64,8 +64,8 @@ PARENT_EFFICIENCY_ASSUMED = (
     "assumed, not measured: no data-parallel MobileNetV2/ImageNet parent has been run for lthmpi. 0.9 is the order of "
     "published data-parallel efficiencies of ImageNet CNNs on tens to hundreds of GPUs (Goyal et al. 2017; Horovod, "
     "Sergeev & Del Balso 2018: 88%), which keep each GPU's batch, whereas lthmpi keeps the global batch (a smaller "
-    "share per rank: e may be lower); the one measurement here is Conv-2 on 2 CPU ranks, 1.61x = e 0.81 "
-    "(docs/performance.md)")
+    "share per rank: e may be lower); measured here only for Conv-2 on 2 CPU ranks: 0.81 for a retraining in a "
+    "subgroup, 0.805 for a parent (docs/performance.md)")
 TARGET_EFFICIENCY = 0.95  # issue 33: the seed study's E(20) with the parent data-parallel
 SUMMARY_SCHEDULER = "lpt"  # the engine's default (parallel.schedule)
 

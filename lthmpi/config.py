@@ -138,7 +138,8 @@ class ParallelConfig:
                                "| dynamic (rank 0 hands out tasks on request)")
     subgroups: bool | str = key("auto", "more ranks than units of work: data-parallel subgroups (true | false | "
                                         "auto: for models with convolutions)")
-    parent_data_parallel: bool = key(False, "train the parent data-parallel over all ranks")
+    parent_data_parallel: bool | str = key("auto", "train the parent data-parallel over all ranks (true | false | auto: on "
+                                                   "more than one rank, for models with convolutions)")
     backend: str = key("mpi4py", "gradient averaging in subgroups: mpi4py (Allreduce; Horovod cannot run with TF >= 2.16 "
                                  "and Keras 3)")
     sparse_below: float = key(0.3, "masks keeping at most this fraction of the prunable weights train on the "

@@ -114,6 +114,9 @@ def validate(cfg: Config) -> None:
     _one_of("parallel.device", q.device, DEVICES)
     if q.subgroups not in (True, False, "auto") or not isinstance(q.subgroups, (bool, str)):
         raise ConfigError(f"parallel.subgroups must be true, false or \"auto\", not {q.subgroups!r}")
+    pdp = q.parent_data_parallel
+    if pdp not in (True, False, "auto") or not isinstance(pdp, (bool, str)):
+        raise ConfigError(f"parallel.parent_data_parallel must be true, false or \"auto\", not {pdp!r}")
     if q.backend == "horovod":
         raise ConfigError("parallel.backend = 'horovod' is gone: Horovod 0.28.1 builds only against TF <= 2.15 and "
                           "Keras 2 (horovod#4290); mpi4py's Allreduce does its job: use parallel.backend = 'mpi4py'")

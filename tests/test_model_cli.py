@@ -31,16 +31,18 @@ SERIAL = sum(PHASES.values())  # 4.0 s outside the training phase
 
 
 def make_run(path, *, ranks=1, durations=DURATIONS, training=None, total=None, schedule="lpt", seed=0,
-             rank_of=None, iterations=None, parent_seconds=2.0, phases=PHASES, workers=None):
+             rank_of=None, iterations=None, parent_seconds=2.0, phases=PHASES, workers=None, parent_dp=False,
+             recorded_parent_dp=None):
     """A finished run: task i took durations[i] s (its `seconds` and end - start) and iterations
     (default 100 * durations[i]); tasks of one rank run back to back. Timing: PHASES, training (default:
     the busiest rank's sum) and total (default: the phases + training). The parent: 1000 iterations in
-    parent_seconds (default 2 s, faster than the tasks' 0.01 s per iteration: no warm-up measured)."""
+    parent_seconds (default 2 s, faster than the tasks' 0.01 s per iteration: no warm-up measured).
+    parent_dp: parallel.parent_data_parallel in the config; recorded_parent_dp: the provenance's record."""
     iterations = iterations or [int(100 * d) for d in durations]
     remaining = [0.8 ** (i + 1) for i in range(len(durations))]
     cfg = from_dict({"seed": seed, "data": {"dataset": "digits"}, "train": {"iterations": 1000},
                      "prune": {"remaining": remaining}, "reset": {"points": ["0ep"], "controls": []},
-                     "parallel": {"schedule": schedule}})
+                     "parallel": {"schedule": schedule, "parent_data_parallel": parent_dp}})
     run = RunDir(str(path))
     run.create(cfg)
     run.write_checkpoints({}, {}, {"epochs/test_accuracy": [0.5, 0.9]},
@@ -70,6 +72,8 @@ def make_run(path, *, ranks=1, durations=DURATIONS, training=None, total=None, s
     prov = dict(ranks=ranks, hosts=["h0"], threads_per_rank=1, mpi_library="none", git_commit="abc", schedule=schedule)
     if workers is not None:
         prov["workers"] = workers
+    if recorded_parent_dp is not None:
+        prov["parent_data_parallel"] = recorded_parent_dp
     merge(run, ids, timing, prov)
     return str(path)
 
@@ -267,3 +271,137 @@ def test_cli_subprocess(p1):
     r = subprocess.run([sys.executable, "-m", "lthmpi.analysis", "model", "--help"], capture_output=True, text=True,
                        cwd=REPO, env=env, timeout=120)
     assert r.returncode == 0 and "--seed-study" in r.stdout
+
+
+# -- the parent trained data-parallel (issue 33) ------------------------------------------------------------
+def test_parent_time_is_one_rank_time_over_p_e():
+    from lthmpi.analysis.scaling_model import RunProfile, parent_time
+
+    assert parent_time(10.0, 4, 0.5) == pytest.approx(5.0)
+    assert parent_time(10.0, 1, 0.5) == 10.0  # one rank: nothing to share
+    assert parent_time(10.0, 4, None) == 10.0  # on rank 0
+    with pytest.raises(ValueError, match="parent_efficiency must lie in"):
+        RunProfile([1.0], [1.0], {}, parent_efficiency=1.5)
+
+
+def test_parent_efficiency_predictions(p1, capsys):
+    # parent 2 s on one rank; at e = 0.8 it takes 2 / (P 0.8): 1.25 s at P = 2, 0.625 s at P = 4.
+    # P = 2: 1 + 1.25 + 0.5 + 0.25 + 8 + 0.25 = 11.25 s, S = 18 / 11.25 = 1.6; P = 4 (LPT 4 | 3 | 3 | 2 + 2): 6.625 s
+    code, out, err = model(p1, "--ranks", "1,2,4", "--schedulers", "lpt", "--parent-efficiency", "0.8", "--json",
+                           capsys=capsys)
+    assert code == 0, err
+    got = json.loads(out)
+    one = {r["P"]: r for r in got["predictions"]}
+    dp = {r["P"]: r for r in got["predictions_parent_dp"]}
+    assert one[2]["wall"] == pytest.approx(12.0) and one[2]["phases"]["parent"] == pytest.approx(2.0)
+    assert dp[1]["wall"] == pytest.approx(18.0)
+    assert dp[2]["phases"]["parent"] == pytest.approx(1.25) and dp[2]["wall"] == pytest.approx(11.25)
+    assert dp[2]["speedup"] == pytest.approx(1.6) and dp[2]["efficiency"] == pytest.approx(0.8)
+    assert dp[4]["phases"]["parent"] == pytest.approx(0.625) and dp[4]["wall"] == pytest.approx(6.625)
+    assert got["parent_efficiency"] == 0.8 and "given" in got["parent_efficiency_source"]
+    code, out, err = model(p1, "--ranks", "2", "--parent-efficiency", "0.8", capsys=capsys)
+    assert code == 0 and "parent data-parallel over all P ranks at efficiency 0.8 (given (--parent-efficiency))" in out
+    code, out, err = model(p1, "--ranks", "2", "--json", capsys=capsys)
+    assert json.loads(out)["predictions_parent_dp"] is None  # not asked, not measured: the parent stays on rank 0
+
+
+def test_seed_study_with_the_parent_data_parallel(capsys):
+    epoch = 4.5 * 60
+    parent = 350 * epoch
+    one_mask = sum(350 - k for k in (5, 10, 20, 30, 40)) * epoch
+    t1 = parent + 20 * one_mask
+    code, out, err = model("--seed-study", "--json", capsys=capsys)
+    assert code == 0, err
+    ss = json.loads(out)["seed_study"]
+    assert ss["case"]["parent_efficiency"] == 0.9 and ss["case"]["parent_efficiency_source"].startswith("assumed")
+    one = {(r["P"], r["scheduler"]): r for r in ss["rows"]}
+    dp = {(r["P"], r["scheduler"]): r for r in ss["rows_parent_dp"]}
+    assert one[(20, "lpt")]["efficiency"] == pytest.approx(t1 / (parent + one_mask) / 20)  # 0.833
+    assert dp[(20, "lpt")]["wall"] == pytest.approx(parent / (20 * 0.9) + one_mask)
+    assert dp[(20, "lpt")]["efficiency"] == pytest.approx(t1 / (parent / 18 + one_mask) / 20)
+    assert dp[(20, "lpt")]["efficiency"] >= 0.95
+    # the lowest e with E(20) >= 0.95: parent / (20 (T1 / (20 0.95) - one_mask)) = 1/6
+    assert ss["parent_efficiency_needed"]["20"] == pytest.approx(parent / (20 * (t1 / 19 - one_mask)))
+    imp = json.loads(out)["seed_study_imp"]
+    chain = 20 * 345 * epoch  # the critical path: 20 levels at k = 5, one after another
+    flat = {r["P"]: r for r in imp["rows_parent_dp"]["no subgroups"] if r["scheduler"] == "lpt"}
+    assert flat[20]["wall"] == pytest.approx(parent / 18 + chain)
+    assert imp["parent_efficiency_needed"]["no subgroups"]["20"] is None  # 15 ranks idle whatever the parent does
+    code, out, err = model("--seed-study", capsys=capsys)
+    assert code == 0
+    assert "parent efficiency e = 0.9: assumed, not measured" in out
+    summary = next(ln for ln in out.splitlines() if ln.split()[:2] == ["20", "16.67"])
+    assert summary.split() == ["20", "16.67", "0.833", "19.98", "0.999", "0.167"]
+
+
+def test_seed_study_given_parent_efficiency(capsys):
+    epoch = 4.5 * 60
+    parent, one_mask = 350 * epoch, 1645 * epoch
+    code, out, err = model("--seed-study", "--parent-efficiency", "0.25", "--schedulers", "lpt", "--json", capsys=capsys)
+    assert code == 0, err
+    ss = json.loads(out)["seed_study"]
+    assert ss["case"]["parent_efficiency_source"] == "given (--parent-efficiency)"
+    (row,) = [r for r in ss["rows_parent_dp"] if r["P"] == 20]
+    assert row["phases"]["parent"] == pytest.approx(parent / 5) and row["wall"] == pytest.approx(parent / 5 + one_mask)
+
+
+@pytest.mark.parametrize("value", ["1.5", "0", "-0.2", "nan"])
+def test_parent_efficiency_out_of_range(value, capsys):
+    code, out, err = model("--seed-study", "--parent-efficiency", value, capsys=capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("lthmpi.analysis model: error: --parent-efficiency must lie in (0, 1]")
+
+
+def test_check_prices_a_data_parallel_parent(p1, tmp_path, capsys):
+    # measured at P = 2 with the parent data-parallel: 1.0 s against 2.0 on one rank, i.e. e = 2 / (2 x 1.0) = 1.0;
+    # the model at e = 0.8 says 2 / 1.6 = 1.25 s: +25%
+    on2 = make_run(tmp_path / "dp2", ranks=2, parent_dp=True, rank_of=lambda i: [0, 1, 1, 0, 0][i],
+                   phases=dict(PHASES, parent=1.0))
+    code, out, err = model(p1, "--check", on2, "--parent-efficiency", "0.8", "--json", capsys=capsys)
+    assert code == 0, err
+    (row,) = json.loads(out)["check"]
+    assert row["parent_data_parallel"] is True and row["parent_efficiency"] == 0.8
+    assert row["predicted_parent"] == pytest.approx(1.25) and row["measured_parent"] == pytest.approx(1.0)
+    assert row["parent_error_pct"] == pytest.approx(25.0)
+    assert row["measured_parent_efficiency"] == pytest.approx(1.0)
+    assert row["predicted"] == pytest.approx(12.0 - 2.0 + 1.25)
+    code, out, err = model(p1, "--check", on2, "--parent-efficiency", "0.8", capsys=capsys)
+    assert "parent data-parallel over 2 ranks, measured efficiency 1.000 (the model used 0.8)" in out
+    assert "+25.0%" in next(ln for ln in out.splitlines() if ln.strip().startswith(on2))
+    code, out, err = model(p1, "--check", on2, capsys=capsys)  # no efficiency to predict it with
+    assert code == 2 and "trained its parent data-parallel: give --parent-efficiency" in err and err.count("\n") == 1
+    # a run on rank 0 is checked as before, its parent against the one-rank time
+    rank0 = make_run(tmp_path / "r2", ranks=2, rank_of=lambda i: [0, 1, 1, 0, 0][i])
+    code, out, err = model(p1, "--check", rank0, "--parent-efficiency", "0.8", "--json", capsys=capsys)
+    (row,) = json.loads(out)["check"]
+    assert row["parent_data_parallel"] is False and row["predicted_parent"] == pytest.approx(2.0)
+
+
+def test_calibrate_measures_the_parent_efficiency(p1, tmp_path, capsys):
+    # a P = 2 run whose parent was data-parallel took 1.25 s for the one-rank 2.0 s: e = 2 / (2 x 1.25) = 0.8,
+    # measured; the P = 4 prediction with the parent data-parallel then uses it: 2 / (4 x 0.8) = 0.625 s
+    on2 = make_run(tmp_path / "dp2", ranks=2, parent_dp=True, rank_of=lambda i: [0, 1, 1, 0, 0][i],
+                   phases=dict(PHASES, parent=1.25))
+    code, out, err = model(p1, "--calibrate", on2, "--ranks", "4", "--schedulers", "lpt", "--json", capsys=capsys)
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["calibration"]["parent_efficiency_measured"] == [{"P": 2, "efficiency": pytest.approx(0.8)}]
+    assert got["calibration"]["fits"]["parent"] == {"a": pytest.approx(2.0), "b": 0.0}  # not a one-rank parent time
+    assert got["parent_efficiency"] == pytest.approx(0.8) and got["parent_efficiency_source"].startswith("measured")
+    (row,) = got["predictions_parent_dp"]
+    assert row["phases"]["parent"] == pytest.approx(0.625)
+    code, out, err = model(p1, "--calibrate", on2, "--ranks", "4", capsys=capsys)
+    assert "parent data-parallel at P = 2: efficiency 0.800 (measured)" in out
+
+
+def test_profile_of_a_data_parallel_parent_is_refused(tmp_path, capsys):
+    dp = make_run(tmp_path / "dp2", ranks=2, parent_dp=True, rank_of=lambda i: i % 2)
+    code, out, err = model(dp, capsys=capsys)
+    assert code == 2 and err.count("\n") == 1 and "trained its parent data-parallel over 2 ranks" in err
+    # the provenance's record of what the run did wins over the config (`auto` resolves at run time)
+    rec = make_run(tmp_path / "rec2", ranks=2, parent_dp=False, recorded_parent_dp=True, rank_of=lambda i: i % 2)
+    code, out, err = model(rec, capsys=capsys)
+    assert code == 2 and "trained its parent data-parallel" in err
+    one = make_run(tmp_path / "one", ranks=1, parent_dp=True)  # one rank: nothing to share
+    code, out, err = model(one, "--ranks", "2", capsys=capsys)
+    assert code == 0, err

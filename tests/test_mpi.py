@@ -175,6 +175,9 @@ def test_more_ranks_than_tasks_forms_data_parallel_subgroups(tmp_path):
     assert len(recs) == 2
     with h5py.File(run / "results.h5", "r") as f:
         assert f["provenance"].attrs["workers"] == 2
+        assert not f["provenance"].attrs["parent_data_parallel"]  # `auto`: a Dense-only parent stays on rank 0
+    assert "parent trained on rank 0: parallel.parent_data_parallel = auto keeps a model without convolutions" in (
+        run / "logs" / "rank0.log").read_text()
     replicas = {}
     for tid in recs:
         with h5py.File(run / "tasks" / f"{tid}.h5", "r") as f:

@@ -108,6 +108,7 @@ def test_three_shards_one_killed_then_rerun_equal_one_process(tiny_run, tiny_tom
     res = load(str(run))
     assert {t["task_id"]: t["rank"] for t in res["tasks"]} == {t: i for i, s in shares.items() for t in s["tasks"]}
     assert res["provenance"]["schedule"] == "shards" and res["provenance"]["ranks"] == 3
+    assert res["provenance"]["parent_data_parallel"] is False  # one shard trained it: the model reads this
 
 
 ARRAY = Path(__file__).resolve().parents[1] / "run" / "slurm" / "array.sbatch"

@@ -7,8 +7,10 @@ The model follows the engine's phases (the names of ``PhaseTimer`` in ``parallel
 * ``startup(P)``: per-rank import and model build. Ranks start concurrently, so on its own core a rank
   pays about the same whatever P is; when P ranks share ``cores`` cores it grows by max(1, P / cores)
   (importing TensorFlow is CPU-bound: 20 ranks on 2 cores spend a minute importing).
-* ``parent`` and ``masks``: the serial part (Amdahl's f). ``masks`` is constant; a data-parallel parent
-  is not modelled.
+* ``parent`` and ``masks``: the serial part (Amdahl's f). ``masks`` is constant. The parent trains on one
+  rank, or, with ``parent_efficiency`` e set, data-parallel over all P ranks (``parallel.parent_data_parallel``):
+  parent(P) / (P e) for P >= 2, e being the parallel efficiency S/P of that phase, the number a run measures
+  directly (one-rank parent time over P times the data-parallel one). The parent's gradient traffic is in e.
 * ``distribution(P)``, ``gather(P)``: collectives, a + b log2(P) (tree algorithms).
 * Calibration: ``startup`` (per core, i.e. divided by the oversubscription), ``parent``, ``distribution``
   and ``gather`` are all fitted as a + b log2(P) by least squares over the profiled run and the runs in
@@ -37,7 +39,7 @@ measured one; efficiency is speedup / P.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -60,7 +62,9 @@ class RunProfile:
     task, for the static scheduler (default: each task its own mask). ``phase_points``: further
     (P, seconds) measurements per phase (of ``LOG_PHASES``, as measured, oversubscription included), for
     the a + b log2 P fits. ``contention_points``: (P, r), a run of the same tasks on P ranks took r times
-    this run's seconds per iteration, oversubscription divided out. ``independent``: tasks share nothing
+    this run's seconds per iteration, oversubscription divided out. ``parent_efficiency``: the parent trains
+    data-parallel over all P ranks at this parallel efficiency (None: on one rank; ``phases['parent']`` is
+    always a one-rank parent's time). ``independent``: tasks share nothing
     while training (the engine's case); False makes the training phase serial, the sum of durations.
     """
     task_durations: list[float]
@@ -75,6 +79,7 @@ class RunProfile:
     data_parallel_efficiency: float | None = None
     contention_points: list[tuple[int, float]] = field(default_factory=list)
     task_deps: list[tuple[int, ...]] | None = None
+    parent_efficiency: float | None = None
 
     def __post_init__(self):
         if len(self.task_durations) != len(self.task_costs):
@@ -85,6 +90,8 @@ class RunProfile:
             raise ValueError("ranks must be >= 1")
         if self.task_deps is not None and len(self.task_deps) != len(self.task_durations):
             raise ValueError("task_deps must give one tuple of dependencies per task")
+        if self.parent_efficiency is not None and not 0 < self.parent_efficiency <= 1:
+            raise ValueError(f"parent_efficiency must lie in (0, 1], not {self.parent_efficiency}")
 
 
 def oversubscription(p: int, cores: int | None) -> float:
@@ -133,7 +140,13 @@ def _phase_model(profile: RunProfile, P: int, cores: int | None) -> dict[str, fl
             continue
         a, b = phase_law(profile, name)
         out[name] = (a + b * math.log2(P)) * (oversubscription(P, cores) if name in PER_CORE_PHASES else 1.0)
+    out["parent"] = parent_time(out["parent"], P, profile.parent_efficiency)
     return out
+
+
+def parent_time(one_rank: float, P: int, efficiency: float | None) -> float:
+    """The parent phase on P ranks: its one-rank time, or that over P e when trained data-parallel at efficiency e."""
+    return one_rank / (P * efficiency) if efficiency is not None and P > 1 else one_rank
 
 
 def contention(profile: RunProfile, P: int) -> float:
@@ -215,6 +228,26 @@ def predict(profile: RunProfile, P: int, scheduler: str, cores: int | None = Non
                 makespan=sched.makespan, imbalance=imbalance(sched.busy), workers=workers,
                 idle=sum(1 for lst in sched.per_rank if not lst), phases=phases, critical_path=cp,
                 bound=wall - sched.makespan + cp)
+
+
+def parent_efficiency_for(profile: RunProfile, P: int, scheduler: str, target: float,
+                          cores: int | None = None) -> float | None:
+    """The lowest parent efficiency e at which the model's E(P) reaches ``target``; None where no e <= 1 does.
+
+    Why: the seed study's E(20) with a data-parallel parent rests on an assumed e; this says how low e may
+    fall before the conclusion changes. E(P) >= target <=> wall(P) <= T(1) / (P target), and wall(P) =
+    rest(P) + parent(P) / (P e), so e >= parent(P) / (P (T(1) / (P target) - rest(P))).
+    """
+    if P < 2:
+        return None
+    one = replace(profile, parent_efficiency=None)
+    row = predict(one, P, scheduler, cores)
+    wall1 = row["wall"] * row["speedup"]
+    room = wall1 / (P * target) - (row["wall"] - row["phases"]["parent"])
+    if room <= 0:
+        return None
+    e = row["phases"]["parent"] / (P * room)
+    return e if e <= 1 else None
 
 
 def predict_many(profile: RunProfile, ranks: Sequence[int],
@@ -314,4 +347,5 @@ def extrapolate_durations(profile: RunProfile, task_costs: Sequence[float],
     return RunProfile(new, [float(x) for x in task_costs], dict(profile.phases), profile.ranks,
                       profile.cores, None if task_groups is None else list(task_groups), profile.independent,
                       {k: list(v) for k, v in profile.phase_points.items()}, profile.overhead_per_task,
-                      profile.data_parallel_efficiency, list(profile.contention_points))
+                      profile.data_parallel_efficiency, list(profile.contention_points),
+                      parent_efficiency=profile.parent_efficiency)

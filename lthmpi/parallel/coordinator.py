@@ -111,7 +111,7 @@ def execute(cfg: Config, run_dir: str, comm, t_start: float | None, quiet: bool,
         log.info("%d ranks, %d TF threads per rank, hosts %s", size, threads, sorted(set(comm.allgather(comm.host))))
 
     with timer.phase("parent"):
-        make_parent(exp, comm)
+        parent_data_parallel = make_parent(exp, comm)
     with timer.phase("masks"):
         make_masks(exp, comm)
 
@@ -161,7 +161,8 @@ def execute(cfg: Config, run_dir: str, comm, t_start: float | None, quiet: bool,
     from ..results import provenance
 
     prov = provenance(size, hosts, threads, comm.library())
-    prov.update(schedule=schedule, subgroups=layout.n_workers != size, workers=layout.n_workers)
+    prov.update(schedule=schedule, subgroups=layout.n_workers != size, workers=layout.n_workers,
+                parent_data_parallel=parent_data_parallel)
     return merge(run, [t.id for t in graph.tasks], {t.id: t.deps for t in graph.tasks if t.deps}, timer.as_attrs(),
                  prov, during=lambda: fault.at("merge"))
 

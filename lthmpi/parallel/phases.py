@@ -124,11 +124,21 @@ def startup(cfg, run: RunDir, comm, threads: int, slot=None, allow_mixed: bool =
     return exp
 
 
-def make_parent(exp, comm):
-    """Rank 0 trains the dense parent (or loads it), all ranks data-parallel when parallel.parent_data_parallel;
-    the others compile meanwhile, then read its checkpoints."""
+def make_parent(exp, comm) -> bool:
+    """Rank 0 trains the dense parent (or loads it), all ranks data-parallel where parallel.parent_data_parallel
+    resolves so (scheduling.use_parent_data_parallel); otherwise the others compile meanwhile. Then every rank
+    reads its checkpoints. Returns what the setting resolved to, for the provenance."""
+    from ..models import has_convolutions
+    from .scheduling import use_parent_data_parallel
+
     rank, size = comm.rank, comm.size
-    if exp.cfg.parallel.parent_data_parallel and size > 1 and not exp.parent_done():
+    setting = exp.cfg.parallel.parent_data_parallel
+    data_parallel = use_parent_data_parallel(setting, has_convolutions(exp.trainer.model), size)
+    if rank == 0 and size > 1 and not exp.parent_done():
+        why = (": parallel.parent_data_parallel = auto keeps a model without convolutions on one rank (its ~1 ms steps "
+               "are shorter than an Allreduce); set it to true to force it") if setting == "auto" else ""
+        log.info(f"parent trained data-parallel over {size} ranks" if data_parallel else f"parent trained on rank 0{why}")
+    if data_parallel and not exp.parent_done():
         exp.trainer.set_reducer(comm.reducer())
         exp.train_parent(write=(rank == 0))
         exp.trainer.set_reducer(None)
@@ -139,6 +149,7 @@ def make_parent(exp, comm):
     comm.barrier()
     if rank != 0 or exp.checkpoints is None:
         exp.load_parent()
+    return data_parallel
 
 
 def make_masks(exp, comm):

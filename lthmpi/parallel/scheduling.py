@@ -290,3 +290,10 @@ def use_subgroups(setting: bool | str, has_convolutions: bool) -> bool:
     fused step takes ~1 ms: a subgroup of 2 trained a LeNet-300-100 task 4x slower than one rank alone,
     and Conv-2 (0.3 s steps) 1.14x faster (docs/performance.md, "Data-parallel subgroups")."""
     return has_convolutions if setting == "auto" else bool(setting)
+
+
+def use_parent_data_parallel(setting: bool | str, has_convolutions: bool, size: int) -> bool:
+    """Whether all ranks train the parent data-parallel: never on one rank; `auto` by the rule of
+    `use_subgroups`, since the parent's step is a retraining's step (the Allreduce pays for a conv net's, not
+    for a Dense-only net's millisecond one), and the ranks would otherwise wait for it (Amdahl's serial part)."""
+    return size > 1 and use_subgroups(setting, has_convolutions)

@@ -200,7 +200,7 @@ def merge_run(cfg: Config | None, run_dir: str, t_start: float | None = None) ->
     hosts = [r["host"] for r in records]
     prov = provenance(max(1, len({r["shard"] for r in records})), hosts, records[0]["threads"] if records else 0,
                       "none (job-array shards)")
-    prov.update(schedule="shards", shards=max([r["shards"] for r in records], default=1))
+    prov.update(schedule="shards", shards=max([r["shards"] for r in records], default=1), parent_data_parallel=False)
     path = merge(run, ids, deps, _timing(records, timer), prov)
     shutil.rmtree(run.claims_dir, ignore_errors=True)  # every task is done: no shard will claim again
     return path

@@ -34,12 +34,14 @@ def needs_root(what: str):
 TINY_TOTAL = 76
 
 
-# The modules that take longest (pytest --durations, docs/testing.md), first: run/test.sh runs the suite on
-# pytest-xdist workers, each module on one worker (--dist loadscope, so that a module's shared run is made once),
-# handed out in collection order; starting with the longest keeps one worker from finishing a long module alone
-# at the end.
-LONGEST_FIRST = ("test_mpi", "test_faults", "test_models", "test_shards", "test_slurm", "test_graph_run",
-                 "test_imp", "test_stability", "test_sparse", "test_training")
+# run/test.sh runs the suite on pytest-xdist workers with --dist loadscope: the tests of one module (or of one
+# class) run on one worker, so that a module's shared run (a module-scoped fixture) is made once; a long module
+# puts a part in a class of its own to split it over both workers. Scopes are handed out in collection order,
+# so the longest modules (pytest --durations, docs/testing.md) come first: a long one started last would leave
+# one worker running it alone at the end.
+LONGEST_FIRST = ("test_faults", "test_slurm", "test_mpi", "test_graph_run", "test_models", "test_shards",
+                 "test_parent_data_parallel", "test_imp", "test_multihost", "test_bad_config", "test_stability",
+                 "test_sparse", "test_training")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -470,37 +470,42 @@ def corrupt_runs(reference, tmp_path_factory):
         return {name: (futures[name].result(), *cases[name]) for name in CORRUPT}
 
 
-@pytest.mark.parametrize("name", CORRUPT)
-def test_corrupt_input_is_named_in_one_line(corrupt_runs, reference, name):
-    proc, run, sets, words = corrupt_runs[name]
-    if words is None:  # results.h5 is derived: a damaged one is rebuilt from the task files
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert_every_h5_readable(run)
+class TestCorruptInput:
+    """The corrupt-input cases (15 CLI runs) are a class so that pytest-xdist's loadscope runs them on one worker
+    while the rest of this module runs on the other (tests/conftest.py): one more `reference` run, minutes less
+    wall time."""
+
+    @pytest.mark.parametrize("name", CORRUPT)
+    def test_corrupt_input_is_named_in_one_line(self, corrupt_runs, reference, name):
+        proc, run, sets, words = corrupt_runs[name]
+        if words is None:  # results.h5 is derived: a damaged one is rebuilt from the task files
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert_every_h5_readable(run)
+            assert_same_results(run, reference)
+            note(f"corrupt input: {name}", "rerun rc 0: results.h5 rebuilt from the task files, equal")
+            return
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+        assert len(lines) == 1 and lines[0].startswith("lthmpi: error: "), proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        for w in words:
+            assert w in lines[0], (w, lines[0])
+        if not name.startswith(("task_", "parent_", "masks_")):
+            assert not run.exists(), "a failed start leaves no run directory"
+        note(f"corrupt input: {name}", f"rc 2, {lines[0][:110]}")
+
+
+    def test_rerun_after_deleting_a_corrupt_task_recomputes_only_it(self, corrupt_runs, reference):
+        _, run, _, words = corrupt_runs["task_bitflip"]
+        damaged = Path(words[1])
+        damaged.unlink()
+        before = mtimes(run)
+        r = launch(run)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert done_counts(run) == {damaged.stem: 1}, "only the deleted task is trained again"
         assert_same_results(run, reference)
-        note(f"corrupt input: {name}", "rerun rc 0: results.h5 rebuilt from the task files, equal")
-        return
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    assert len(lines) == 1 and lines[0].startswith("lthmpi: error: "), proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    if not name.startswith(("task_", "parent_", "masks_")):
-        assert not run.exists(), "a failed start leaves no run directory"
-    note(f"corrupt input: {name}", f"rc 2, {lines[0][:110]}")
-
-
-def test_rerun_after_deleting_a_corrupt_task_recomputes_only_it(corrupt_runs, reference):
-    _, run, _, words = corrupt_runs["task_bitflip"]
-    damaged = Path(words[1])
-    damaged.unlink()
-    before = mtimes(run)
-    r = launch(run)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert done_counts(run) == {damaged.stem: 1}, "only the deleted task is trained again"
-    assert_same_results(run, reference)
-    for name, mtime in before.items():
-        assert (run / "tasks" / name).stat().st_mtime_ns == mtime
+        for name, mtime in before.items():
+            assert (run / "tasks" / name).stat().st_mtime_ns == mtime
 
 
 def test_analysis_refuses_a_corrupt_results_file(reference, tmp_path):

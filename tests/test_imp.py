@@ -257,7 +257,7 @@ def test_the_kind_chains_levels_and_hangs_controls_off_them(imp_run):
 
 
 def test_model_replays_imp_chains_at_their_critical_path(imp_run):
-    from lthmpi.analysis.scaling_cli import profile_from_results
+    from lthmpi.analysis.scaling_measured import profile_from_results
     from lthmpi.analysis.scaling_model import predict, synthetic_profile
     from lthmpi.results import load
 

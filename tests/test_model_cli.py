@@ -14,7 +14,8 @@ import pytest
 
 from lthmpi.analysis import load_runs
 from lthmpi.analysis.__main__ import main as analysis_main
-from lthmpi.analysis.scaling_cli import parse_ranks, profile_from_results
+from lthmpi.analysis.scaling_cli import parse_ranks
+from lthmpi.analysis.scaling_measured import profile_from_results
 from lthmpi.config import from_dict
 from lthmpi.results import merge
 from lthmpi.store import RunDir

@@ -3,6 +3,7 @@ of every criterion through the masks phase with exact counts, the invert and lay
 transfer (shape refusal, provenance), the analysis' criterion table, and P = 1 equals P = 3 on a SNIP grid."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -247,32 +248,32 @@ def test_analysis_puts_the_criteria_of_one_parent_on_one_figure_with_their_table
 
 # -- P = 1 equals P = 3 on a SNIP grid ---------------------------------------------------------------------------
 
-SNIP = ["--set", "seed=5", "--set", "data.dataset=digits", "--set", "data.validation=200", "--set", "train.epochs=1",
-        "--set", "train.batch_size=32", "--set", "train.eval_every=10it", "--set", "prune.remaining=[0.5, 0.2]",
-        "--set", "prune.criterion=snip", "--set", "prune.score_batches=2", "--set", 'reset.points=["0ep"]',
-        "--set", 'reset.controls=["invert", "layer_shuffle"]', "--set", "parallel.threads=1", "--quiet"]
+SNIP = {"seed": 5, "data": {"dataset": "digits", "validation": 200},
+        "train": {"iterations": 20, "batch_size": 32, "eval_every": "5it"},
+        "prune": {"remaining": [0.5, 0.2], "criterion": "snip", "score_batches": 2},
+        "reset": {"points": ["0ep"], "controls": ["invert", "layer_shuffle"]}}
 
 
-def test_snip_grid_p3_under_mpirun_equals_p1(tmp_path):
+def test_snip_grid_p3_under_mpirun_equals_p1(tmp_path, tf_runtime):
+    """P = 1 in this process (one thread, as every rank), P = 3 under mpirun: bitwise the same results."""
     from faultkit import curves, records
 
-    mpirun = Path(sys.executable).parent / "mpirun"
-    runs = {}
-    for p in (1, 3):
-        run = tmp_path / f"p{p}"
-        cmd = [sys.executable, "-m", "lthmpi.main", "--run-dir", str(run), *SNIP]
-        r = subprocess.run(([str(mpirun), "-np", "3"] if p == 3 else []) + cmd, cwd=ROOT, capture_output=True,
-                           text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
-        runs[p] = run
-    one, three = records(runs[1]), records(runs[3])
+    from lthmpi.parallel.coordinator import run_serial
+
+    run_serial(cfg_of(SNIP), str(tmp_path / "p1"), threads=1, quiet=True)
+    sets = [f"--set={k}.{kk}={json.dumps(vv)}" for k, v in SNIP.items() if isinstance(v, dict) for kk, vv in v.items()]
+    cmd = [str(Path(sys.executable).parent / "mpirun"), "-np", "3", sys.executable, "-m", "lthmpi.main", "--run-dir",
+           str(tmp_path / "p3"), "--set=seed=5", *sets, "--set=parallel.threads=1", "--quiet"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    one, three = records(tmp_path / "p1"), records(tmp_path / "p3")
     assert sorted(one) == sorted(three) == sorted(f"m00{m}_r00_{c}" for m in (0, 1)
                                                    for c in ("ticket", "invert", "layer_shuffle"))
     assert {t["rank"] for t in three.values()} == {0, 1, 2}
     for tid in one:
         for k in ("final_accuracy", "early_stop_iteration", "early_stop_accuracy", "best_val_loss", "remaining"):
             assert one[tid][k] == three[tid][k], (tid, k)
-    c1, c3 = curves(runs[1]), curves(runs[3])
+    c1, c3 = curves(tmp_path / "p1"), curves(tmp_path / "p3")
     assert c1.keys() == c3.keys()
     for key in c1:
         np.testing.assert_array_equal(c1[key], c3[key], err_msg=str(key))

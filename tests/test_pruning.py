@@ -180,7 +180,7 @@ def test_oneshot_layer_rates_give_imps_per_layer_densities(tf_runtime, preset):
     level l keeps (fully connected at 0.8^l, conv at (1 - 0.2 m)^l, output at 0.9^l), within IMP's rounding."""
     from pathlib import Path
 
-    from lthmpi.config import resolve
+    from lthmpi.validation import resolve
     from lthmpi.data import KNOWN_SHAPES
     from lthmpi.models import build_model, prunable_variables
     from lthmpi.pruning import imp_counts

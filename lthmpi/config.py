@@ -30,7 +30,7 @@ SCOPES = ("global", "layerwise")
 METHODS = ("oneshot", "imp")
 IMP_KEYS = ("method", "levels", "imp_rate")  # left out of a one-shot config's identity (hash unchanged)
 ONESHOT_KEYS = ("remaining", "quantiles")  # left out of an IMP config's identity (unused there)
-CONTROLS = ("random_reinit", "random_mask")
+CONTROLS = ("random_reinit", "random_mask", "layer_shuffle", "invert")  # random_mask = layer_shuffle (docs/pruning.md)
 SCHEDULES = ("static", "lpt", "dynamic")
 NORMALIZATIONS = ("scale", "standardize")
 DEVICES = ("auto", "cpu", "gpu")
@@ -117,6 +117,16 @@ class PruneConfig:
     levels: int = key(20, "imp: pruning levels per reset point (level l keeps about (1 - imp_rate)^l)")
     imp_rate: float = key(0.2, "fraction of the surviving weights pruned per IMP level (x the layer multiplier); "
                                "one-shot's layer_rates scale it too")
+    criterion: str = key("magnitude", "one-shot masks by: magnitude (parent's final weights) | magnitude_init | snip | "
+                                      "grasp | synflow | random (scored at prune.score_at; docs/pruning.md)")
+    score_at: str = key("0ep", "where magnitude_init, snip, grasp, synflow and random score the weights (\"0ep\" = "
+                               "theta_0, pruning at initialization)")
+    score_batches: int = key(1, "snip, grasp: training batches of train.batch_size the scores are summed over")
+    synflow_iterations: int = key(100, "synflow: pruning rounds on the exponential schedule (Tanaka et al.: 100)")
+    masks_from: str = key("", "ticket transfer: a run directory whose masks and start weights (at "
+                              "prune.masks_from_reset) are retrained here; \"\" = masks of this run")
+    masks_from_reset: str = key("0ep", "with prune.masks_from: the source run's reset point whose weights start every "
+                                       "retraining here (one of its reset.points)")
 
 
 @dataclass
@@ -124,7 +134,8 @@ class ResetConfig:
     """Late resetting: where the subnetworks restart from, and the controls."""
 
     points: list = key(["0ep", "100it", "250it", "500it", "1ep"], "late-reset points k, in epochs or iterations")
-    controls: list = key(["random_reinit"], "controls per mask and reset point: any of random_reinit, random_mask")
+    controls: list = key(["random_reinit"], "controls per mask and reset point: any of random_reinit, random_mask "
+                                            "(= layer_shuffle), layer_shuffle, invert (docs/pruning.md)")
     optimizer_state: str = key("fresh", "fresh optimizer at the reset (open_lth) | restore (the state saved at k)")
     length: str = key("remaining", "train T - k after the reset (remaining) | T (full)")
 

@@ -13,6 +13,8 @@ import time
 import numpy as np
 
 from .config import Config
+from .steps import Step
+from . import criteria, transfer
 from .kinds import imp, registry
 from .pruning import fraction_remaining, magnitude_masks
 from .store import RunDir, StoreError, hostname, mixed_kernels
@@ -47,13 +49,16 @@ class Experiment:
         self.iterations_per_epoch = per_epoch
         self.reset_iterations = [s.iterations(per_epoch) for s in cfg.reset_steps()]
         stability = cfg.stability_steps() if cfg.stability.enabled else []
-        self.checkpoint_iterations = sorted({0, self.total, *self.reset_iterations,
+        self.score_iteration = Step.parse(cfg.prune.score_at).iterations(per_epoch)
+        self.checkpoint_iterations = sorted({0, self.total, self.score_iteration, *self.reset_iterations,
                                              *(s.iterations(per_epoch) for s in stability)})
         self.model = build_model(cfg.model.name, self.data.input_shape, self.data.num_classes, cfg.seed,
                                  cfg.train.precision)
         self.prunable = [v.path for v in prunable_variables(self.model)]
         self.sizes = {v.path: int(np.prod(v.shape)) for v in prunable_variables(self.model)}
         validate_against_model(cfg, self.sizes)
+        if cfg.prune.masks_from and not os.path.exists(self.run.masks_path):
+            transfer.check(self)  # a source that does not fit is refused before the parent trains
         self.placement = configured_placement() or Placement("cpu")  # threads None: TF set up by the caller
         self.deterministic = configured_deterministic()
         if self.deterministic is None:
@@ -66,6 +71,8 @@ class Experiment:
         self.parent_info: dict = {}
         self.masks: list | None = None
         self.remaining: list = []
+        self.scores: dict | None = None  # the criterion's scores (for the invert control), when the masks file has them
+        self.transfer = None  # kinds/transfer.Source when prune.masks_from names a run
 
     def check_rerun(self, allow_mixed: bool = False):
         """Before a rerun trains anything: finished tasks trained with another thread count or other kernels
@@ -138,26 +145,62 @@ class Experiment:
 
     # -- masks ----------------------------------------------------------------------------------
     def compute_masks(self):
-        """Masks from the *final* parent weights (never from a reset point's weights); for IMP, every chain's
-        first level (the later levels' masks come from the levels before them)."""
+        """Masks from the *final* parent weights (never from a reset point's weights) by magnitude, or by
+        prune.criterion at the weights at prune.score_at (pruning at initialization: θ_0), or a source run's
+        (prune.masks_from); for IMP, every chain's first level (the later levels' masks come from the levels
+        before them)."""
         if self.cfg.imp:
             final = self.checkpoints[self.total]
             imp.write_first_masks(self.run, self.cfg, {p: final[p] for p in self.prunable}, len(self.reset_iterations))
             return self.load_masks()
         if os.path.exists(self.run.masks_path):
             return self.load_masks()
-        final = self.checkpoints[self.total]
-        weights = {p: final[p] for p in self.prunable}
+        if self.cfg.prune.masks_from:
+            transfer.write_masks(self)
+            return self.load_masks()
+        p = self.cfg.prune
         targets = self.cfg.remaining_fractions()
-        masks = [magnitude_masks(weights, r, self.cfg.prune.scope, self.cfg.prune.layer_rates) for r in targets]
-        self.run.write_masks(masks, [fraction_remaining(m) for m in masks], targets)
+        keep_scores = "invert" in self.cfg.reset.controls
+        if p.criterion == "magnitude":
+            final = self.checkpoints[self.total]
+            weights = {q: final[q] for q in self.prunable}
+            masks = [magnitude_masks(weights, r, p.scope, p.layer_rates) for r in targets]
+            scores = criteria.magnitude_scores(weights) if keep_scores else None
+            self.run.write_masks(masks, [fraction_remaining(m) for m in masks], targets, scores)
+            return self.load_masks()
+        masks, scores = self._criterion_masks(targets)
+        self.run.write_masks(masks, [fraction_remaining(m) for m in masks], targets,
+                             scores if keep_scores else None, {"criterion": p.criterion, "score_at": p.score_at})
+        log.info("masks by %s at %s", p.criterion, p.score_at)
         return self.load_masks()
+
+    def _criterion_masks(self, targets: list) -> tuple[list, dict]:
+        """Scores of prune.criterion at the weights at prune.score_at (single-shot, once for every fraction;
+        synflow: iterative per fraction, its single-shot scores kept for invert), and the masks cut from them."""
+        p, cfg = self.cfg.prune, self.cfg
+        self.trainer.set_weights(self.checkpoints[self.score_iteration])
+        batches = None
+        if p.criterion in criteria.DATA_CRITERIA:
+            x, y = self.data.x_train, self.data.y_train
+            rows = np.random.default_rng([cfg.seed, 34]).permutation(len(x))[: p.score_batches * cfg.train.batch_size]
+            batches = [(self.data.as_float(x[np.sort(idx)]), np.asarray(y[np.sort(idx)]))
+                       for idx in np.split(rows, p.score_batches)]
+        scores = criteria.scores(p.criterion, self.model, batches=batches, seed=[cfg.seed, 34])
+        if p.criterion == "synflow":
+            masks = [criteria.synflow_masks(self.model, r, p.scope, p.layer_rates, p.synflow_iterations)
+                     for r in targets]
+        else:
+            masks = [criteria.masks_from_scores(scores, r, p.scope, p.layer_rates) for r in targets]
+        return masks, scores
 
     def load_masks(self):
         if self.cfg.imp:  # each level reads its own chain's mask when it starts
             self.masks, self.remaining = None, imp.planned_fractions(self.cfg, self.sizes)
             return self.masks
         self.masks, self.remaining = self.run.read_masks()
+        self.scores, attrs = self.run.read_mask_extras()
+        if self.cfg.prune.masks_from:
+            self.transfer = transfer.load(self, attrs)
         if len(self.masks) != len(self.cfg.remaining_fractions()):
             raise StoreError(f"mask file {self.run.masks_path} holds {len(self.masks)} masks, the config asks for "
                              f"{len(self.cfg.remaining_fractions())}; delete it to recompute the masks")

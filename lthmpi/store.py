@@ -241,13 +241,28 @@ class RunDir:
                                  f"delete it to recompute it") from None
         return ckpts, opts, attrs
 
-    def write_masks(self, masks: list[dict], remaining: list[float], targets: list[float]):
+    def write_masks(self, masks: list[dict], remaining: list[float], targets: list[float], scores: dict | None = None,
+                    attrs: dict | None = None, groups: dict | None = None):
+        """The one-shot masks; `scores` (the criterion's, for the invert control), `attrs` (the criterion, a
+        transfer's source) and `groups` of arrays (a transfer's start weights) when given.
+        Without them the file holds what it held before issue 34."""
         with atomic_h5(self.masks_path) as f:
             for i, m in enumerate(masks):
                 g = f.create_group(f"masks/{i}")
                 write_arrays(g, {p: a.astype(bool) for p, a in m.items()}, compression="gzip")
                 g.attrs["remaining"] = remaining[i]
                 g.attrs["target"] = targets[i]
+            if scores is not None:
+                write_arrays(f.create_group("scores"), {p: np.asarray(a, np.float64) for p, a in scores.items()})
+            for name, arrays in (groups or {}).items():
+                write_arrays(f.create_group(name), arrays)
+            f.attrs.update(attrs or {})
+
+    def read_mask_extras(self) -> tuple[dict | None, dict]:
+        """(the criterion's scores or None, the mask file's attributes)."""
+        with open_h5(self.masks_path, "mask file") as f:
+            scores = read_arrays(f["scores"], f"mask file {self.masks_path}") if "scores" in f else None
+            return scores, {k: attr_value(v) for k, v in f.attrs.items() if k != DIGEST}
 
     def read_masks(self) -> tuple[list[dict], list[float]]:
         with open_h5(self.masks_path, "mask file") as f:

@@ -86,6 +86,7 @@ def validate(cfg: Config) -> None:
         dup = sorted({f for f in fractions if fractions.count(f) > 1})
         raise ConfigError(f"prune thresholds contain duplicates {dup}: each mask must be distinct")
     _one_of("prune.scope", p.scope, SCOPES)
+    validate_criterion(cfg)
     for name, mult in p.layer_rates.items():
         if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not 0 <= mult * p.imp_rate <= 1:
             raise ConfigError(f"prune.layer_rates.{name} = {mult!r} must be a number >= 0 that keeps the per-round "
@@ -99,6 +100,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"reset.controls entry {c!r} is unknown (choose from {', '.join(CONTROLS)})")
     if len(set(r.controls)) != len(r.controls):
         raise ConfigError(f"reset.controls {r.controls} contain duplicates")
+    if {"random_mask", "layer_shuffle"} <= set(r.controls):
+        raise ConfigError("reset.controls names random_mask and layer_shuffle: they are the same control (the mask's "
+                          "per-layer counts at random positions, the same draw); keep one")
+    if "invert" in r.controls and cfg.imp:
+        raise ConfigError("reset.controls 'invert' needs a criterion's scores, which IMP levels do not keep: remove it "
+                          "or use prune.method = \"oneshot\"")
     if r.optimizer_state not in ("fresh", "restore"):
         raise ConfigError(f"reset.optimizer_state {r.optimizer_state!r} must be 'fresh' or 'restore'")
     if r.length not in ("remaining", "full"):
@@ -121,6 +128,27 @@ def validate(cfg: Config) -> None:
         raise ConfigError("parallel.backend = 'horovod' is gone: Horovod 0.28.1 builds only against TF <= 2.15 and "
                           "Keras 2 (horovod#4290); mpi4py's Allreduce does its job: use parallel.backend = 'mpi4py'")
     _one_of("parallel.backend", q.backend, ("mpi4py",))
+
+
+def validate_criterion(cfg: Config) -> None:
+    """prune.criterion and its keys, and ticket transfer (prune.masks_from): one line each (docs/pruning.md)."""
+    from .criteria import check_criterion
+
+    p = cfg.prune
+    check_criterion(p.criterion, True, p.score_batches)
+    if isinstance(p.synflow_iterations, bool) or p.synflow_iterations < 1:
+        raise ConfigError(f"prune.synflow_iterations must be an integer >= 1, not {p.synflow_iterations!r}")
+    for name in ("score_at", "masks_from_reset"):
+        try:
+            Step.parse(getattr(p, name))
+        except StepError as e:
+            raise ConfigError(f"prune.{name}: {e}") from None
+    if cfg.imp and p.criterion != "magnitude":
+        raise ConfigError(f"prune.criterion {p.criterion!r} cuts one-shot masks; IMP prunes by magnitude level by "
+                          f"level: remove prune.criterion or use prune.method = \"oneshot\"")
+    if p.masks_from and (cfg.imp or p.criterion != "magnitude"):
+        raise ConfigError("prune.masks_from takes the masks of another run: it cannot be combined with "
+                          "prune.criterion or prune.method = \"imp\"; remove one of them")
 
 
 def validate_stability(cfg: Config) -> None:
@@ -224,6 +252,13 @@ def validate_against_data(cfg: Config, iterations_per_epoch: int, n_train: int) 
         if k >= total:
             raise ConfigError(f"reset point {s} (iteration {k}) is at or past the end of training "
                               f"({total} iterations): lower it or train longer")
+    from .criteria import check_criterion
+
+    check_criterion(cfg.prune.criterion, True, cfg.prune.score_batches, cfg.train.batch_size, n_train)
+    k = Step.parse(cfg.prune.score_at).iterations(iterations_per_epoch)
+    if k >= total:
+        raise ConfigError(f"prune.score_at {cfg.prune.score_at} (iteration {k}) is at or past the end of training "
+                          f"({total} iterations): lower it")
     if its != sorted(its) or len(set(its)) != len(its):
         raise ConfigError(f"reset.points {cfg.reset.points} must be strictly increasing "
                           f"(as iterations: {its})")

@@ -7,7 +7,7 @@ import os
 
 from ..tables import markdown_table as _md_table
 from ..tables import text_table as _text_table
-from . import plots, scaling, scaling_summary, science, stability
+from . import pai, plots, scaling, scaling_summary, science, stability
 
 
 def _f(v, fmt: str = ".3f") -> str:
@@ -78,6 +78,20 @@ def _comparison(imp_grid: tuple, oneshot_grid: tuple, out: str, suffix: str, tol
     return md, text, files + [acc, es]
 
 
+def _criteria(gis: list[int], grids: dict, out: str, suffix: str, tolerance: float, md, text, files):
+    """Pruning criteria of one parent (docs/pruning.md): one figure and where each line falls below dense."""
+    gs = [grids[gi][0] for gi in gis]
+    names = ", ".join(pai.criterion_of(g) for g in gs)
+    fig = pai.figure(gs, os.path.join(out, f"criteria{suffix}.png"), tolerance, f"criteria: {names}")
+    head, rows = pai.table_rows(gs, tolerance)
+    name = (f"Where each criterion's tickets and checks fall {100 * tolerance:.2f} pp below dense (early-stop test "
+            f"accuracy, mean over seeds; controls averaged over reset points)")
+    md += [f"## Pruning criteria: {names}", "", f"![criteria]({os.path.basename(fig)})", "", f"### {name}", "",
+           science.render(head, rows, markdown=True, value_kind="left"), ""]
+    text += [f"== Pruning criteria: {names} ==", name, science.render(head, rows, value_kind="left"), ""]
+    return md, text, files + [fig]
+
+
 def analyse(results: list[dict], out: str, tolerance: float = 0.005, weak: bool = False, command: str = "") -> dict:
     """Write the figures and report.md into `out`; return the terminal text and the files written."""
     os.makedirs(out, exist_ok=True)
@@ -140,6 +154,9 @@ def analyse(results: list[dict], out: str, tolerance: float = 0.005, weak: bool 
     for n, (a, b) in enumerate(pairs):
         md, text, files = _comparison(grids[a], grids[b], out, "" if len(pairs) == 1 else f"_{n + 1}", tolerance,
                                       md, text, files)
+
+    for n, gis in enumerate(pai.criterion_sets(results, groups, grids)):
+        md, text, files = _criteria(gis, grids, out, "" if n == 0 else f"_{n + 1}", tolerance, md, text, files)
 
     # -- stability ----------------------------------------------------------------------------------
     for i, r in enumerate(results):

@@ -32,7 +32,9 @@ class OneShot:
         return start_weights(exp, k, exp.masks[spec.mask], spec.control, spec.seed(exp.cfg.seed))
 
     def run_spec(self, exp, spec: Retraining, progress=None, write: bool = True) -> dict:
-        return run_grid_task(exp, spec, lambda: exp.masks[spec.mask], self.name, progress, write)
+        transfer = getattr(exp, "transfer", None)  # a transferred ticket's provenance goes into every result row
+        return run_grid_task(exp, spec, lambda: exp.masks[spec.mask], self.name, progress, write,
+                             **(transfer.provenance if transfer is not None else {}))
 
     def run(self, exp, task: Task, progress=None, write: bool = True) -> dict:
         return self.run_spec(exp, task.spec, progress, write)

@@ -15,12 +15,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..parallel.scheduling import step_cost
+from ..criteria import invert
+from ..fileio import StoreError
 from ..pruning import fraction_remaining, random_masks
 from ..results import TaskResult
 
 log = logging.getLogger("lthmpi")
 
-CONTROL_CODES = {None: 0, "random_reinit": 1, "random_mask": 2}
+# a control's code seeds its draw; layer_shuffle is random_mask under its PaI name (the same code, the same draw)
+CONTROL_CODES = {None: 0, "random_reinit": 1, "random_mask": 2, "layer_shuffle": 2, "invert": 4}
 
 
 @dataclass(frozen=True, order=True)
@@ -54,10 +57,18 @@ def cost(exp, k: int, remaining: float) -> float:
 
 
 def start_weights(exp, k: int, mask: dict | None, control: str | None = None, seed=None) -> tuple[dict, dict | None]:
-    """Weights and mask a retraining starts from: θ_k ⊙ m, or a control of it drawn from `seed`."""
-    weights = dict(exp.checkpoints[k])
-    if control == "random_mask":
+    """Weights and mask a retraining starts from: θ_k ⊙ m (a transferred ticket: the source's weights at its reset
+    point), or a control of it drawn from `seed`: random_mask / layer_shuffle (the per-layer counts at random
+    positions), invert (the lowest-scoring weights at the same per-layer counts), random_reinit."""
+    transfer = getattr(exp, "transfer", None)
+    weights = dict(transfer.weights if transfer is not None and mask is not None else exp.checkpoints[k])
+    if control in ("random_mask", "layer_shuffle"):
         mask = random_masks(mask, seed)
+    elif control == "invert":
+        if getattr(exp, "scores", None) is None:
+            raise StoreError(f"the invert control needs the criterion's scores, but {exp.run.masks_path} has none; "
+                             f"delete it to recompute the masks with them")
+        mask = invert(mask, exp.scores)
     elif control == "random_reinit":
         from ..models import fresh_init
 

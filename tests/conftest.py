@@ -39,7 +39,7 @@ TINY_TOTAL = 76
 # puts a part in a class of its own to split it over both workers. Scopes are handed out in collection order,
 # so the longest modules (pytest --durations, docs/testing.md) come first: a long one started last would leave
 # one worker running it alone at the end.
-LONGEST_FIRST = ("test_faults", "test_slurm", "test_mpi", "test_graph_run", "test_models", "test_shards",
+LONGEST_FIRST = ("test_faults", "test_slurm", "test_mpi", "test_graph_run", "test_models", "test_shards", "test_pai",
                  "test_parent_data_parallel", "test_imp", "test_multihost", "test_bad_config", "test_stability",
                  "test_sparse", "test_training")
 

@@ -54,12 +54,17 @@ def _flock(path: str, shared: bool, wait: bool) -> int:
         if isinstance(e, OSError):
             raise StoreError(f"cannot lock {path}: {e.strerror}") from None
         raise  # an interrupt while waiting
-    with contextlib.suppress(OSError):  # who holds it, for the message a refused process prints
+    _write_holder(fd, shared)
+    return fd
+
+
+def _write_holder(fd: int, shared: bool):
+    """Who holds it, for the message a refused process prints."""
+    with contextlib.suppress(OSError):
         prefix = "job-array shards, the last started " if shared else ""
         text = f"{prefix}{holder_stamp()}\n".encode()
         os.pwrite(fd, text, 0)
         os.ftruncate(fd, len(text))  # after the write: the file is never empty while held
-    return fd
 
 
 def open_nofollow(path: str) -> int:
@@ -239,6 +244,7 @@ class RunDir:
 
             try:  # then share it with the shards that come (a conversion: dropped, then taken shared)
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                _write_holder(fd, shared=True)
             except BlockingIOError:
                 self.unlock()
                 _HELD_LOCKS[self.path] = self._lock_shared("")

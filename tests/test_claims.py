@@ -106,7 +106,7 @@ def test_a_symlink_at_a_claim_path_is_refused_and_its_target_untouched(run_path,
     target = tmp_path / "precious.txt"
     target.write_text("keep me\n")
     os.makedirs(run.claims_dir, exist_ok=True)
-    os.symlink(target, run.claim_path("m000_r00_ticket"))
+    os.symlink(target, os.path.join(run.claims_dir, "m000_r00_ticket"))
     with pytest.raises(StoreError, match="is a symbolic link; .* remove it"):
         run.claim("m000_r00_ticket")
     assert target.read_text() == "keep me\n"

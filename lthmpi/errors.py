@@ -26,14 +26,40 @@ class Interrupted(KeyboardInterrupt):
 
 def install_signal_handlers():
     """SIGTERM (a scheduler's time limit, `kill`) and SIGINT (Ctrl-C) raise Interrupted once; while the
-    process unwinds, further ones are ignored (the unwinding is short and bounded)."""
+    process unwinds, further ones are dropped by a handler that does nothing (not SIG_IGN, which the children
+    started meanwhile would inherit across exec: they could then not be stopped)."""
     def handler(signum, frame):
         for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, signal.SIG_IGN)
+            signal.signal(s, _drop)
         raise Interrupted(signum)
 
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, handler)
+
+
+def _drop(signum, frame):
+    """A signal that arrives while the process unwinds from the first one."""
+
+
+def exit_interrupted(code: int):
+    """End an interrupted command-line process now, cleanly: close the disk readers' threads, flush the logs
+    and the streams, restore the default handlers, then os._exit(code) (128 + signal). Not sys.exit: the
+    interpreter's teardown with TensorFlow/XLA loaded and a reader thread alive has ended in glibc's
+    "corrupted size vs. prev_size" (the MPI path exits the same way, parallel/mpi.py stop_together)."""
+    import logging
+
+    readers = sys.modules.get("lthmpi.data.disk_batches")
+    if readers is not None:
+        readers.close_all()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_DFL)
+    os._exit(code)
 
 
 def interrupt_code(e: KeyboardInterrupt) -> int:
@@ -68,6 +94,8 @@ def describe_error(e: BaseException) -> tuple[str, int, bool]:
 
     if is_user_error(e):
         return str(e), EXIT_USAGE, False
+    if getattr(e, "plain_line", False):  # a failure said whole by its message (parallel/liveness.PeerLost)
+        return str(e), EXIT_FAILURE, False
     code = disk_errno(e)
     if code is not None:
         where = f" writing {e.filename}" if getattr(e, "filename", None) else ""

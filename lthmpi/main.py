@@ -11,7 +11,8 @@ import sys
 import time
 
 from .config import ConfigError, help_text
-from .errors import describe_error, install_signal_handlers, interrupt_code, report_error, resume_line
+from .errors import (describe_error, exit_interrupted, install_signal_handlers, interrupt_code, report_error,
+                     resume_line)
 from .parallel.launcher import launched_by_mpi, mpi_rank_from_env
 from .validation import resolve
 
@@ -48,7 +49,8 @@ def main(argv=None, prog: str = "python -m lthmpi.main", signals: bool | None = 
     """`signals`: turn SIGTERM/SIGINT into Interrupted (default: when run as the command line, argv None)."""
     t_start = time.time()
     args = parser(prog).parse_args(argv)
-    if argv is None if signals is None else signals:  # the command line, not a test calling main() in-process
+    signals = argv is None if signals is None else signals  # the command line, not a test calling main() in-process
+    if signals:
         install_signal_handlers()
     try:
         if args.describe:
@@ -73,6 +75,8 @@ def main(argv=None, prog: str = "python -m lthmpi.main", signals: bool | None = 
                           comm=comm, allow_mixed=args.allow_mixed)
     except KeyboardInterrupt as e:
         print(resume_line(e), file=sys.stderr)
+        if signals:
+            exit_interrupted(interrupt_code(e))
         return interrupt_code(e)
     except Exception as e:  # noqa: BLE001 - every failure becomes one line and a non-zero exit
         if launched_by_mpi() and mpi_rank_from_env() != 0:

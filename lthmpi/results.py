@@ -196,14 +196,26 @@ def summary_json(res: dict) -> dict:
 
 
 def provenance(ranks: int, hosts: list[str], threads: int, mpi_library: str = "none") -> dict:
-    import keras
-    import tensorflow as tf
-
-    return dict(python=sys.version.split()[0], tensorflow=tf.__version__, keras=keras.__version__,
+    return dict(python=sys.version.split()[0], tensorflow=_version("tensorflow"), keras=_version("keras"),
                 numpy=np.__version__, h5py=h5py.__version__, platform=platform.platform(),
                 mpi_library=mpi_library, ranks=ranks, hosts=sorted(set(hosts)), threads_per_rank=threads,
                 ranks_per_host=max(Counter(hosts).values()) if hosts else 1, cores_per_host=available_cores(),
                 git_commit=git_commit())
+
+
+def _version(package: str) -> str:
+    """An installed package's version without importing it (--merge must not pay TensorFlow's import)."""
+    module = sys.modules.get(package)
+    if module is not None and getattr(module, "__version__", None):
+        return str(module.__version__)
+    from importlib import metadata
+
+    for dist in (package, f"{package}-cpu", f"{package}-gpu", f"{package}-macos"):  # tensorflow's wheels
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "not installed"
 
 
 def git_commit() -> str:

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import os
 import socket
+import sys
 import time
 
 import numpy as np
@@ -22,6 +23,9 @@ from .config import Config, ConfigError, from_dict, load_toml
 from .fileio import DIGEST, StoreError, atomic_h5, atomic_path, attr_value, open_h5, read_arrays, write_arrays
 
 _HELD_LOCKS: dict[str, int] = {}  # run directory -> fd of its lock file, for the run(s) of this process
+
+
+SWEPT = ("stability", "shards")  # more subdirectories whose temporaries are swept (their writers are not RunDir's)
 
 
 class _NoLocks(OSError):
@@ -34,10 +38,7 @@ def _flock(path: str, shared: bool, wait: bool) -> int:
     _NoLocks where the filesystem has no flock, StoreError when the file cannot be opened or locked."""
     import fcntl
 
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise StoreError(f"cannot open {path}: {e.strerror}; choose another --run-dir") from None
+    fd = open_nofollow(path)
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
     except BaseException as e:
@@ -53,11 +54,94 @@ def _flock(path: str, shared: bool, wait: bool) -> int:
         if isinstance(e, OSError):
             raise StoreError(f"cannot lock {path}: {e.strerror}") from None
         raise  # an interrupt while waiting
-    with contextlib.suppress(OSError):  # who holds it, for the message a refused process prints
-        who = f"{'job-array shards, the last started ' if shared else ''}{hostname()}:{os.getpid()}"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{who} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    _write_holder(fd, shared)
     return fd
+
+
+def _write_holder(fd: int, shared: bool):
+    """Who holds it, for the message a refused process prints."""
+    with contextlib.suppress(OSError):
+        prefix = "job-array shards, the last started " if shared else ""
+        text = f"{prefix}{holder_stamp()}\n".encode()
+        os.pwrite(fd, text, 0)
+        os.ftruncate(fd, len(text))  # after the write: the file is never empty while held
+
+
+def open_nofollow(path: str) -> int:
+    """Open (create) a lock or claim file without following a symlink planted at its path (O_NOFOLLOW) and
+    without leaking it into children (O_CLOEXEC); not truncated (the holder is written once the lock is held)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise StoreError(f"{path} is a symbolic link; lthmpi does not follow links for its lock and claim "
+                             f"files: remove it") from None
+        raise StoreError(f"cannot open {path}: {e.strerror}; choose another --run-dir") from None
+
+
+_STAMP: list[str] = []
+
+
+def holder_stamp() -> str:
+    """"host:pid since <start>" of this process: whose a lock or a claim is (the start time tells a pid reused
+    on the same host apart)."""
+    if not _STAMP or not _STAMP[0].startswith(f"{hostname()}:{os.getpid()} "):
+        _STAMP[:] = [f"{hostname()}:{os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"]
+    return _STAMP[0]
+
+
+def read_holder(path: str) -> str:
+    """What the holder of a lock or claim file wrote into it ('' when nothing, or unreadable)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip()
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+
+
+def filesystem_of(path: str) -> str:
+    """"<type> at <mount point>" of the filesystem holding `path` (from /proc/mounts), for error lines."""
+    best = ("", "unknown filesystem")
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3:
+                    mnt = parts[1].replace("\\040", " ")
+                    if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+                        best = (mnt, f"{parts[2]} at {mnt}")
+    except OSError:
+        pass
+    return best[1]
+
+
+def check_flock_excludes(directory: str):
+    """Two open file descriptions of one file must not both hold an exclusive flock: where they can (flock
+    emulated as a no-op, some FUSE or network mounts), shards would train the same task twice. Refuse then.
+    (A flock that excludes on one host but not across hosts, NFS local_lock or Lustre localflock, passes this
+    test; the holder written into each claim is checked before a result is written, see RunDir.claim_is_mine.)"""
+    import fcntl
+
+    path = os.path.join(directory, ".flock-probe")
+    a, b = open_nofollow(path), open_nofollow(path)
+    try:
+        fcntl.flock(a, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            fcntl.flock(b, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        raise StoreError(f"flock does not exclude on {filesystem_of(directory)} (two opens of {path} both got "
+                         f"an exclusive lock), so job-array shards would train the same task twice: put --run-dir "
+                         f"on a filesystem with working flock (Lustre: -o flock; NFS: not local_lock) or run one "
+                         f"MPI job instead of shards")
+    finally:
+        os.close(a)
+        os.close(b)
 
 
 def release(fd: int | None):
@@ -81,6 +165,7 @@ class RunDir:
         self.results_path = os.path.join(self.path, "results.h5")
         self.lock_path = os.path.join(self.path, "lock")
         self.claims_dir = os.path.join(self.path, "claims")
+        self.before_write = None  # called with a task id before its file is written (a shard: its claim is still its own)
 
     def task_path(self, task_id: str) -> str:
         return os.path.join(self.tasks_dir, f"{task_id}.h5")
@@ -99,7 +184,6 @@ class RunDir:
         self.lock(shared)
         if os.path.exists(self.config_path):
             self.check_config(cfg)
-            self.remove_stale_temporaries()
             return
         try:
             with atomic_path(self.config_path) as tmp, open(tmp, "w") as f:
@@ -108,39 +192,102 @@ class RunDir:
             raise StoreError(f"cannot write {self.config_path}: {e.strerror}") from None
 
     # -- one run at a time ------------------------------------------------------------------------
-    def lock(self, shared: bool = False):
+    def lock(self, shared: bool = False, wait_s: float = 0.0):
         """Hold an exclusive flock on RUN_DIR/lock until unlock() or the end of the process (the kernel drops
-        it when the holder dies, so a killed run's lock is never stale). Refuses with who holds it.
+        it when the holder dies, so a killed run's lock is never stale). Refuses with who holds it, after
+        waiting up to `wait_s` seconds for it (saying whom it waits for).
 
         `shared`: job-array shards hold it shared, so that they work side by side (each task claimed first,
-        see claim()) while a run without --shard, which holds it exclusively, is kept out, and vice versa."""
+        see claim()) while a run without --shard, which holds it exclusively, is kept out, and vice versa.
+        Temporaries a killed process left are removed only while this process holds the lock exclusively
+        (a shard takes it exclusively first when it is alone, then shares it): under a shared lock another
+        shard may be writing them."""
         if self.path in _HELD_LOCKS:
             return
-        try:
-            fd = _flock(self.lock_path, shared=shared, wait=False)
-        except BlockingIOError as e:
-            holder = e.filename
-            raise StoreError(f"run directory {self.path} is in use by another lthmpi run "
-                             f"({holder or 'holder unknown'}); wait for it to end or use another --run-dir") from None
-        except _NoLocks:
-            if shared:
-                raise StoreError(f"the filesystem of {self.path} has no flock, and job-array shards need it to "
-                                 f"claim their tasks: mount it with flock (Lustre: -o flock) or run one MPI job "
-                                 f"instead of shards") from None
-            _HELD_LOCKS[self.path] = -1  # a filesystem without locks (some cluster mounts): run unguarded
-            return
+        deadline, said = time.monotonic() + wait_s, False
+        while True:
+            try:
+                fd = _flock(self.lock_path, shared=False, wait=False)
+                break
+            except BlockingIOError as e:
+                holder = e.filename
+                if shared:
+                    fd = self._lock_shared(holder)
+                    _HELD_LOCKS[self.path] = fd
+                    return
+                if time.monotonic() >= deadline:
+                    raise StoreError(f"run directory {self.path} is in use by another lthmpi run "
+                                     f"({holder or 'holder unknown'}); wait for it to end or use another "
+                                     f"--run-dir") from None
+                if not said:
+                    print(f"lthmpi: waiting (at most {wait_s:.0f} s) for {holder or 'another process'} to release "
+                          f"{self.lock_path}", file=sys.stderr, flush=True)
+                    said = True
+                time.sleep(0.2)
+            except _NoLocks:
+                if shared:
+                    raise StoreError(f"the filesystem of {self.path} has no flock, and job-array shards need it "
+                                     f"to claim their tasks: mount it with flock (Lustre: -o flock) or run one MPI "
+                                     f"job instead of shards") from None
+                _HELD_LOCKS[self.path] = -1  # a filesystem without locks (some cluster mounts): run unguarded
+                return
+        if shared:
+            try:
+                check_flock_excludes(self.path)
+            except BaseException:
+                release(fd)
+                raise
         _HELD_LOCKS[self.path] = fd
+        self.remove_stale_temporaries()  # exclusive: no live process of ours can be writing them
+        if shared:
+            import fcntl
+
+            try:  # then share it with the shards that come (a conversion: dropped, then taken shared)
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                _write_holder(fd, shared=True)
+            except BlockingIOError:
+                self.unlock()
+                _HELD_LOCKS[self.path] = self._lock_shared("")
+
+    def _lock_shared(self, holder: str, wait_s: float = 3.0) -> int:
+        """The lock shared, another shard holding it now; refused while a run without --shard holds it (after
+        `wait_s`: a shard that starts alone holds it exclusively for the moment of its sweep)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return _flock(self.lock_path, shared=True, wait=False)
+            except BlockingIOError as e:
+                if time.monotonic() >= deadline:
+                    raise StoreError(f"run directory {self.path} is in use by another lthmpi run "
+                                     f"({e.filename or holder or 'holder unknown'}); wait for it to end or use "
+                                     f"another --run-dir") from None
+                time.sleep(0.05)
 
     def claim(self, name: str) -> int | None:
         """Claim RUN_DIR/claims/<name> for this process (a job-array shard about to run task <name>): an
-        exclusive flock, not waited for. Returns its fd (release() it, or let the process end), or None while
-        another live process holds it. The kernel drops the flock of a process that dies, however it dies
-        (Linux NFS clients too, once the server sees the client gone), so a dead shard's claim is taken over."""
+        exclusive flock, not waited for, and this process's host, pid and start written into the file. Returns
+        its fd (release() it, or let the process end), or None while another live process holds it. The kernel
+        drops the flock of a process that dies, however it dies (Linux NFS clients too, once the server sees
+        the client gone), so a dead shard's claim is taken over."""
         os.makedirs(self.claims_dir, exist_ok=True)
         try:
-            return _flock(os.path.join(self.claims_dir, name), shared=False, wait=False)
+            return _flock(self.claim_path(name), shared=False, wait=False)
         except BlockingIOError:
             return None
+
+    def claim_path(self, name: str) -> str:
+        return os.path.join(self.claims_dir, name)
+
+    def claim_is_mine(self, name: str):
+        """Before writing a claimed task's result: the claim file must still name this process. Where flock
+        excludes only within a host (NFS local_lock, Lustre localflock), a shard on another host may have
+        claimed the same task since; then this one refuses to write."""
+        holder = read_holder(self.claim_path(name))
+        if holder != holder_stamp():
+            raise StoreError(f"the claim {self.claim_path(name)} is now held by {holder or 'nobody'}, not by this "
+                             f"shard ({holder_stamp()}): flock on {filesystem_of(self.path)} does not exclude "
+                             f"across hosts; put --run-dir on a filesystem with cluster-wide flock or run one MPI "
+                             f"job instead of shards")
 
     @contextlib.contextmanager
     def hold(self, name: str):
@@ -170,10 +317,11 @@ class RunDir:
                 os.close(fd)
 
     def remove_stale_temporaries(self):
-        """Temporary files a killed run left behind (never complete results); only under the run lock."""
+        """Temporary files a killed run left behind (never complete results), in every directory that holds
+        written files; only under the exclusive run lock (see lock())."""
         if self.path not in _HELD_LOCKS:
             return
-        for d in (self.path, self.tasks_dir, self.chains_dir):
+        for d in (self.path, self.tasks_dir, self.chains_dir, *(os.path.join(self.path, s) for s in SWEPT)):
             for name in (os.listdir(d) if os.path.isdir(d) else ()):
                 if name.startswith(".tmp-"):
                     with contextlib.suppress(OSError):
@@ -298,6 +446,8 @@ class RunDir:
     # -- task results -----------------------------------------------------------------------------
     def write_task(self, task_id: str, attrs: dict, series: dict):
         """attrs: scalar measurements; series: name -> {column: 1-D array} (per-eval, per-epoch curves)."""
+        if self.before_write is not None:
+            self.before_write(task_id)
         with atomic_h5(self.task_path(task_id)) as f:
             f.attrs.update({k: ("" if v is None else v) for k, v in attrs.items()})
             for name, cols in series.items():

@@ -116,6 +116,8 @@ def validate(cfg: Config) -> None:
     if isinstance(q.sparse_below, bool) or not isinstance(q.sparse_below, (int, float)) or not 0 <= q.sparse_below <= 1:
         raise ConfigError(f"parallel.sparse_below must be a fraction between 0 and 1 (0 = never use the sparse kernels), "
                           f"not {q.sparse_below!r}")
+    if isinstance(q.peer_timeout, bool) or not isinstance(q.peer_timeout, (int, float)) or not q.peer_timeout >= 0:
+        raise ConfigError(f"parallel.peer_timeout must be a number of seconds >= 0 (0 = never), not {q.peer_timeout!r}")
     _one_of("parallel.schedule", q.schedule, SCHEDULES)
     validate_stability(cfg)
     _one_of("parallel.device", q.device, DEVICES)

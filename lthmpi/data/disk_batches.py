@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 
 import numpy as np
 
@@ -82,6 +83,15 @@ class DiskArray:
             os.close(fd)
 
 
+_OPEN: weakref.WeakSet = weakref.WeakSet()  # readers whose thread may still run: close_all() ends them
+
+
+def close_all():
+    """Close every open reader (an interrupted process, before it exits: no thread left reading)."""
+    for reader in list(_OPEN):
+        reader.close()
+
+
 class DiskBatches:
     """Batches of iterations, gathered from `x` (N, ...) and `y` (N,) by `indices(start, stop)` -> (n, B)."""
 
@@ -100,6 +110,7 @@ class DiskBatches:
         self._cv = threading.Condition()
         self._thread = threading.Thread(target=self._work, name="lthmpi-batches", daemon=True)
         self._thread.start()
+        _OPEN.add(self)
 
     def gather(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         """Iteration t's rows (this replica's share of its batch): uint8 images, int32 labels."""

@@ -24,6 +24,7 @@ from .. import faults, kinds
 from ..config import Config
 from ..errors import interrupt_code, interrupt_line, report_error, resume_line
 from ..store import RunDir
+from . import liveness
 from .comm import SelfComm
 from .dispatch import run_dynamic
 from .phases import PhaseTimer, default_run_dir, make_masks, make_parent, merge, run_one, startup
@@ -97,8 +98,7 @@ def execute(cfg: Config, run_dir: str, comm, t_start: float | None, quiet: bool,
     """The phases, once. Returns the results path on rank 0, None on the others."""
     from ..runtime import auto_threads
 
-    rank, size = comm.rank, comm.size
-    fault = faults.set_fault(rank)
+    fault = faults.set_fault(comm.rank)
     t_start = comm.bcast(t_start, root=0)
     timer = PhaseTimer(t_start)
     run = RunDir(run_dir)
@@ -107,6 +107,17 @@ def execute(cfg: Config, run_dir: str, comm, t_start: float | None, quiet: bool,
         threads = auto_threads(slot.local_size if slot else 1, cfg.parallel.threads)
     with timer.phase("startup"):
         exp = startup(cfg, run, comm, threads, slot, allow_mixed, quiet)
+    beat = liveness.start(run.path, comm, cfg.parallel.peer_timeout)
+    try:
+        return _phases(cfg, run, comm, exp, timer, threads, fault, quiet)
+    finally:
+        if beat:
+            beat.stop()
+
+
+def _phases(cfg: Config, run: RunDir, comm, exp, timer: PhaseTimer, threads: int, fault, quiet: bool):
+    """After the start-up: parent, masks, graph, training, gather, merge."""
+    rank, size = comm.rank, comm.size
     if size > 1:
         log.info("%d ranks, %d TF threads per rank, hosts %s", size, threads, sorted(set(comm.allgather(comm.host))))
 
@@ -132,7 +143,13 @@ def execute(cfg: Config, run_dir: str, comm, t_start: float | None, quiet: bool,
         bar = progress_bar(len(graph), "retrainings", enabled=(rank == 0 and not quiet))
         bar.update(len(done))
         watch = _DiskProgress(run, bar, len(done)) if rank == 0 else None
-        poll = watch.poll if watch else None
+
+        def poll():  # while waiting, and after each training block: the progress bar, and the peers' liveness
+            peers = getattr(comm, "watch", None)
+            if peers is not None:
+                peers()
+            if watch:
+                watch.poll()
         if schedule == "dynamic":
             records = run_dynamic(exp, comm, layout, graph, todo, done, poll)
         else:

@@ -40,11 +40,17 @@ class MpiComm:
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.host = MPI.Get_processor_name()
         self._stop = None
+        self.watch = None  # called while waiting: raises when a peer is gone (parallel/liveness.py)
 
     def barrier(self):
         req = self.comm.Ibarrier()
         while not req.Test():
+            self._check()
             time.sleep(POLL_S)
+
+    def _check(self):
+        if self.watch is not None:
+            self.watch()
 
     def bcast(self, obj, root=0):
         return self.comm.bcast(obj, root=root)
@@ -64,6 +70,7 @@ class MpiComm:
             done, msg = req.test()
             if done:
                 return msg
+            self._check()
             time.sleep(POLL_S / 2)
 
     def poll(self, tag):

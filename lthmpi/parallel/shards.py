@@ -9,11 +9,13 @@ side by side with each other, never with such a run. Instead of a rank 0 that co
 - the parent and the masks are made once, under the flock RUN_DIR/claims/setup: the first shard there
   makes them, the others wait on that flock and then read them (a shard that dies meanwhile drops the flock,
   and the next one makes them);
-- every shard builds the same task graph and deals it into the same N shares (parallel.schedule `lpt`, or
-  `static`; `dynamic` means `lpt` here), and runs its share in order;
-- a task is claimed before it runs (an flock on RUN_DIR/claims/<task id>, not waited for) and skipped when
-  its result file exists, so no two shards train it; the kernel drops the claim of a process that dies, so
-  a rerun of that shard (or any other) takes it over and removes its temporaries;
+- the first shard of N deals the task graph into N shares (parallel.schedule `lpt`, or `static`; `dynamic`
+  means `lpt` here) and records them (RUN_DIR/shards/shares-of-<N>.json), which every shard then reads (costs
+  are host-local facts), and runs its share in order;
+- a task is claimed before it runs (an flock on RUN_DIR/claims/<task id>, not waited for, naming its holder)
+  and skipped when its result file exists, so no two shards train it; its result is written only while the
+  claim still names this process; the kernel drops the claim of a process that dies, so a rerun of that
+  shard (or any other) takes it over and removes its temporaries;
 - a task whose inputs are not on disk yet waits for them; an input of another share that nobody holds is
   run by the waiting shard itself, so a dead or not yet started shard cannot stall a chain.
 Each shard writes RUN_DIR/shards/<I>-of-<N>.json (its phases and tasks) when its share is done, and logs to
@@ -32,7 +34,7 @@ import time
 from .. import faults, kinds
 from ..config import Config, ConfigError
 from ..fileio import StoreError, atomic_path
-from ..store import RunDir, release
+from ..store import RunDir, read_holder, release
 from .comm import SelfComm
 from .phases import PhaseTimer, check_finished, make_masks, make_parent, merge, run_one, startup
 from .scheduling import plan
@@ -40,6 +42,8 @@ from .scheduling import plan
 log = logging.getLogger("lthmpi")
 
 POLL_S = 0.5  # between looks at the disk while waiting for another shard's task
+SAY_S = 30.0  # between log lines saying whom a waiting shard waits for
+MERGE_WAIT_S = 120.0  # --merge waits this long for shards still ending (Slurm releases it before they are gone)
 
 
 def parse_shard(text: str, env=None) -> tuple[int, int] | None:
@@ -76,6 +80,27 @@ def shares(cfg: Config, graph, count: int) -> list[list]:
     return plan(graph, list(graph.tasks), "static" if cfg.parallel.schedule == "static" else "lpt", count)
 
 
+def recorded_shares(run: RunDir, cfg: Config, graph, count: int) -> list[list]:
+    """The N shares as the first shard of N dealt them, recorded in RUN_DIR/shards/shares-of-<N>.json (call it
+    holding the "setup" claim). Task costs depend on facts of the host (compiled C kernels, GPUs, streamed
+    data) and on parallel.* keys outside the run's identity: shards that dealt for themselves could leave a
+    task in nobody's share."""
+    path = os.path.join(run.path, "shards", f"shares-of-{count}.json")
+    run.remove_temporaries_of(path)
+    try:
+        with open(path) as f:
+            ids = json.load(f)["shares"]
+    except FileNotFoundError:
+        ids = [[t.id for t in share] for share in shares(cfg, graph, count)]
+        _write_json(path, dict(shares=ids))
+    except (OSError, ValueError, KeyError) as e:
+        raise StoreError(f"{path} is unreadable ({e}); delete it (the next shard deals the shares again)") from None
+    if sorted(i for share in ids for i in share) != sorted(graph.by_id) or len(ids) != count:
+        raise StoreError(f"{path} does not hold this run's {len(graph)} tasks in {count} shares; delete it "
+                         f"(the next shard deals the shares again)")
+    return [[graph.by_id[i] for i in share] for share in ids]
+
+
 def _record_path(run: RunDir, index: int, count: int) -> str:
     return os.path.join(run.path, "shards", f"{index}-of-{count}.json")
 
@@ -104,21 +129,21 @@ def run_shard(cfg: Config, run_dir: str, share: tuple[int, int] | None, t_start:
     with timer.phase("startup"):
         exp = startup(cfg, run, one, auto_threads(1, cfg.parallel.threads), allow_mixed=allow_mixed, quiet=quiet,
                       shard=(index, f"shard{index}" if share else "setup"))
-    with contextlib.ExitStack() as setup:  # the parent and the masks, made once
+    with contextlib.ExitStack() as setup:  # the parent, the masks and the shares, made once
         with timer.phase("parent"):  # waiting for the shard that trains it included
             setup.enter_context(run.hold("setup"))
-            for path in (run.parent_path, run.masks_path):
+            for path in (run.parent_path, run.masks_path, _graph_path(run)):
                 run.remove_temporaries_of(path)
             make_parent(exp, one)
         with timer.phase("masks"):
             make_masks(exp, one)
-    with timer.phase("distribution"):
-        graph = kinds.build_graph(exp)
-        if not os.path.exists(_graph_path(run)):  # for --merge, which then needs neither data nor model
-            _write_json(_graph_path(run), dict(tasks=[t.id for t in graph.tasks],
-                                               deps={t.id: list(t.deps) for t in graph.tasks if t.deps}))
-        mine = shares(cfg, graph, count)[index] if share else []
-        done = run.done_tasks()
+        with timer.phase("distribution"):
+            graph = kinds.build_graph(exp)
+            if not os.path.exists(_graph_path(run)):  # for --merge, which then needs neither data nor model
+                _write_json(_graph_path(run), dict(tasks=[t.id for t in graph.tasks],
+                                                   deps={t.id: list(t.deps) for t in graph.tasks if t.deps}))
+            mine = recorded_shares(run, cfg, graph, count)[index] if share else []
+            done = run.done_tasks()
     trained: list[str] = []
     if share:
         log.info("shard %d/%d: %d of the %d tasks, %d of them already done", index, count, len(mine), len(graph),
@@ -133,7 +158,10 @@ def run_shard(cfg: Config, run_dir: str, share: tuple[int, int] | None, t_start:
 
 
 def _run_share(exp, run: RunDir, graph, mine: list, trained: list):
-    """Until every task of `mine` has its file: claim the next one and run it, or wait for inputs."""
+    """Until every task of `mine` has its file: claim the next one and run it, or wait for inputs (saying
+    every SAY_S seconds which tasks it waits for and who holds them)."""
+    exp.run.before_write = exp.run.claim_is_mine  # a result is written only under this process's own claim
+    said = time.monotonic()
     while True:
         done = run.done_tasks()
         left = [t for t in mine if t.id not in done]
@@ -141,6 +169,9 @@ def _run_share(exp, run: RunDir, graph, mine: list, trained: list):
             return
         got = _claim_next(run, graph, left, done)
         if got is None:
+            if time.monotonic() - said >= SAY_S:
+                log.info("waiting for %s", _holders(run, left, done))
+                said = time.monotonic()
             time.sleep(POLL_S)
             continue
         task, fd = got
@@ -152,6 +183,12 @@ def _run_share(exp, run: RunDir, graph, mine: list, trained: list):
             trained.append(task.id)
         finally:
             release(fd)
+
+
+def _holders(run: RunDir, left: list, done: set) -> str:
+    """"task a (held by host:pid since ...), task b (held by nobody)" for the inputs this shard waits on."""
+    waits = sorted({d for t in left for d in t.deps if d not in done})[:4] or [t.id for t in left[:4]]
+    return ", ".join(f"task {d} (held by {read_holder(run.claim_path(d)) or 'nobody yet'})" for d in waits)
 
 
 def _claim_next(run: RunDir, graph, left: list, done: set):
@@ -182,7 +219,7 @@ def merge_run(cfg: Config | None, run_dir: str, t_start: float | None = None) ->
     saved = run.load_config()
     if cfg is not None:
         run.check_config(cfg)
-    run.lock()  # exclusive: not while shards are still working here
+    run.lock(wait_s=MERGE_WAIT_S)  # exclusive: not while shards are still working here
     timer = PhaseTimer(t_start)
     records = _records(run)
     ids, deps = _graph_ids(run) or _build_graph_ids(cfg or saved, run)

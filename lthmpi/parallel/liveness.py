@@ -1,0 +1,96 @@
+"""Is every peer rank still alive? Heartbeat files in the run directory, for waits the launcher may not end.
+
+mpirun (hydra) and `srun --kill-on-bad-exit=1` end the whole job when a rank dies; other launchers leave the
+survivors waiting for it (at a barrier, for a task file it was to write, for a request it will never send).
+So each rank beats: a thread rewrites RUN_DIR/logs/alive/rank<r> ("host pid count") every few seconds. A
+waiting rank looks at its peers' files (PeerWatch.check, called from every waiting loop: MpiComm.barrier
+and recv, the coordinator's wait for inputs, the dispatcher's wait for requests) and, when one has not
+changed for `parallel.peer_timeout` seconds by the waiter's own clock (no clocks compared across hosts),
+raises PeerLost naming that rank: the coordinator then ends the job with that line. A thread beats while
+its process lives, through long training blocks and compiles; it stops only when the process is gone (or
+frozen whole). Files on the shared run directory, not MPI messages: a dead peer cannot answer those.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+
+
+class PeerLost(RuntimeError):
+    """A peer rank stopped beating: it died (or its host did). Said as one line, exit status 1."""
+
+    plain_line = True  # errors.describe_error: no traceback, exit 1
+
+
+def alive_dir(run_path: str) -> str:
+    return os.path.join(run_path, "logs", "alive")
+
+
+class Heartbeat:
+    """This rank's beat: a daemon thread rewriting its file every `every_s` seconds until stop()."""
+
+    def __init__(self, run_path: str, rank: int, host: str, every_s: float):
+        os.makedirs(alive_dir(run_path), exist_ok=True)
+        self.path = os.path.join(alive_dir(run_path), f"rank{rank}")
+        self.text, self.every_s, self.count = f"{host} {os.getpid()}", every_s, 0
+        self._stop = threading.Event()
+        self.beat()
+        self._thread = threading.Thread(target=self._run, name="lthmpi-heartbeat", daemon=True)
+        self._thread.start()
+
+    def beat(self):
+        self.count += 1
+        with contextlib.suppress(OSError):  # a full disk must not end the run here: the writes will say it
+            with open(self.path, "w") as f:
+                f.write(f"{self.text} {self.count}\n")
+
+    def _run(self):
+        while not self._stop.wait(self.every_s):
+            self.beat()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class PeerWatch:
+    """The waiting side: check() raises PeerLost for a peer whose file has not changed in `timeout_s`."""
+
+    def __init__(self, run_path: str, peers, timeout_s: float, clock=time.monotonic):
+        self.dir, self.timeout_s, self.clock = alive_dir(run_path), timeout_s, clock
+        now = clock()
+        self.seen = {r: (None, now) for r in peers}  # rank -> (content last read, when it last changed)
+        self.next_look = now
+
+    def check(self):
+        """Cheap when called often: reads the files at most once a second."""
+        now = self.clock()
+        if self.timeout_s <= 0 or now < self.next_look:
+            return
+        self.next_look = now + 1.0
+        for rank, (old, since) in self.seen.items():
+            try:
+                with open(os.path.join(self.dir, f"rank{rank}")) as f:
+                    text = f.read().strip()
+            except OSError:
+                text = None
+            if text != old and text:
+                self.seen[rank] = (text, now)
+            elif now - since > self.timeout_s:
+                who = f"host {text.split()[0]}, pid {text.split()[1]}" if text and len(text.split()) > 2 else "never beat"
+                raise PeerLost(f"rank {rank} ({who}) has given no sign of life for {now - since:.0f} s "
+                               f"(parallel.peer_timeout = {self.timeout_s:g}; its heartbeat "
+                               f"{os.path.join(self.dir, f'rank{rank}')} stopped): it died or its host did; "
+                               f"ending the job; rerun the same command to resume")
+
+
+def start(run_path: str, comm, timeout_s: float):
+    """Beat for this rank and watch the others (comm.watch, for its waits); returns the Heartbeat to stop,
+    or None with one rank or peer_timeout 0."""
+    if comm.size == 1 or timeout_s <= 0:
+        return None
+    beat = Heartbeat(run_path, comm.rank, comm.host, every_s=min(5.0, timeout_s / 4))
+    comm.watch = PeerWatch(run_path, [r for r in range(comm.size) if r != comm.rank], timeout_s).check
+    return beat

@@ -140,7 +140,8 @@ class Stability:
         batches = (st.bn_batches(len(data.x_train), exp.cfg.train.batch_size, s.bn_batches, exp.cfg.seed)
                    if s.bn_reestimate else None)
         t0, m0 = time.time(), time.monotonic()
-        c = st.curve(exp.trainer.model, wa, wb, data.x_test, data.y_test, s.alphas, data.x_train, batches)
+        # data.inputs, not data.x_*: uint8 images are normalised as the training step normalises them
+        c = st.curve(exp.trainer.model, wa, wb, data.inputs("test"), data.y_test, s.alphas, data.inputs("train"), batches)
         t1, seconds = time.time(), time.monotonic() - m0
         mask = spec["mask"]
         remaining = 1.0 if mask is None else fraction_remaining(self.start(exp, spec)[1])

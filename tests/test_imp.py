@@ -343,7 +343,7 @@ def test_sigkill_mid_chain_resumes_without_retraining_and_three_ranks_agree(tmp_
 
 
 def test_a_diverged_level_stops_its_chain_with_one_line(imp_run, tmp_path, monkeypatch):
-    """Level 2 of chain 0 made to diverge (its weights turned NaN mid-training, LTHMPI_FAULT=nan): it is recorded
+    """Level 2 of chain 0 made to diverge (its weights turned NaN mid-training): it is recorded
     as diverged with one log line, no level-3 mask is cut from its NaNs (NaN sorts after the pruned positions, so
     such a mask would revive pruned weights), level 3's ticket and controls are recorded as diverged upstream
     without training, every earlier mask stays nested, the other chain runs on, and the analysis says so."""
@@ -354,10 +354,30 @@ def test_a_diverged_level_stops_its_chain_with_one_line(imp_run, tmp_path, monke
     from lthmpi.parallel.coordinator import run_serial
     from lthmpi.results import load
 
-    cfg, done = imp_run
-    order = [t["task_id"] for t in sorted(load(done)["tasks"], key=lambda t: t["start_time"])]
+    from lthmpi.kinds import imp as kind_imp
+
+    cfg, _ = imp_run
     victim = "l02_r00_ticket"
-    monkeypatch.setenv("LTHMPI_FAULT", f"nan:0:{order.index(victim) + 1}")  # the same schedule as imp_run's
+    real = kind_imp.run_grid_task
+
+    def poisoned(exp, spec, load_mask, kind, progress=None, write=True, **kw):
+        if spec.id != victim:
+            return real(exp, spec, load_mask, kind, progress, write, **kw)
+        fit = exp.trainer.fit
+
+        def nan_fit(*args, **kwargs):  # the victim ends with NaN weights (whichever kernels trained it)
+            h = fit(*args, **kwargs)
+            for v in exp.trainer.model.trainable_variables:
+                v.assign(v * float("nan"))
+            return h
+
+        exp.trainer.fit = nan_fit
+        try:
+            return real(exp, spec, load_mask, kind, progress, write, **kw)
+        finally:
+            del exp.trainer.fit
+
+    monkeypatch.setattr(kind_imp, "run_grid_task", poisoned)
     path = str(tmp_path / "run")
     run_serial(cfg, path, threads=1, quiet=True)
     tasks = {t["task_id"]: t for t in load(path)["tasks"]}

@@ -217,6 +217,11 @@ class Experiment:
         """Mask `index` (one-shot), or IMP level index + 1 of chain `reset` as the level before wrote it."""
         return imp.mask_of(self.run, imp.ticket(index + 1, reset)) if self.cfg.imp else self.masks[index]
 
+    def chain_stopped(self, index: int, reset: int) -> str:
+        """IMP: the diverged ticket that stopped chain `reset` before level index + 1 made its mask ("" when the
+        mask exists or will; always "" for one-shot)."""
+        return imp.stopped_at(self.run, imp.ticket(index + 1, reset)) if self.cfg.imp else ""
+
     def mask_made_by(self, index: int, reset: int) -> str | None:
         """The id of the task that writes mask `index` of chain `reset` (IMP levels above 1), None when the masks
         phase made it."""

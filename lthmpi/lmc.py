@@ -98,7 +98,12 @@ def bn_batches(n_train: int, batch_size: int, count: int, seed: int) -> list:
 def curve(model, a: dict, b: dict, x: np.ndarray, y: np.ndarray, n_alphas: int, x_train: np.ndarray | None = None,
           batches: list | None = None) -> dict:
     """Error and loss on (x, y) at each α; with `batches` (of x_train rows) the batch-norm statistics are
-    re-estimated at each α. The model's variables are restored afterwards."""
+    re-estimated at each α. The model's variables are restored afterwards. x and x_train are model inputs
+    (`Dataset.inputs`): raw uint8 pixels are refused, since the network was trained on normalised ones."""
+    for arr in (x, x_train):
+        if arr is not None and np.dtype(getattr(arr, "dtype", np.float32)) == np.uint8:
+            raise ValueError("lmc.curve got raw uint8 images: pass Dataset.inputs(split), normalised as the "
+                             "training step normalises them")
     saved = {v.path: v.numpy() for v in model.variables}
     out = {"alpha": alphas(n_alphas), "error": [], "loss": []}
     try:

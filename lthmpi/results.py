@@ -64,6 +64,7 @@ class TaskResult:
     deterministic: bool = True
     kind: str = "oneshot"
     deps: str = ""  # the ids of the tasks it waited for, comma-separated (the merge fills it from the graph)
+    upstream: str = ""  # IMP: the diverged level whose chain stopped before this task; it was not trained
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> "TaskResult":

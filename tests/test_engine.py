@@ -91,6 +91,15 @@ def test_run_directory_layout(tiny_run, tiny_config):
     assert res["provenance"]["ranks"] == 1
 
 
+def test_the_first_log_line_states_parameters_and_memory(tiny_run):
+    """Before anything trains, the log says how large the network is (an absurd one is seen at once)."""
+    with open(os.path.join(tiny_run, "logs", "rank0.log")) as f:
+        first = f.readline()
+    # LeNet-300-100 on 8x8 digits: 64*300 + 300 + 300*100 + 100 + 100*10 + 10 weights, Adam's two slots
+    assert "lenet300_100 on digits (8, 8, 1): parameters: 50,610 (50,200 prunable)" in first, first
+    assert "float32 weights 0.2 MiB + 2 Adam slots = 0.6 MiB per model and rank" in first, first
+
+
 def test_task_early_stop_is_argmin_of_validation_loss(tiny_run):
     from lthmpi.results import load
 

@@ -190,7 +190,7 @@ def experiment(prepared, in_memory, **over):
                      "model": {"name": over.get("model", "lenet300_100")},
                      "prune": {"remaining": [0.3]},
                      "reset": {"points": ["0ep", "5it"], "controls": []},
-                     "parallel": {"threads": 1}})
+                     "parallel": {"threads": 1}, **({"stability": over["stability"]} if "stability" in over else {})})
     validate(cfg)
     return cfg
 
@@ -281,6 +281,36 @@ def test_as_float_normalises_like_the_step(prepared, tf_runtime):
     got = data.as_float(x)
     assert got.dtype == np.float32 and same(got, step(tf.constant(x)).numpy())
     assert abs(float(data.as_float(data.x_train[:]).mean())) < 0.05  # standardised with the training statistics
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_stability_on_uint8_data_ends_at_the_trainers_own_test_errors(prepared, tmp_path, tf_runtime, in_memory):
+    """A stability curve on a uint8 prepared file (in memory and from disk) sees the images the training step
+    sees: at alpha = 0 its error is exactly copy A's test error as the trainer measured it, and its loss the
+    trainer's test loss of A; at alpha = 1 copy B's. (Raw pixels, 0-255, give other errors along the path.)"""
+    from lthmpi.experiment import Experiment
+    from lthmpi.kinds import stability as kind
+    from lthmpi.parallel.coordinator import run_serial
+    from lthmpi.results import load
+
+    cfg = experiment(prepared, in_memory, stability={"enabled": True, "only": True, "points": ["5it"],
+                                                     "masks": "dense", "alphas": 3})
+    path = str(tmp_path / "run")
+    res = load(run_serial(cfg, path, threads=1, quiet=True))
+    (pair,) = res["stability"]
+    acc = {t["task_id"]: t["final_accuracy"] for t in res["tasks"]}
+    n = len(load_dataset(cfg.data).y_test)
+    assert round(pair["error"][0] * n) == round((1 - acc["stab_dense_k00_a"]) * n)
+    assert round(pair["error"][-1] * n) == round((1 - acc["stab_dense_k00_b"]) * n)
+    exp = Experiment(cfg, path, threads=1)
+    assert exp.data.x_test.dtype == np.uint8 and exp.data.in_memory is in_memory
+    for end, copy in ((0, 0), (-1, 1)):
+        weights, _ = kind.read_endpoint(kind.endpoint_path(exp.run, "stab_dense_k00", copy))
+        exp.trainer.set_weights(weights)
+        loss, accuracy = exp.trainer.evaluate("test")  # the compiled step's own evaluation
+        assert pair["loss"][end] == pytest.approx(loss, rel=1e-5) and round(accuracy * n) == round((1 - pair["error"][end]) * n)
+    rows = np.array([7, 2, 5])
+    assert same(exp.data.inputs("train")[rows], exp.data.as_float(exp.data.x_train[rows]))
 
 
 def test_disk_rows_and_batches_ahead(tmp_path):

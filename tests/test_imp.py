@@ -340,3 +340,75 @@ def test_sigkill_mid_chain_resumes_without_retraining_and_three_ranks_agree(tmp_
     assert_same_results(three, killed)
     a, b = chain_mask_bytes(killed), chain_mask_bytes(three)
     assert len(a) == 3 * 2 and a == b
+
+
+def test_a_diverged_level_stops_its_chain_with_one_line(imp_run, tmp_path, monkeypatch):
+    """Level 2 of chain 0 made to diverge (its weights turned NaN mid-training): it is recorded
+    as diverged with one log line, no level-3 mask is cut from its NaNs (NaN sorts after the pruned positions, so
+    such a mask would revive pruned weights), level 3's ticket and controls are recorded as diverged upstream
+    without training, every earlier mask stays nested, the other chain runs on, and the analysis says so."""
+    from faultkit import log_has
+
+    from lthmpi.analysis import load_runs, science
+    from lthmpi.analysis.report import analyse
+    from lthmpi.parallel.coordinator import run_serial
+    from lthmpi.results import load
+
+    from lthmpi.kinds import imp as kind_imp
+
+    cfg, _ = imp_run
+    victim = "l02_r00_ticket"
+    real = kind_imp.run_grid_task
+
+    def poisoned(exp, spec, load_mask, kind, progress=None, write=True, **kw):
+        if spec.id != victim:
+            return real(exp, spec, load_mask, kind, progress, write, **kw)
+        fit = exp.trainer.fit
+
+        def nan_fit(*args, **kwargs):  # the victim ends with NaN weights (whichever kernels trained it)
+            h = fit(*args, **kwargs)
+            for v in exp.trainer.model.trainable_variables:
+                v.assign(v * float("nan"))
+            return h
+
+        exp.trainer.fit = nan_fit
+        try:
+            return real(exp, spec, load_mask, kind, progress, write, **kw)
+        finally:
+            del exp.trainer.fit
+
+    monkeypatch.setattr(kind_imp, "run_grid_task", poisoned)
+    path = str(tmp_path / "run")
+    run_serial(cfg, path, threads=1, quiet=True)
+    tasks = {t["task_id"]: t for t in load(path)["tasks"]}
+    assert tasks[victim]["diverged"] and tasks[victim]["upstream"] == ""
+    later = ("l03_r00_ticket", "l03_r00_random_reinit", "l03_r00_random_mask")
+    for tid in later:
+        assert tasks[tid]["diverged"] and tasks[tid]["upstream"] == victim and tasks[tid]["iterations"] == 0, tid
+    others = [t for tid, t in tasks.items() if tid != victim and tid not in later]
+    assert len(others) == 14 and not any(t["diverged"] for t in others)
+    assert not os.path.exists(os.path.join(path, "imp_masks", "r00_l03.h5"))
+    for reset, levels in ((0, 2), (1, 3)):
+        masks = [m for m, _ in chain_masks(path, reset, levels)]
+        for prev, m in zip(masks, masks[1:]):
+            assert all(not (m[p] & ~prev[p]).any() for p in m)
+    lines = [ln for ln in open(os.path.join(path, "logs", "rank0.log")) if "diverged" in ln]
+    assert len(lines) == 1 and victim in lines[0] and "its chain stops here" in lines[0], lines
+    assert log_has(path, "levels 3-3 of the chain are recorded as diverged upstream")
+    (res,) = load_runs([path])
+    g = science.build_grid([res])
+    assert g.diverged == 4 and len(g.stopped) == 1 and "diverged at level 2 (l02_r00_ticket); 3 later task(s)" in g.stopped[0]
+    assert "diverged IMP chain: seed 3: the chain of k=0it diverged at level 2" in analyse([res], str(tmp_path / "r"))["text"]
+    # a stability pair of level 3 on the stopped chain: recorded as diverged upstream, no curve through NaNs
+    from lthmpi.experiment import Experiment
+    from lthmpi.kinds import stability as kind
+
+    stab = from_dict({**IMP_TINY, "stability": {"enabled": True, "points": ["0it"], "masks": [3], "alphas": 3}})
+    validate(stab)
+    exp = Experiment(stab, path, threads=1)
+    exp.load_parent()
+    exp.load_masks()
+    got = {t.id: kind.KIND.run(exp, t) for t in kind.KIND.tasks(exp)}
+    assert sorted(got) == ["stab_l03_k00_a", "stab_l03_k00_b", "stab_l03_k00_eval"]
+    assert all(a["diverged"] and a["upstream"] == victim and a["iterations"] == 0 for a in got.values())
+    assert not got["stab_l03_k00_eval"]["stable"] and np.isnan(got["stab_l03_k00_eval"]["barrier"])

@@ -77,3 +77,15 @@ def test_an_existing_run_directory_is_refused_unless_forced(tmp_path):
     assert r.returncode == 2 and "p1 already exists; a benchmark does not resume" in r.stderr
     assert len(planned(script("weak_scaling.sh", "--dry-run", "--force", "--out", str(tmp_path), *TINY))) == 2
     assert (tmp_path / "p1").is_dir(), "a dry run deletes nothing, even with --force"
+
+
+def test_the_independent_barrier_script_imports_no_lthmpi():
+    """analysis/independent_barrier.py re-implements data, batch orders, training and the curve: a bug in lthmpi must
+    not be able to hide in both numbers, so it imports nothing of lthmpi (plain TensorFlow/Keras, numpy, h5py)."""
+    import ast
+
+    tree = ast.parse((ROOT / "analysis" / "independent_barrier.py").read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert names and not any(m.split(".")[0] == "lthmpi" for m in names), names
+    assert {"numpy", "h5py", "tensorflow", "keras"} <= names

@@ -444,5 +444,11 @@ def test_stability_over_seeds_is_a_mean_with_its_range_and_stable_count(tmp_path
     by = {r[0]: r[1:] for r in rows}
     assert by["dense"] == ["5.00 [4.00, 6.00], stable in 0/3", "1.00 [0.00, 2.00], stable in 2/3"]
     assert by["50% left"][1] == "1.50 [0.50, 2.50], stable in 2/3"
+    head, rows = sa.earliest_seed_rows(runs, 0.005)
+    by = {r[0]: r[1:] for r in rows}
+    assert by["dense"] == ["0: 500it; 1: never; 2: 500it", "dense"]  # +1 pp on seed 1 puts 1.00 at the threshold
+    assert by["50% left"][0] == "0: 0ep; 1: never; 2: 0ep" and by["50% left"][1].startswith("0: yes (+")
+    assert by["50% left"][1].split("; ")[1] == "1: -"
     done = analyse(runs, str(tmp_path / "out"), 0.005)
     assert "Stability over seeds" in done["text"] and "5.00 [4.00, 6.00], stable in 0/3" in done["text"]
+    assert "Earliest stable k per seed" in done["text"] and "0: 500it; 1: never; 2: 500it" in done["text"]

@@ -142,7 +142,11 @@ def analyse(results: list[dict], out: str, tolerance: float = 0.005, weak: bool 
                + (f" Curves are the mean of {len(g.seeds)} seeds, bands their {science.interval_name(len(g.seeds))}."
                   if len(g.seeds) > 1 else " One seed: no interval; differences of a few tenths of a point are noise.")
                + " Winning tickets and best reset points are " + science.selection_words(g) + ".", ""]
+        if g.stopped:
+            md += ["**Diverged IMP chains** (loss or weights not finite; no mask cut from them):", "",
+                   *[f"- {line}" for line in g.stopped], ""]
         text.append(f"== {title} ==")
+        text += [f"diverged IMP chain: {line}" for line in g.stopped]
         for name, table in science.tables(g, tolerance).items():
             if "Final" in name or "iteration" in name:
                 continue  # kept for report.md: the terminal shows the key tables only
@@ -190,8 +194,12 @@ def analyse(results: list[dict], out: str, tolerance: float = 0.005, weak: bool 
         head, rows = stability.seed_rows(runs)
         words = (f"Error barrier (pp) over {len(runs)} seeds (seeds {', '.join(str(r['config'].get('seed')) for r in runs)}): "
                  f"mean and {science.interval_name(len(runs))}, and the seeds in which the pair is stable.")
-        md += [f"## Stability over seeds: {title}", "", words, "", _md_table(head, rows), ""]
-        text += [f"Stability over seeds: {title}", words, _text_table(head, rows), ""]
+        eh, er = stability.earliest_seed_rows(runs, tolerance)
+        md += [f"## Stability over seeds: {title}", "", words, "", _md_table(head, rows), "",
+               "Earliest stable reset point per seed, and whether that seed's ticket reset there matches its dense "
+               "network:", "", _md_table(eh, er), ""]
+        text += [f"Stability over seeds: {title}", words, _text_table(head, rows), "",
+                 "Earliest stable k per seed", _text_table(eh, er), ""]
 
     # -- scaling ------------------------------------------------------------------------------------
     md += ["## Scaling", ""]

@@ -85,6 +85,7 @@ class Grid:
     values: dict = field(default_factory=dict)  # (metric, mask, reset, control) -> np.ndarray over replicates
     dense: dict = field(default_factory=dict)  # metric -> np.ndarray over replicates
     diverged: int = 0
+    stopped: list = field(default_factory=list)  # IMP: one line per chain stopped by a diverged level (stopped_chains)
     config: dict = field(default_factory=dict)
     method: str = "oneshot"  # oneshot | imp (see the module docstring)
 
@@ -208,7 +209,22 @@ def build_grid(results: list[dict]) -> Grid:
                 resets=resets, controls=controls, masks=masks,
                 remaining={m: _nanmean(v) for m, v in rem.items()},
                 values={k: np.array(v, dtype=float) for k, v in values.items()}, dense=dense, diverged=diverged,
-                config=cfg, method=method_of(cfg))
+                stopped=stopped_chains(results), config=cfg, method=method_of(cfg))
+
+
+def stopped_chains(results: list[dict]) -> list[str]:
+    """One line per IMP chain stopped by a diverged ticket (kinds/imp.py): the level where it diverged and how many
+    later tasks of its chain were recorded as diverged upstream, untrained (their accuracies are NaN)."""
+    out = []
+    for r in results:
+        tasks = r["tasks"]
+        for t in tasks:
+            if t.get("kind") == "imp" and t.get("diverged") and not t.get("upstream") and t["control"] is TICKET:
+                after = sum(1 for u in tasks if u.get("upstream") == t["task_id"])
+                level = int(t["mask"]) + 1  # an IMP task's mask column is its level - 1
+                out.append(f"seed {r['config'].get('seed')}: the chain of k={t['reset']} diverged at level {level} "
+                           f"({t['task_id']}); {after} later task(s) of the chain recorded as diverged upstream, not trained")
+    return out
 
 
 def method_of(config: dict) -> str:

@@ -116,6 +116,29 @@ def earliest_rows(ps: list[dict], res: dict, tolerance: float) -> tuple[list[str
     return head, rows
 
 
+def earliest_seed_rows(results: list[dict], tolerance: float = 0.005) -> tuple[list[str], list[list]]:
+    """Per sparsity (or IMP level) over the seeds of one experiment: each seed's earliest stable k, and whether
+    that seed's ticket reset there matches that seed's dense network (its early-stop accuracy minus the dense
+    one, pp). Frankle et al.'s claim, seed by seed: one seed's verdict is within the noise of the others'."""
+    per = [{r["network"]: r for r in earliest_stable(pairs(res), res, tolerance)} for res in results]
+    seeds = [res["config"].get("seed") for res in results]
+    head = ["network", "earliest stable k (seed: k)", f"ticket there vs dense (seed: matches -{100 * tolerance:g} pp?, "
+                                                      "acc − dense pp)"]
+    rows = []
+    for name in dict.fromkeys(n for p in per for n in p):
+        ks, verdicts = [], []
+        for seed, p in zip(seeds, per):
+            r = p.get(name)
+            ks.append(f"{seed}: {(r or {}).get('reset') or 'never'}")
+            if r is None or r["mask"] is None or r["matches_dense"] is None:
+                verdicts.append(f"{seed}: -")
+            else:
+                diff = 100 * (r["ticket_accuracy"] - r["dense_accuracy"])
+                verdicts.append(f"{seed}: {'yes' if r['matches_dense'] else 'no'} ({diff:+.2f})")
+        rows.append([name, "; ".join(ks), "dense" if name == "dense" else "; ".join(verdicts)])
+    return head, rows
+
+
 def summary(res: dict, tolerance: float = 0.005) -> list[dict]:
     """The --json rows: every pair with its whole curve, barrier and verdict."""
     keys = ("pair", "mask", "remaining", "reset", "reset_iteration", "barrier", "loss_barrier", "stable",

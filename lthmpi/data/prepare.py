@@ -51,9 +51,32 @@ class Dataset:
         shift, div = self.norm
         return (np.asarray(x).astype(np.float32) - shift) / div
 
+    def inputs(self, split: str):
+        """The images of a split ("train", "val", "test") as the model takes them, for every forward pass outside
+        the compiled training step (stability curves, batch-norm re-estimation, evaluation by hand): float data
+        as they are, uint8 data normalised row by row as they are indexed (ModelInputs), never all at once."""
+        x = getattr(self, f"x_{split}")
+        return x if self.norm is None else ModelInputs(x, self)
+
     @property
     def input_shape(self) -> tuple:
         return tuple(int(d) for d in self.x_train.shape[1:])
+
+
+class ModelInputs:
+    """A uint8 x array (in memory or a DiskArray) seen through Dataset.as_float: indexing it (an int, a slice, an
+    array of rows) gives float32 rows normalised as the training step normalises them. Raw pixels (0-255) fed
+    to a network trained on normalised ones give near-chance error at every point of a stability curve."""
+
+    def __init__(self, x, data: Dataset):
+        self.x, self.data = x, data
+        self.shape, self.dtype = tuple(x.shape), np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self.data.as_float(self.x[key])
 
 
 # ---------------------------------------------------------------------------------------------------

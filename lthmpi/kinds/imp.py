@@ -16,11 +16,14 @@ every chain).
 from __future__ import annotations
 
 import logging
+import math
 import os
+from dataclasses import asdict
 
 from ..fileio import StoreError
 from ..parallel.graph import Task
 from ..pruning import fraction_remaining, imp_counts, imp_step
+from ..results import TaskResult
 from .retraining import Retraining, cost, run_grid_task, start_weights
 
 log = logging.getLogger("lthmpi")
@@ -72,6 +75,26 @@ def mask_of(run, spec: Retraining) -> dict:
     return run.read_chain_mask(spec.reset, spec.level)[0]
 
 
+def stopped_at(run, spec: Retraining) -> str:
+    """The id of the diverged ticket that stopped the task's chain before it ("" when its chain goes on): the
+    task it depends on diverged, or was itself stopped by a diverged level before it."""
+    dep = depends_on(spec)
+    if dep is None:
+        return ""
+    attrs = run.read_task(dep.id)[0]
+    return str(attrs.get("upstream", "") or "") or (dep.id if attrs.get("diverged") else "")
+
+
+def diverged_line(cfg, spec: Retraining) -> str:
+    """The one line a diverged level logs: what diverged, and what happens to its chain."""
+    head = (f"IMP level {spec.level} of chain {spec.reset} (reset {cfg.reset.points[spec.reset]}, task {spec.id}) "
+            f"diverged (loss or weights not finite); recorded as diverged")
+    if spec.control is not None or spec.level >= cfg.prune.levels:
+        return head
+    return (f"{head}: its chain stops here, no level-{spec.level + 1} mask is cut from its weights, and levels "
+            f"{spec.level + 1}-{cfg.prune.levels} of the chain are recorded as diverged upstream, untrained")
+
+
 def write_next_mask(run, cfg, spec: Retraining, mask: dict, final_weights: dict) -> None:
     """After a ticket's training: m_{l+1} from its final weights (nothing after the last level)."""
     if spec.control is not None or spec.level >= cfg.prune.levels:
@@ -111,11 +134,32 @@ class Imp:
         return start_weights(exp, k, mask_of(exp.run, spec), spec.control, spec.seed(exp.cfg.seed))
 
     def run_spec(self, exp, spec: Retraining, progress=None, write: bool = True) -> dict:
-        def next_mask(final_weights):  # the next level's mask is on disk before this level counts as done
-            write_next_mask(exp.run, exp.cfg, spec, mask_of(exp.run, spec), final_weights)
+        if write and os.path.exists(exp.run.task_path(spec.id)):
+            return exp.run.read_task(spec.id)[0]
+        upstream = stopped_at(exp.run, spec)
+        if upstream:
+            return self.skip(exp, spec, upstream, write)
+
+        def next_mask(final_weights, attrs):  # the next level's mask is on disk before this level counts as done
+            if not attrs["diverged"]:  # NaN sorts after the pruned positions: a mask cut from it is not nested
+                write_next_mask(exp.run, exp.cfg, spec, mask_of(exp.run, spec), final_weights)
 
         return run_grid_task(exp, spec, lambda: mask_of(exp.run, spec), self.name, progress, write,
-                             before_write=next_mask, level=spec.level)
+                             before_write=next_mask, diverged_line=diverged_line(exp.cfg, spec), level=spec.level)
+
+    def skip(self, exp, spec: Retraining, upstream: str, write: bool) -> dict:
+        """The result of a task whose chain stopped at the diverged ticket `upstream`: nothing trained, no mask,
+        `diverged` true and `upstream` naming where, so that the merge and the analysis count it as diverged."""
+        cfg = exp.cfg
+        row = TaskResult(task_id=spec.id, mask=spec.mask, remaining=exp.remaining[spec.mask] if exp.remaining else math.nan,
+                         target_remaining=cfg.remaining_fractions()[spec.mask], reset=cfg.reset.points[spec.reset],
+                         reset_iteration=exp.reset_iterations[spec.reset], control=spec.control or "", diverged=True,
+                         seconds=0.0, rank=exp.rank, host=exp.host, kind=self.name, upstream=upstream)
+        attrs = dict(asdict(row), level=spec.level)
+        if write:
+            exp.run.write_task(spec.id, attrs, {})
+        log.debug("IMP task %s not trained: its chain stopped at %s", spec.id, upstream)
+        return attrs
 
     def run(self, exp, task: Task, progress=None, write: bool = True) -> dict:
         return self.run_spec(exp, task.spec, progress, write)

@@ -92,10 +92,11 @@ def retrain(exp, weights: dict, keep: dict | None, k: int, end: int, restore: bo
     t0, m0 = time.time(), time.monotonic()  # wall times say when (across ranks); the monotonic clock how long
     h = tr.fit(k, end, progress=progress, order_seed=order_seed)
     t1, seconds = time.time(), time.monotonic() - m0
+    diverged = h.diverged or not finite(tr.get_weights())  # a finite loss can hide non-finite weights
     result = TaskResult(remaining=1.0 if keep is None else fraction_remaining(keep), reset_iteration=k,
                         final_accuracy=h.final_accuracy, early_stop_iteration=h.early_stop_iteration,
                         early_stop_accuracy=h.early_stop_accuracy, best_val_loss=h.best_val_loss,
-                        iterations=end - k, diverged=h.diverged, seconds=seconds, start_time=t0, end_time=t1,
+                        iterations=end - k, diverged=diverged, seconds=seconds, start_time=t0, end_time=t1,
                         rank=exp.rank, host=exp.host, threads=tr.threads, kernels=tr.kernels,
                         device=exp.placement.label, precision=exp.cfg.train.precision,
                         deterministic=exp.deterministic, **row)
@@ -106,15 +107,21 @@ def retrain(exp, weights: dict, keep: dict | None, k: int, end: int, restore: bo
     return attrs, series
 
 
+def finite(weights: dict) -> bool:
+    """Every floating-point weight is finite (no NaN, no inf)."""
+    return all(np.isfinite(w).all() for w in weights.values() if np.asarray(w).dtype.kind == "f")
+
+
 def _columns(rows: list, names) -> dict:
     return {n: np.asarray([r[n] for r in rows], dtype=np.float64) for n in names}
 
 
 def run_grid_task(exp, spec: Retraining, load_mask, kind: str, progress=None, write: bool = True,
-                  before_write=None, **extra) -> dict:
+                  before_write=None, diverged_line: str = "", **extra) -> dict:
     """A grid retraining (one-shot or IMP) from its reset point under the mask `load_mask()` gives (read only
     when the task is not done yet), durable on disk before returning.
-    `before_write(final_weights)` runs before the result file is written (IMP: the next level's mask).
+    `before_write(final_weights, attrs)` runs before the result file is written (IMP: the next level's mask);
+    `diverged_line` is what the log says when the training diverged (loss or weights not finite).
 
     A data-parallel replica other than its subgroup's leader trains in lockstep but writes nothing."""
     if write and os.path.exists(exp.run.task_path(spec.id)):
@@ -129,8 +136,8 @@ def run_grid_task(exp, spec: Retraining, load_mask, kind: str, progress=None, wr
     attrs.update(extra)
     if write:
         if before_write:
-            before_write(exp.trainer.get_weights())
+            before_write(exp.trainer.get_weights(), attrs)
         exp.run.write_task(spec.id, attrs, series)
     if attrs["diverged"]:
-        log.warning("task %s diverged (loss became NaN); recorded as diverged", spec.id)
+        log.warning(diverged_line or f"task {spec.id} diverged (loss or weights not finite); recorded as diverged")
     return attrs

@@ -109,8 +109,22 @@ class Stability:
         mask = None if spec["mask"] is None else exp.mask(spec["mask"], self.chain(exp, spec))
         return start_weights(exp, spec["k"], mask)
 
+    def not_trained(self, exp, task: Task, upstream: str, write: bool, **more) -> dict:
+        """A task of a pair whose IMP level has no mask (its chain stopped at the diverged ticket `upstream`), or an
+        evaluation of copies that diverged: recorded as diverged, nothing trained or evaluated."""
+        spec, curve = task.spec, more.pop("curve", None)
+        attrs = dict(task_id=task.id, kind=self.name, mask=DENSE if spec["mask"] is None else spec["mask"],
+                     reset=spec["reset"], reset_iteration=spec["k"], iterations=0, threads=0, diverged=True,
+                     upstream=upstream, rank=exp.rank, host=exp.host, **self.level(exp, spec), **more)
+        if write:
+            exp.run.write_task(task.id, attrs, {} if curve is None else {"curve": curve})
+        return attrs
+
     def train(self, exp, task: Task, progress, write: bool) -> dict:
         spec, cfg, tr = task.spec, exp.cfg, exp.trainer
+        upstream = "" if spec["mask"] is None else exp.chain_stopped(spec["mask"], self.chain(exp, spec))
+        if upstream:
+            return self.not_trained(exp, task, upstream, write, control=f"stability_{COPIES[spec['copy']]}")
         weights, mask = self.start(exp, spec)
         seed = st.order_seed(cfg.seed, spec["copy"])
         attrs, _ = retrain(exp, weights, mask, spec["k"], spec["end"], cfg.reset.optimizer_state == "restore",
@@ -131,6 +145,15 @@ class Stability:
     # -- the evaluation ---------------------------------------------------------------------------------------
     def evaluate(self, exp, task: Task, write: bool) -> dict:
         spec, s = task.spec, exp.cfg.stability
+        copies = [exp.run.read_task(f"{spec['pair']}_{c}")[0] for c in COPIES]
+        if any(c.get("diverged") for c in copies):  # no curve through NaN weights: the pair is diverged, not stable
+            upstream = next((str(c.get("upstream", "")) for c in copies if c.get("upstream")), "")
+            nan = np.full(s.alphas, np.nan)
+            curve = {"alpha": st.alphas(s.alphas), "error": nan, "loss": nan}
+            return self.not_trained(exp, task, upstream, write, control="stability_eval", threshold=s.threshold,
+                                    bn_reestimate=False, curve=curve,
+                                    remaining=1.0 if spec["mask"] is None else exp.remaining[spec["mask"]],
+                                    **dict(st.summary(curve, s.threshold), stable=False))
         (wa, aa), (wb, ab) = (read_endpoint(endpoint_path(exp.run, spec["pair"], c)) for c in (0, 1))
         if aa["start_sha256"] != ab["start_sha256"]:
             where = os.path.dirname(endpoint_path(exp.run, spec["pair"], 0))
@@ -140,7 +163,8 @@ class Stability:
         batches = (st.bn_batches(len(data.x_train), exp.cfg.train.batch_size, s.bn_batches, exp.cfg.seed)
                    if s.bn_reestimate else None)
         t0, m0 = time.time(), time.monotonic()
-        c = st.curve(exp.trainer.model, wa, wb, data.x_test, data.y_test, s.alphas, data.x_train, batches)
+        # data.inputs, not data.x_*: uint8 images are normalised as the training step normalises them
+        c = st.curve(exp.trainer.model, wa, wb, data.inputs("test"), data.y_test, s.alphas, data.inputs("train"), batches)
         t1, seconds = time.time(), time.monotonic() - m0
         mask = spec["mask"]
         remaining = 1.0 if mask is None else fraction_remaining(self.start(exp, spec)[1])

@@ -108,6 +108,7 @@ def startup(cfg, run: RunDir, comm, threads: int, slot=None, allow_mixed: bool =
             exp.check_rerun(allow_mixed)  # finished tasks trained on other threads or kernels: refused
             run.create(cfg, shared=bool(shard))
             setup_logging(run.path, rank, verbose=not quiet, name=shard[1] if shard else None)
+            log.info(size_line(exp))  # the run's first line: an absurd network is seen before it trains
             if shard:
                 check_finished(run)
 
@@ -122,6 +123,14 @@ def startup(cfg, run: RunDir, comm, threads: int, slot=None, allow_mixed: bool =
     if comm.rank != 0:
         setup_logging(run.path, rank, verbose=False)
     return exp
+
+
+def size_line(exp) -> str:
+    """The model this run trains: its parameter count and the memory of its weights and optimizer slots."""
+    from ..describe import memory_line
+
+    return f"{exp.cfg.model.name} on {exp.cfg.data.dataset} {exp.data.input_shape}: " + memory_line(
+        exp.cfg, exp.model.count_params(), sum(exp.sizes.values()))
 
 
 def make_parent(exp, comm) -> bool:

@@ -107,12 +107,11 @@ def execute(cfg: Config, run_dir: str, comm, t_start: float | None, quiet: bool,
         threads = auto_threads(slot.local_size if slot else 1, cfg.parallel.threads)
     with timer.phase("startup"):
         exp = startup(cfg, run, comm, threads, slot, allow_mixed, quiet)
-    beat = liveness.start(run.path, comm, cfg.parallel.peer_timeout)
-    try:
-        return _phases(cfg, run, comm, exp, timer, threads, fault, quiet)
-    finally:
-        if beat:
-            beat.stop()
+    beat = liveness.start(run.path, comm, cfg.parallel.peer_timeout)  # a daemon thread: on an error, it ends with us
+    path = _phases(cfg, run, comm, exp, timer, threads, fault, quiet)
+    if beat:
+        beat.stop()
+    return path
 
 
 def _phases(cfg: Config, run: RunDir, comm, exp, timer: PhaseTimer, threads: int, fault, quiet: bool):

@@ -78,7 +78,7 @@ def _datasets(path):
 def runs(tmp_path_factory):
     """The same conv-net run on 1 rank (no mpirun) and on 2 and 3 ranks, `auto` left to decide."""
     if not MPIRUN.exists():
-        pytest.skip("no mpirun next to this Python (pip install mpich)")
+        pytest.fail(f"no mpirun next to this Python ({MPIRUN}): run ./run/setup.sh, which installs the MPICH wheel")
     base = tmp_path_factory.mktemp("parent_dp")
     return {p: _run(base / f"p{p}", p) for p in (1, 2, 3)}
 

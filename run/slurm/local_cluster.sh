@@ -117,6 +117,11 @@ case "$CPUS" in ''|*[!0-9]*|0) die "LOCAL_CLUSTER_CPUS must be an integer >= 1, 
 # A config of more CPUs than the machine has needs slurmd to report the configured ones.
 overrides=$([ "$CPUS" -gt "$(nproc)" ] && echo "SlurmdParameters=config_overrides" || true)
 name=lthmpi$(printf '%s' "$DIR" | cksum | cut -c1-6)
+# Job ids never repeat across starts (slurmctld -c would begin again at 1): MPICH names its shared-memory
+# segment after the job step (/dev/shm/mpich_shm_*), a rank killed by SIGKILL leaves it behind, and the next
+# step of the same id then fails in MPI_Init ("failed to unpack address, invalid bandwidth 0.00", "Out of
+# memory" in MPIDI_POSIX_comm_bootstrap). The start's second, below MaxJobId (67043328) by a margin.
+FIRST_JOB_ID=$(( $(date +%s) % 60000000 + 1 ))
 
 cat > "$CONF" <<EOF
 # A private one-node cluster made by run/slurm/local_cluster.sh: everything under $DIR.
@@ -149,6 +154,7 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MailProg=/bin/true
 ReturnToService=2
+FirstJobId=$FIRST_JOB_ID
 # A job past its time limit gets SIGTERM, then SIGKILL KillWait seconds later (no grace minutes).
 KillWait=2
 OverTimeLimit=0

@@ -12,5 +12,7 @@ cores=$(nproc 2>/dev/null || echo 2)
 workers=${LTHMPI_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}
 case "$workers" in ''|*[!0-9]*) echo "test.sh: error: LTHMPI_TEST_WORKERS must be a whole number (0 = no workers), not '$workers'" >&2; exit 2;; esac
 xdist=()
-[ "$workers" -gt 1 ] && xdist=(-n "$workers" --dist loadscope)
+# --no-loadscope-reorder: xdist would hand out the modules with the most tests first (test_data's 34 quick ones),
+# not the longest: tests/conftest.py orders them by measured time instead.
+[ "$workers" -gt 1 ] && xdist=(-n "$workers" --dist loadscope --no-loadscope-reorder)
 exec .venv/bin/python -m pytest -q ${xdist[@]+"${xdist[@]}"} "$@"

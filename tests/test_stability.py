@@ -378,6 +378,34 @@ def test_resume_after_a_kill_does_only_the_missing_work_and_p2_agrees(tmp_path):
     assert res["provenance"]["ranks"] == 2
 
 
+def test_a_checkpoint_file_is_whole_or_absent_and_written_once(tmp_path, monkeypatch):
+    """RunDir.write_checkpoint (a parent checkpoint as soon as it is reached, issue 33): a failed write leaves no
+    file, a second write of the same arrays keeps the file, different arrays are refused in one line."""
+    from lthmpi import store
+    from lthmpi.store import RunDir, StoreError
+
+    run = RunDir(str(tmp_path))
+    w, o = {"d/kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}, {"adam/m": np.ones(3, np.float32)}
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+    with monkeypatch.context() as m:
+        m.setattr(store, "write_arrays", broken)
+        with pytest.raises(OSError):
+            run.write_checkpoint(10, w, o)
+    assert not run.checkpoint_done(10) and not [f for f in os.listdir(run.checkpoints_dir) if f.startswith(".tmp")]
+    run.write_checkpoint(10, w, o)
+    stamp = os.stat(run.checkpoint_path(10)).st_mtime_ns
+    run.write_checkpoint(10, {k: v.copy() for k, v in w.items()}, o)
+    assert os.stat(run.checkpoint_path(10)).st_mtime_ns == stamp
+    got_w, got_o = run.read_checkpoint(10)
+    assert got_w.keys() == w.keys() and got_w["d/kernel"].tobytes() == w["d/kernel"].tobytes() and got_o.keys() == o.keys()
+    with pytest.raises(StoreError, match="differs from the one this run reached"):
+        run.write_checkpoint(10, {"d/kernel": w["d/kernel"] + 1}, o)
+    run.remove_checkpoints()
+    assert not os.path.exists(run.checkpoints_dir)
+
+
 def test_imp_levels_as_stability_masks(tmp_path, tf_runtime):
     """stability.masks names IMP levels: level 2's pair starts from the chain's level-2 mask (written by level
     1's ticket, which its trainings depend on); levels outside 1..L, points that are not reset points, and

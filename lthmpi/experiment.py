@@ -90,9 +90,10 @@ class Experiment:
     def parent_done(self) -> bool:
         return os.path.exists(self.run.parent_path)
 
-    def train_parent(self, progress=None, write: bool = True):
+    def train_parent(self, progress=None, write: bool = True, early=()):
         """Train the dense network, keeping weights and optimizer state at 0, every reset point (and stability
-        point) and T.
+        point) and T. The checkpoints at the iterations `early` are also written each to a file of its own as
+        soon as they are reached (RunDir.write_checkpoint), for the ranks that train tasks needing only them.
 
         With `write` False (a data-parallel replica that is not rank 0) the checkpoints stay in memory.
         """
@@ -109,13 +110,15 @@ class Experiment:
         def save(it):
             ckpts[it] = tr.get_weights()
             opts[it] = tr.get_optimizer_state()
+            if write and it in early:
+                self.run.write_checkpoint(it, ckpts[it], opts[it])
 
         h = tr.fit(0, self.total, checkpoints=keep, on_checkpoint=save, progress=progress)
         if h.diverged:
             raise RuntimeError("the dense parent run diverged (loss became NaN); lower train.lr")
         attrs = dict(test_accuracy=h.final_accuracy, early_stop_accuracy=h.early_stop_accuracy,
                      early_stop_iteration=h.early_stop_iteration, iterations=self.total,
-                     seconds=time.monotonic() - t0, rank=self.rank, host=self.host)
+                     seconds=time.monotonic() - t0, end_time=time.time(), rank=self.rank, host=self.host)
         history = {f"epochs/{k}": [e[k] for e in h.epochs] for k in (h.epochs[0] if h.epochs else {})}
         history.update({f"evals/{k}": [e[k] for e in h.evals] for k in (h.evals[0] if h.evals else {})})
         if not write:
@@ -124,6 +127,13 @@ class Experiment:
         self.run.write_checkpoints(ckpts, opts, history, attrs)
         log.info("parent: test accuracy %.4f after %d iterations (%.1f s)", h.final_accuracy, self.total, attrs["seconds"])
         return self.load_parent()
+
+    def load_checkpoint(self, it: int):
+        """One parent checkpoint from its own file (written while the parent trains), before parent.h5 exists."""
+        weights, state = self.run.read_checkpoint(it)
+        self.checkpoints = {**(self.checkpoints or {}), it: weights}
+        if state:
+            self.optimizer_states = {**self.optimizer_states, it: state}
 
     def load_parent(self):
         self.checkpoints, self.optimizer_states, self.parent_info = self.run.read_checkpoints()

@@ -25,7 +25,7 @@ from .fileio import DIGEST, StoreError, atomic_h5, atomic_path, attr_value, open
 _HELD_LOCKS: dict[str, int] = {}  # run directory -> fd of its lock file, for the run(s) of this process
 
 
-SWEPT = ("stability", "shards")  # more subdirectories whose temporaries are swept (their writers are not RunDir's)
+SWEPT = ("stability", "shards", "checkpoints")  # more subdirectories whose temporaries are swept (their writers are not RunDir's)
 
 
 class RunDir:
@@ -40,6 +40,7 @@ class RunDir:
         self.tasks_dir = os.path.join(self.path, "tasks")
         self.logs_dir = os.path.join(self.path, "logs")
         self.results_path = os.path.join(self.path, "results.h5")
+        self.checkpoints_dir = os.path.join(self.path, "checkpoints")  # the parent's, one a file, while it trains
         self.lock_path = os.path.join(self.path, "lock")
         self.claims_dir = os.path.join(self.path, "claims")
         self.before_write = None  # called with a task id before its file is written (a shard: its claim is still its own)
@@ -250,6 +251,50 @@ class RunDir:
                 hist.create_dataset(k, data=np.asarray(v))
             f.attrs.update(attrs)
 
+    def checkpoint_path(self, it: int) -> str:
+        return os.path.join(self.checkpoints_dir, f"{it}.h5")
+
+    def write_checkpoint(self, it: int, weights: dict, optimizer_state: dict | None):
+        """One parent checkpoint in a file of its own as soon as it is reached (atomic: a killed parent leaves
+        it whole or absent), for the tasks that read only it (Task.checkpoint). Idempotent: a complete file is
+        kept, and must hold these very arrays (a rerun of a killed parent reaches the same checkpoint)."""
+        path = self.checkpoint_path(it)
+        if os.path.exists(path):
+            old_w, old_o = self.read_checkpoint(it)
+            if not (_same(old_w, weights) and _same(old_o, optimizer_state or {})):
+                raise StoreError(f"parent checkpoint {path}, left by an earlier run, differs from the one this run "
+                                 f"reached (training is not deterministic): delete {self.checkpoints_dir} and the "
+                                 f"task files of the dense stability pairs (tasks/stab_dense_*) to retrain them")
+            return
+        os.makedirs(self.checkpoints_dir, exist_ok=True)
+        with atomic_h5(path) as f:
+            write_arrays(f.create_group("weights"), weights)
+            if optimizer_state is not None:
+                write_arrays(f.create_group("optimizer"), optimizer_state)
+            f.attrs["iteration"] = it
+
+    def checkpoint_done(self, it: int) -> bool:
+        return os.path.exists(self.checkpoint_path(it))
+
+    def read_checkpoint(self, it: int) -> tuple[dict, dict]:
+        """(weights, optimizer state) of one checkpoint file, checksums verified."""
+        path = self.checkpoint_path(it)
+        with open_h5(path, "parent checkpoint", "delete it to rewrite it") as f:
+            try:
+                w = read_arrays(f["weights"], f"parent checkpoint {path}")
+                o = read_arrays(f["optimizer"], f"parent checkpoint {path}") if "optimizer" in f else {}
+            except (KeyError, ValueError, OSError) as e:
+                raise StoreError(f"parent checkpoint {path} is corrupt ({e}); delete it to rewrite it") from None
+        return w, o
+
+    def remove_checkpoints(self):
+        """The per-checkpoint files, once parent.h5 holds them all and no rank reads them any more."""
+        for name in (os.listdir(self.checkpoints_dir) if os.path.isdir(self.checkpoints_dir) else ()):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.checkpoints_dir, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(self.checkpoints_dir)
+
     def read_checkpoints(self) -> tuple[dict, dict, dict]:
         what = f"parent checkpoint file {self.parent_path}"
         with open_h5(self.parent_path, "parent checkpoint file") as f:
@@ -342,6 +387,13 @@ class RunDir:
             except (KeyError, ValueError, OSError, TypeError) as e:
                 raise StoreError(f"task result {path} is corrupt ({e}); delete it to recompute that task") from None
         return attrs, series
+
+
+def _same(a: dict, b: dict) -> bool:
+    """The same arrays, bit for bit (dtype and shape included)."""
+    return a.keys() == b.keys() and all(np.asarray(a[k]).dtype == np.asarray(b[k]).dtype
+                                        and np.asarray(a[k]).shape == np.asarray(b[k]).shape
+                                        and np.asarray(a[k]).tobytes() == np.asarray(b[k]).tobytes() for k in a)
 
 
 def mixed_kernels(done: dict, threads: int, kernels_for) -> list[str]:

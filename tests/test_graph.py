@@ -259,3 +259,11 @@ def test_rank_0_answers_requests_while_its_own_task_runs():
         server.check()
     finally:
         busy.set()
+
+
+def test_early_tasks_need_only_a_checkpoint_and_come_by_checkpoint_then_priority():
+    """Graph.early(): the tasks idle ranks may train while the parent trains (issue 33)."""
+    g = Graph([Task("grid", "k", cost=9), Task("a10", "k", cost=1, checkpoint=10), Task("b0", "k", cost=1, checkpoint=0),
+               Task("c10", "k", cost=5, checkpoint=10), Task("d0", "k", deps=("b0",), checkpoint=0)])
+    assert [t.id for t in g.early()] == ["b0", "c10", "a10"]  # d0 has a dependency: not early
+    assert Graph([Task("grid", "k")]).early() == []

@@ -348,7 +348,9 @@ def test_batch_norm_net_through_both_options(tmp_path, tf_runtime):
 
 def test_resume_after_a_kill_does_only_the_missing_work_and_p2_agrees(tmp_path):
     """Killed (SIGKILL) in the 3rd task, after pair k00's two trainings and before its evaluation: the rerun
-    keeps those two files and trains only the rest; then P = 2 under mpirun gives the same barriers."""
+    keeps those two files and trains only the rest; then P = 2 under mpirun gives the same barriers and the same
+    endpoint weights bit for bit, though rank 1 trained dense pairs while rank 0 still trained the parent (an
+    MLP: parent_data_parallel = auto keeps it on rank 0; issue 33); a rerun of the finished run trains nothing."""
     from faultkit import MPIRUN, finish, start
 
     from lthmpi.results import load
@@ -371,11 +373,98 @@ def test_resume_after_a_kill_does_only_the_missing_work_and_p2_agrees(tmp_path):
     assert "no science tables" in done["text"] and (tmp_path / "report" / "instability.png").exists()
     if not MPIRUN.exists():
         pytest.skip("no mpirun in this environment")
-    rc, _, err = finish(start(tmp_path / "p2", 2, ALONE))
+    p2 = tmp_path / "p2"
+    rc, _, err = finish(start(p2, 2, ALONE))
     assert rc == 0, err
-    res = load(str(tmp_path / "p2"))
+    res = load(str(p2))
     assert {p["pair"]: p["barrier"] for p in res["stability"]} == p1
-    assert res["provenance"]["ranks"] == 2
+    assert res["provenance"]["ranks"] == 2 and not res["provenance"]["parent_data_parallel"]
+    early = [t for t in res["tasks"] if t["task_id"].startswith("stab_dense") and t["start_time"] < res["parent"]["end_time"]]
+    assert early and all(t["rank"] == 1 for t in early), [(t["task_id"], t["start_time"]) for t in res["tasks"]]
+    assert not (p2 / "checkpoints").exists()  # parent.h5 holds them all once the parent ends
+    for pair in ("stab_dense_k00", "stab_dense_k01"):
+        for c in "ab":
+            a, b = (h5_weights(r / "stability" / f"{pair}_{c}.h5") for r in (run, p2))
+            assert a.keys() == b.keys() and all(a[n].tobytes() == b[n].tobytes() for n in a), (pair, c)
+    p1_tasks = {t["task_id"]: t for t in load(str(run))["tasks"]}
+    for t in res["tasks"]:
+        same = ("final_accuracy", "early_stop_accuracy", "best_val_loss", "barrier", "loss_barrier", "start_sha256")
+        assert [repr(t.get(k)) for k in same] == [repr(p1_tasks[t["task_id"]].get(k)) for k in same], t["task_id"]
+    stamps = {f: os.stat(f).st_mtime_ns for f in [p2 / "parent.h5", *(p2 / "tasks").iterdir(),
+                                                 *(p2 / "stability").iterdir()]}
+    rc, out, err = finish(start(p2, None, ALONE))  # after completion: nothing trained, nothing rewritten
+    assert rc == 0, err
+    assert {f: os.stat(f).st_mtime_ns for f in stamps} == stamps
+    assert "resuming: 6 of 6" in (p2 / "logs" / "rank0.log").read_text()
+
+
+def test_a_checkpoint_file_is_whole_or_absent_and_written_once(tmp_path, monkeypatch):
+    """RunDir.write_checkpoint (a parent checkpoint as soon as it is reached, issue 33): a failed write leaves no
+    file, a second write of the same arrays keeps the file, different arrays are refused in one line."""
+    from lthmpi import store
+    from lthmpi.store import RunDir, StoreError
+
+    run = RunDir(str(tmp_path))
+    w, o = {"d/kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}, {"adam/m": np.ones(3, np.float32)}
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+    with monkeypatch.context() as m:
+        m.setattr(store, "write_arrays", broken)
+        with pytest.raises(OSError):
+            run.write_checkpoint(10, w, o)
+    assert not run.checkpoint_done(10) and not [f for f in os.listdir(run.checkpoints_dir) if f.startswith(".tmp")]
+    run.write_checkpoint(10, w, o)
+    stamp = os.stat(run.checkpoint_path(10)).st_mtime_ns
+    run.write_checkpoint(10, {k: v.copy() for k, v in w.items()}, o)
+    assert os.stat(run.checkpoint_path(10)).st_mtime_ns == stamp
+    got_w, got_o = run.read_checkpoint(10)
+    assert got_w.keys() == w.keys() and got_w["d/kernel"].tobytes() == w["d/kernel"].tobytes() and got_o.keys() == o.keys()
+    with pytest.raises(StoreError, match="differs from the one this run reached"):
+        run.write_checkpoint(10, {"d/kernel": w["d/kernel"] + 1}, o)
+    run.remove_checkpoints()
+    assert not os.path.exists(run.checkpoints_dir)
+
+
+def test_idle_ranks_share_the_early_tasks_and_stop_at_the_parent_end(tmp_path, monkeypatch):
+    """phases.train_early: rank 1 of 3 takes every other early task, waits for its checkpoint's file, skips a task
+    done on disk, and stops when parent.h5 appears (the rest goes to the task graph)."""
+    from lthmpi.parallel import phases
+    from lthmpi.parallel.graph import Task
+    from lthmpi.store import RunDir
+
+    run = RunDir(str(tmp_path))
+    os.makedirs(run.tasks_dir)
+    early = [Task(f"t{i}", "k", checkpoint=c) for i, c in enumerate([0, 0, 5, 5, 9, 9])]
+    open(run.task_path("t2"), "w").close()  # done by an earlier run
+    ran, loaded = [], []
+    monkeypatch.setattr(phases, "run_one", lambda exp, t, **kw: ran.append(t.id) or {"task_id": t.id})
+
+    class Exp:
+        def __init__(self):
+            self.run = run
+
+        def parent_done(self):
+            return os.path.exists(run.parent_path)
+
+        def load_checkpoint(self, it):
+            loaded.append(it)
+
+    class Comm:
+        rank, size = 1, 3
+
+    polls = []
+
+    def poll():  # rank 0 reaches checkpoints 0 and 5, then ends the parent before checkpoint 9's file exists
+        polls.append(1)
+        if len(polls) == 2:
+            for it in (0, 5):
+                run.write_checkpoint(it, {"w": np.zeros(1)}, None)
+        if len(polls) == 4:
+            open(run.parent_path, "w").close()
+
+    phases.train_early(Exp(), Comm(), early, poll)
+    assert ran == ["t0"] and loaded == [0] and len(polls) >= 4
 
 
 def test_imp_levels_as_stability_masks(tmp_path, tf_runtime):

@@ -24,6 +24,10 @@ named in `task.kind`. A kind is an object with
                                                  bar, rank 0 serving requests); `write` is False on the
                                                  non-leading ranks of a data-parallel subgroup, which
                                                  train in lockstep and write nothing.
+    early(exp) -> list[Task]                     optional: those of its tasks that read only a parent
+                                                 checkpoint (Task.checkpoint set, no deps), the same values
+                                                 tasks() gives; called before the masks exist, on ranks
+                                                 idle while the parent trains (phases.make_parent)
 
 A task's dependencies are finished, and their files complete, before it starts; it reads their outputs from
 the run directory (exp.run.read_task(dep_id), or files of its own kind under exp.run.path). A task is done
@@ -68,6 +72,19 @@ def build_graph(exp) -> Graph:
         for t in kind.tasks(exp):
             if t.kind != kind.name:
                 raise GraphError(f"kind {kind.name!r} made task {t.id!r} of kind {t.kind!r}")
+            tasks.append(t)
+    return Graph(tasks)
+
+
+def early_graph(exp) -> Graph:
+    """The tasks that need only a parent checkpoint (Task.checkpoint), from the kinds that have such tasks (an
+    optional `early(exp)`, called before the masks exist): idle ranks train them while the parent trains."""
+    tasks = []
+    for kind in enabled(exp.cfg):
+        for t in getattr(kind, "early", lambda exp: [])(exp):
+            if t.kind != kind.name or t.checkpoint is None or t.deps:
+                raise GraphError(f"kind {kind.name!r} made early task {t.id!r} that is not of its kind, or needs "
+                                 f"more than a parent checkpoint")
             tasks.append(t)
     return Graph(tasks)
 

@@ -68,12 +68,16 @@ class Stability:
         steps = exp.cfg.stability_steps()
         return [(i, s.text, s.iterations(exp.iterations_per_epoch)) for i, s in enumerate(steps)]
 
-    def tasks(self, exp) -> list[Task]:
+    def tasks(self, exp, dense_only: bool = False) -> list[Task]:
+        """The pairs' tasks. A dense pair's two trainings read only the parent's checkpoint at k (Task.checkpoint):
+        idle ranks may train them while the parent still trains (early(); phases.make_parent)."""
         cfg = exp.cfg
         out = []
         n_test = len(exp.data.x_test)
         eval_cost = cfg.stability.alphas * n_test / (3.0 * cfg.train.batch_size)  # forward passes, in steps
         for mask in stability_masks(cfg):
+            if dense_only and mask is not None:
+                continue
             for i, text, k in self.points(exp):
                 pid = pair_id(mask, i, cfg.imp)
                 end = end_iteration(exp, k)
@@ -81,12 +85,19 @@ class Stability:
                 spec = dict(pair=pid, mask=mask, point=i, reset=text, k=k, end=end)
                 made_by = None if mask is None else exp.mask_made_by(mask, self.chain(exp, spec))
                 deps = (made_by,) if made_by else ()  # an IMP level's mask is written by the level before
-                trains = [Task(f"{pid}_{c}", self.name, deps=deps, cost=cost(exp, k, remaining), spec=dict(spec, copy=j))
+                trains = [Task(f"{pid}_{c}", self.name, deps=deps, cost=cost(exp, k, remaining), spec=dict(spec, copy=j),
+                               checkpoint=k if mask is None else None)
                           for j, c in enumerate(COPIES)]
                 out += trains
+                if dense_only:
+                    continue
                 out.append(Task(f"{pid}_eval", self.name, deps=tuple(t.id for t in trains), cost=eval_cost,
                                 spec=dict(spec, copy=None)))
         return out
+
+    def early(self, exp) -> list[Task]:
+        """The dense pairs' trainings, without the masks (called before they exist)."""
+        return self.tasks(exp, dense_only=True)
 
     def run(self, exp, task: Task, progress=None, write: bool = True) -> dict:
         if write and os.path.exists(exp.run.task_path(task.id)):

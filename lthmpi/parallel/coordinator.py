@@ -120,8 +120,10 @@ def _phases(cfg: Config, run: RunDir, comm, exp, timer: PhaseTimer, threads: int
     if size > 1:
         log.info("%d ranks, %d TF threads per rank, hosts %s", size, threads, sorted(set(comm.allgather(comm.host))))
 
+    records = []  # this rank's tasks: those trained while the parent trains (the dense stability pairs), then the graph's
+    before = set(run.done_tasks()) if rank == 0 else set()  # done by an earlier run, not early in this one
     with timer.phase("parent"):
-        parent_data_parallel = make_parent(exp, comm)
+        parent_data_parallel = make_parent(exp, comm, records, getattr(comm, "watch", None))
     with timer.phase("masks"):
         make_masks(exp, comm)
 
@@ -133,11 +135,10 @@ def _phases(cfg: Config, run: RunDir, comm, exp, timer: PhaseTimer, threads: int
         layout = _Layout(comm, exp, graph, todo, done, schedule)
         mine = layout.plan_for_me(graph, todo) if schedule != "dynamic" else []
         if rank == 0:
-            layout.say(graph, todo, done)
+            layout.say(graph, todo, done, before)
         if schedule != "dynamic" and layout.is_leader and not mine:
             log.info("rank %d has no task; it waits for the others", rank)
 
-    records = []
     with timer.phase("training"):
         bar = progress_bar(len(graph), "retrainings", enabled=(rank == 0 and not quiet))
         bar.update(len(done))
@@ -150,7 +151,7 @@ def _phases(cfg: Config, run: RunDir, comm, exp, timer: PhaseTimer, threads: int
             if watch:
                 watch.poll()
         if schedule == "dynamic":
-            records = run_dynamic(exp, comm, layout, graph, todo, done, poll)
+            records += run_dynamic(exp, comm, layout, graph, todo, done, poll)
         else:
             for task in mine:
                 _wait_for_inputs(run, task, poll)
@@ -211,15 +212,18 @@ class _Layout:
         self.plan = p = self.comm.bcast(p, root=0)
         return [graph.by_id[i] for i in p[self.colors[self.comm.rank]]]
 
-    def say(self, graph, todo, done):
+    def say(self, graph, todo, done, before=frozenset()):
         size = self.comm.size
         if self.schedule == "dynamic":
             idle, who = max(0, self.n_workers - len(todo)), ""
         else:
             empty = [self.leaders[i] for i, lst in enumerate(self.plan or []) if not lst]
             idle, who = len(empty), " (ranks " + ", ".join(map(str, empty)) + ")"
-        if done:
-            log.info("resuming: %d of %d tasks already complete on disk", len(done), len(graph))
+        earlier = done & set(before)
+        if earlier:
+            log.info("resuming: %d of %d tasks already complete on disk", len(earlier), len(graph))
+        if done - earlier:
+            log.info("%d tasks trained while the parent trained", len(done - earlier))
         if size == 1:
             return
         groups = (f"data-parallel subgroups of {sorted({self.colors.count(c) for c in set(self.colors)})} ranks"

@@ -12,6 +12,9 @@ is only who runs it. Its fields:
   cost   estimated relative cost (e.g. iterations x cost of a step); only ratios matter
   group  the `static` scheduler's unit: tasks of one group go to one rank (default: the task alone)
   spec   the kind's own picklable description of the work (the one-shot grid and IMP: kinds/retraining.Retraining)
+  checkpoint  the parent's checkpoint (an iteration) that is all the task reads, when it needs nothing else
+         of the parent (neither its end nor the masks) and has no deps: it is ready as soon as that checkpoint
+         is on disk, while the parent still trains (the dense stability pairs at k); None = after the masks
 
 Priority (who runs first among ready tasks): the longest remaining path through the graph (the task's cost
 plus the costliest chain of tasks that depend on it, the critical path), then its own cost, then its place
@@ -36,6 +39,7 @@ class Task:
     cost: float = 1.0
     group: Any = None
     spec: Any = None
+    checkpoint: int | None = None
 
     @property
     def unit(self):
@@ -105,6 +109,12 @@ class Graph:
         busy = set(running)
         out = [t for t in self.tasks if t.id not in done and t.id not in busy and all(d in done for d in t.deps)]
         return sorted(out, key=self.priority)
+
+    def early(self) -> list[Task]:
+        """The tasks that need only a parent checkpoint (Task.checkpoint), in the order they become ready: by
+        checkpoint, then priority. What idle ranks may train while the parent trains."""
+        out = [t for t in self.tasks if t.checkpoint is not None and not t.deps]
+        return sorted(out, key=lambda t: (t.checkpoint, self.priority(t)))
 
     def critical_path(self) -> float:
         """The cost of the costliest chain: no schedule on any number of ranks finishes sooner."""

@@ -3,7 +3,8 @@
 
 Both pass a communicator (comm.py); a shard passes the one-rank SelfComm, so for it every `agree` is a plain
 call and every barrier nothing. Rank 0 refuses a wrong or busy run directory before any work, trains (or
-loads) the parent and cuts the masks; the other ranks read both from the run directory.
+loads) the parent and cuts the masks; the other ranks read both from the run directory, and meanwhile train
+the tasks that need only a checkpoint of the parent as rank 0 reaches it (make_parent, train_early).
 """
 from __future__ import annotations
 
@@ -133,32 +134,67 @@ def size_line(exp) -> str:
         exp.cfg, exp.model.count_params(), sum(exp.sizes.values()))
 
 
-def make_parent(exp, comm) -> bool:
+def make_parent(exp, comm, records: list | None = None, poll=None) -> bool:
     """Rank 0 trains the dense parent (or loads it), all ranks data-parallel where parallel.parent_data_parallel
-    resolves so (scheduling.use_parent_data_parallel); otherwise the others compile meanwhile. Then every rank
-    reads its checkpoints. Returns what the setting resolved to, for the provenance."""
+    resolves so (scheduling.use_parent_data_parallel). Otherwise the others train meanwhile the tasks that read
+    only a parent checkpoint (kinds.early_graph: the dense stability pairs), each once rank 0 has written its
+    checkpoint to a file of its own, until the parent ends (train_early; their records are appended to
+    `records`), or, without such tasks, compile. Then every rank reads its checkpoints. Returns what the
+    setting resolved to, for the provenance."""
     from ..models import has_convolutions
     from .scheduling import use_parent_data_parallel
 
     rank, size = comm.rank, comm.size
     setting = exp.cfg.parallel.parent_data_parallel
     data_parallel = use_parent_data_parallel(setting, has_convolutions(exp.trainer.model), size)
+    early = []  # with one rank, or every rank on the parent, nobody is idle: the order of today
+    if size > 1 and not data_parallel and not exp.parent_done():
+        early = kinds.early_graph(exp).early()
     if rank == 0 and size > 1 and not exp.parent_done():
         why = (": parallel.parent_data_parallel = auto keeps a model without convolutions on one rank (its ~1 ms steps "
                "are shorter than an Allreduce); set it to true to force it") if setting == "auto" else ""
         log.info(f"parent trained data-parallel over {size} ranks" if data_parallel else f"parent trained on rank 0{why}")
+        if early:
+            log.info("%d tasks that need only a parent checkpoint go to ranks 1-%d while it trains", len(early), size - 1)
     if data_parallel and not exp.parent_done():
         exp.trainer.set_reducer(comm.reducer())
         exp.train_parent(write=(rank == 0))
         exp.trainer.set_reducer(None)
     elif rank == 0:
-        exp.train_parent()
+        exp.train_parent(early={t.checkpoint for t in early})
+    elif early:
+        got = train_early(exp, comm, early, poll)
+        if records is not None:
+            records += got
     else:
         exp.trainer.warm_up()  # compile while rank 0 trains the parent, not in the first task
     comm.barrier()
+    if rank == 0:
+        exp.run.remove_checkpoints()  # parent.h5 holds them all, and no rank reads them any more
     if rank != 0 or exp.checkpoints is None:
         exp.load_parent()
     return data_parallel
+
+
+def train_early(exp, comm, early: list, poll=None) -> list:
+    """A rank idle while rank 0 trains the parent (ranks 1..P-1): its share of `early` (Graph.early(): tasks that
+    read only a parent checkpoint, by checkpoint then priority; dealt round-robin over the idle ranks, so each
+    rank knows its share without a message), each started once its checkpoint file is complete on disk. Stops
+    at the parent's end (parent.h5 written): what is left goes to the task graph, like any task not done. A
+    task's result does not depend on when or where it runs; one already done (a rerun) is skipped."""
+    records = []
+    for task in early[comm.rank - 1::comm.size - 1]:
+        while not (exp.run.checkpoint_done(task.checkpoint) or exp.parent_done()):
+            if poll:
+                poll()
+            time.sleep(0.02)
+        if exp.parent_done():
+            break
+        if os.path.exists(exp.run.task_path(task.id)):
+            continue
+        exp.load_checkpoint(task.checkpoint)
+        records.append(run_one(exp, task, poll=poll))
+    return records
 
 
 def make_masks(exp, comm):

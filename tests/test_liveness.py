@@ -1,5 +1,6 @@
 """A dead peer rank ends the waits of the others (lthmpi/parallel/liveness.py), with fake MPI requests and a fake
-clock: where the launcher does not end the job, a barrier, a receive or a wait for inputs would sleep forever."""
+clock: where the launcher does not end the job, a barrier, a
+receive or a wait for inputs would sleep forever."""
 from __future__ import annotations
 
 import threading
@@ -78,3 +79,21 @@ def test_peer_lost_is_one_line_exit_1():
     from lthmpi.parallel.liveness import PeerLost
 
     assert describe_error(PeerLost("rank 1 (...) has given no sign of life"))[1:] == (1, False)
+
+
+def test_a_job_suspended_whole_is_not_a_dead_peer(tmp_path):
+    """The waiter's own clock jumps (the job was suspended and resumed, or the waiter trained for long): the
+    silent peer gets a fresh window, and is named only after timeout_s more of watching."""
+    from lthmpi.parallel.liveness import Heartbeat, PeerLost, PeerWatch
+
+    Heartbeat(str(tmp_path), rank=1, host="nodeB", every_s=3600).stop()
+    clock = Clock()
+    watch = PeerWatch(str(tmp_path), [1], timeout_s=5, clock=clock)
+    watch.check()
+    clock.t += 1000  # suspended: no beat, no check
+    for _ in range(8):  # 4.8 s of watching again: still within the window
+        watch.check()
+    with pytest.raises(PeerLost, match=r"rank 1 \(host nodeB"):
+        for _ in range(8):
+            watch.check()
+

@@ -155,9 +155,10 @@ class ParallelConfig:
                                  "and Keras 3)")
     sparse_below: float = key(0.3, "masks keeping at most this fraction of the prunable weights train on the "
                                    "sparse kernels (Dense/ReLU nets; 0 = never)")
-    peer_timeout: float = key(0.0, "MPI: a rank that waits ends the job when a peer rank has given no sign of life "
-                                   "(its heartbeat file) for this many seconds, for launchers that do not (e.g. 600); "
-                                   "0 = off")
+    peer_timeout: float = key(600.0, "MPI: a rank that waits ends the job when a peer rank has given no sign of "
+                                     "life (its heartbeat file, beaten by a thread every 5 s whatever the rank is "
+                                     "doing) for this many seconds, for launchers that leave the others waiting; "
+                                     "0 = off")
     device: str = key("auto", "auto (a GPU where TensorFlow sees one, else the CPU) | cpu | gpu (refuse to start "
                               "without one); rank r of a node takes GPU r mod G (docs/gpu.md)")
 

@@ -81,11 +81,20 @@ def atomic_path(path: str):
 
 @contextlib.contextmanager
 def atomic_h5(path: str):
-    """A new HDF5 file at `path`, written atomically, with its content checksum added on success."""
+    """A new HDF5 file at `path`, written atomically, with its content checksum added on success.
+
+    HDF5 builds the file in memory (the core driver, no backing store) and Python writes its bytes: HDF5 never
+    meets the disk, because a write that fails inside it (ENOSPC in the flush at close) leaves its objects
+    half-closed, and their later release crashes the process (SIGSEGV) instead of raising. These files (the
+    parent, the masks, task results, results.h5) are held in memory as arrays anyway."""
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", driver="core", backing_store=False) as f:
             yield f
             f.attrs[DIGEST] = content_digest(f)
+            f.flush()
+            image = f.id.get_file_image()
+        with open(tmp, "wb") as out:
+            out.write(image)
 
 
 def _canon(v) -> str:

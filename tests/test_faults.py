@@ -97,6 +97,44 @@ def test_full_disk_write_names_the_file_and_leaves_nothing(tmp_path):
         assert os.listdir(d) == []
 
 
+FILL_AT_EVERY_PAGE = """
+import os, sys
+import numpy as np
+from lthmpi.fileio import atomic_h5
+d = sys.argv[1]
+for room in range(0, 6 * 4096, 4096):
+    st = os.statvfs(d)
+    with open(os.path.join(d, "filler"), "wb") as f:
+        f.write(b"\\0" * (st.f_bavail * st.f_frsize - room))
+    try:
+        with atomic_h5(os.path.join(d, "task.h5")) as f:
+            f.attrs.update(task_id="m000_r00_ticket", accuracy=0.9)
+            for g in ("eval", "epoch"):
+                for c in ("iteration", "loss", "accuracy"):
+                    f.create_dataset(f"{g}/{c}", data=np.arange(40.0))
+        print(room, "written")
+    except OSError as e:
+        print(room, "errno", e.errno)
+    for name in ("filler", "task.h5"):
+        if os.path.exists(os.path.join(d, name)):
+            os.unlink(os.path.join(d, name))
+"""
+
+
+@needs_root("mount a tmpfs")
+def test_disk_full_at_any_point_of_a_write_is_one_error(tmp_path):
+    """ENOSPC wherever it falls in an HDF5 write (the task file of test_disk_full_mid_run with one page left
+    made HDF5 fail in its flush at close, and the process died of SIGSEGV): an OSError 28, never a crash, at
+    each of 0 to 5 free pages."""
+    with tmpfs(tmp_path / "small", "1m") as d:
+        r = subprocess.run([PY, "-c", FILL_AT_EVERY_PAGE, str(d)], capture_output=True, text=True, timeout=120,
+                           cwd=ROOT, env=clean_env())
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])
+        outcomes = dict(ln.split(" ", 1) for ln in r.stdout.splitlines())
+        assert len(outcomes) == 6 and set(outcomes.values()) <= {"written", "errno 28"}, r.stdout
+        assert [f for f in os.listdir(d) if f.startswith(".tmp-")] == []
+
+
 def test_fault_spec_is_checked():
     from lthmpi.faults import FaultInjection
 

@@ -1,10 +1,16 @@
 """A dead peer rank ends the waits of the others (lthmpi/parallel/liveness.py), with fake MPI requests and a fake
-clock: where the launcher does not end the job, a barrier, a receive or a wait for inputs would sleep forever."""
+clock, and once under the real mpirun with a frozen rank: where the launcher does not end the job, a barrier, a
+receive or a wait for inputs would sleep forever."""
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import threading
+import time
 
 import pytest
+from faultkit import error_lines, finish, start, wait_for
 
 
 class Clock:
@@ -78,3 +84,76 @@ def test_peer_lost_is_one_line_exit_1():
     from lthmpi.parallel.liveness import PeerLost
 
     assert describe_error(PeerLost("rank 1 (...) has given no sign of life"))[1:] == (1, False)
+
+
+def test_a_job_suspended_whole_is_not_a_dead_peer(tmp_path):
+    """The waiter's own clock jumps (the job was suspended and resumed, or the waiter trained for long): the
+    silent peer gets a fresh window, and is named only after timeout_s more of watching."""
+    from lthmpi.parallel.liveness import Heartbeat, PeerLost, PeerWatch
+
+    Heartbeat(str(tmp_path), rank=1, host="nodeB", every_s=3600).stop()
+    clock = Clock()
+    watch = PeerWatch(str(tmp_path), [1], timeout_s=5, clock=clock)
+    watch.check()
+    clock.t += 1000  # suspended: no beat, no check
+    for _ in range(8):  # 4.8 s of watching again: still within the window
+        watch.check()
+    with pytest.raises(PeerLost, match=r"rank 1 \(host nodeB"):
+        for _ in range(8):
+            watch.check()
+
+
+def test_liveness_is_on_by_default():
+    from lthmpi.config import Config
+
+    assert Config().parallel.peer_timeout >= 60  # minutes of slack for a stalled shared file system
+
+
+FROZEN_TIMEOUT_S = 4
+
+
+def rank_pid(root: int, rank: int) -> int | None:
+    """The pid of MPI rank `rank` among the descendants of `root` (mpirun; hydra starts each rank in a session
+    of its own), else None."""
+    parent = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{entry}/stat") as f:
+                parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+    for pid in parent:
+        up = pid
+        while up in parent and up != root:
+            up = parent[up]
+        with contextlib.suppress(OSError):
+            if up == root and pid != root:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if f"PMI_RANK={rank}".encode() in f.read().split(b"\0"):
+                        return pid
+    return None
+
+
+def test_a_frozen_rank_ends_the_job_with_a_line_naming_it(tmp_path):
+    """mpirun -np 2 where rank 1 is SIGSTOPped once rank 0 has trained the parent (a hung host: mpirun sees no exit and
+    kills nothing): rank 0, waiting for it in a barrier, ends the job within the timeout with one line naming
+    rank 1 and its pid, exit status non-zero. With parallel.peer_timeout = 0 this job never ends."""
+    run = tmp_path / "run"
+    p = start(run, 2, sets=[f"parallel.peer_timeout={FROZEN_TIMEOUT_S}"])
+    pid = None
+    try:
+        wait_for(lambda: (run / "parent.h5").exists(), p, timeout=120, what="the parent")  # rank 1 waits for it
+        pid = rank_pid(p.pid, 1)
+        assert pid is not None, "no process with PMI_RANK=1 under mpirun"
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.time()
+        rc, _out, err = finish(p, timeout=60)
+        took = time.time() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    lines = error_lines(err)
+    assert rc != 0 and len(lines) == 1, (rc, err[-3000:])
+    assert "rank 1 (host " in lines[0] and f"pid {pid})" in lines[0] and "no sign of life" in lines[0], lines
+    assert took < FROZEN_TIMEOUT_S + 30, took

@@ -7,8 +7,13 @@ waiting rank looks at its peers' files (PeerWatch.check, called from every waiti
 and recv, the coordinator's wait for inputs, the dispatcher's wait for requests) and, when one has not
 changed for `parallel.peer_timeout` seconds by the waiter's own clock (no clocks compared across hosts),
 raises PeerLost naming that rank: the coordinator then ends the job with that line. A thread beats while
-its process lives, through long training blocks and compiles; it stops only when the process is gone (or
-frozen whole). Files on the shared run directory, not MPI messages: a dead peer cannot answer those.
+its process lives, through long training blocks, GPU steps and compiles (TensorFlow and MPI release the
+GIL); it stops only when the process is gone (or frozen whole). Files on the shared run directory, not MPI
+messages: a dead peer cannot answer those. The default timeout (config.py: 600 s) is far above a beat's
+period, for shared file systems that stall writes for minutes. A beat rewrites its file in place (same
+length, no truncation), so a full disk leaves the last beat readable instead of an empty file. Only time
+the waiter spent watching counts: after a gap in its own checks (it trained, or the whole job was
+suspended and resumed) every peer gets a fresh window.
 """
 from __future__ import annotations
 
@@ -36,15 +41,23 @@ class Heartbeat:
         self.path = os.path.join(alive_dir(run_path), f"rank{rank}")
         self.text, self.every_s, self.count = f"{host} {os.getpid()}", every_s, 0
         self._stop = threading.Event()
+        with contextlib.suppress(OSError):  # a longer line of an earlier run would outlast the in-place beats
+            os.unlink(self.path)
         self.beat()
         self._thread = threading.Thread(target=self._run, name="lthmpi-heartbeat", daemon=True)
         self._thread.start()
 
     def beat(self):
+        """Overwrite the file in place at a fixed length: no block to allocate once it exists (a full disk keeps
+        the last beat, where truncate-and-write left it empty), and closed each time (NFS shows other hosts a
+        file's data on close)."""
         self.count += 1
         with contextlib.suppress(OSError):  # a full disk must not end the run here: the writes will say it
-            with open(self.path, "w") as f:
-                f.write(f"{self.text} {self.count}\n")
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                os.pwrite(fd, f"{self.text} {self.count:012d}\n".encode(), 0)
+            finally:
+                os.close(fd)
 
     def _run(self):
         while not self._stop.wait(self.every_s):
@@ -55,21 +68,27 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
+GAP_S = 30.0  # checks further apart than this: the waiter was not watching (it trained, or the job was suspended)
+
+
 class PeerWatch:
-    """The waiting side: check() raises PeerLost for a peer whose file has not changed in `timeout_s`."""
+    """The waiting side: check() raises PeerLost for a peer whose file has not changed in `timeout_s` seconds
+    of this rank's watching."""
 
     def __init__(self, run_path: str, peers, timeout_s: float, clock=time.monotonic):
         self.dir, self.timeout_s, self.clock = alive_dir(run_path), timeout_s, clock
         now = clock()
         self.seen = {r: (None, now) for r in peers}  # rank -> (content last read, when it last changed)
-        self.next_look = now
+        self.next_look = self.last_look = now
 
     def check(self):
         """Cheap when called often: reads the files at most once a second."""
         now = self.clock()
         if self.timeout_s <= 0 or now < self.next_look:
             return
-        self.next_look = now + 1.0
+        if now - self.last_look > GAP_S:  # a peer frozen with us (a suspended job) is not dead: a fresh window
+            self.seen = {r: (old, now) for r, (old, _) in self.seen.items()}
+        self.next_look, self.last_look = now + 1.0, now
         for rank, (old, since) in self.seen.items():
             try:
                 with open(os.path.join(self.dir, f"rank{rank}")) as f:

@@ -52,13 +52,22 @@ class MpiComm:
         if self.watch is not None:
             self.watch()
 
+    def _meet(self):
+        """Before a blocking collective, with peers watched: every rank meets in the polled barrier first, so that
+        a dead peer ends the wait there (liveness.py) instead of leaving this rank inside MPI for ever."""
+        if self.watch is not None:
+            self.barrier()
+
     def bcast(self, obj, root=0):
+        self._meet()
         return self.comm.bcast(obj, root=root)
 
     def gather(self, obj, root=0):
+        self._meet()
         return self.comm.gather(obj, root=root)
 
     def allgather(self, obj):
+        self._meet()
         return self.comm.allgather(obj)
 
     def send(self, obj, dest, tag):
@@ -81,7 +90,10 @@ class MpiComm:
         return src, self.comm.recv(source=src, tag=tag)
 
     def split(self, color, key):
-        return MpiComm(self.comm.Split(color, key))
+        self._meet()
+        sub = MpiComm(self.comm.Split(color, key))
+        sub.watch = self.watch  # its members are among the watched peers
+        return sub
 
     def reducer(self):
         return MpiReducer(self.comm)

@@ -344,22 +344,35 @@ class RunDir:
         return attrs, series
 
 
-def mixed_kernels(done: dict, threads: int, kernels_for) -> list[str]:
-    """Finished tasks that were trained otherwise than this run would train them (another TF thread count, or
-    other kernels: parallel.threads and parallel.sparse_below are outside the identity), so that a rerun does
-    not mix them into one grid unsaid. `done`: task id -> its attrs (threads, kernels, remaining);
-    `kernels_for(remaining)`: the kernels this run picks alone. A task trained data-parallel (replicas > 1) was
-    on the dense kernels whatever the mask, and a task that trained nothing (iterations = 0: a stability pair's
-    evaluation) used none: only their threads are compared. One line per kind of difference."""
+def task_conv_step(attrs: dict) -> str:
+    """The conv step's form a finished task trained in ("" for a net with one form): a task file from before
+    the form was recorded that trained on the CPU took "graph", the only form there was."""
+    return str(attrs.get("conv_step", "graph" if str(attrs.get("device", "cpu")) == "cpu" else ""))
+
+
+def mixed_kernels(done: dict, threads: int, kernels_for, conv_step: str = "") -> list[str]:
+    """Finished tasks that were trained otherwise than this run would train them (another TF thread count,
+    other kernels, or a conv net's step in another form: parallel.threads, parallel.sparse_below and
+    parallel.conv_step are outside the identity), so that a rerun does not mix them into one grid unsaid.
+    `done`: task id -> its attrs (threads, kernels, remaining, conv_step); `kernels_for(remaining)`: the kernels
+    this run picks alone; `conv_step`: the form this run's conv step takes ("" for a net with one form; a task
+    file from before the form was recorded, trained on the CPU, took "graph"). A task trained data-parallel
+    (replicas > 1) was on the dense kernels whatever the mask, and a task that trained nothing (iterations = 0:
+    a stability pair's evaluation) used none and no step: only their threads are compared. One line per kind
+    of difference."""
     groups: dict[str, list[str]] = {}
     for tid, a in sorted(done.items()):
         if not int(a.get("threads", threads)):  # threads 0: a task of a kind that trains nothing (an evaluation)
             continue
         t0, k0 = int(a.get("threads", threads)), str(a.get("kernels") or "dense")
-        trained_alone = int(a.get("replicas", 1)) <= 1 and int(a.get("iterations", 1)) != 0
+        trained = int(a.get("iterations", 1)) != 0
+        trained_alone = int(a.get("replicas", 1)) <= 1 and trained
         k1 = kernels_for(float(a.get("remaining", 1.0))) if trained_alone else k0
+        c0 = task_conv_step(a)
+        mixed_step = trained and bool(c0) and bool(conv_step) and c0 != conv_step
         how = ", ".join(([f"{t0} TF threads (this run: {threads})"] if t0 != threads else []) +
-                        ([f"{k0} kernels (this run: {k1})"] if k0 != k1 else []))
+                        ([f"{k0} kernels (this run: {k1})"] if k0 != k1 else []) +
+                        ([f"the {c0} conv step (this run: {conv_step})"] if mixed_step else []))
         if how:
             groups.setdefault(how, []).append(tid)
     return [f"{len(tids)} finished task(s) trained with {how}: " + ", ".join(tids[:3]) +

@@ -118,6 +118,10 @@ def startup(cfg, run: RunDir, comm, threads: int, slot=None, allow_mixed: bool =
 
     agree(comm, refuse_early)
     exp = agree(comm, build)
+    # A CPU conv net's step form (parallel.conv_step): rank 0 chooses it (cached, or timed while the others
+    # wait) and every rank trains in it, so that replicas agree bit for bit and a run does not mix forms.
+    form = agree(comm, lambda: exp.choose_conv_step() if comm.rank == 0 else None)
+    exp.trainer.use_conv_step(comm.bcast(form) if comm.size > 1 else form)
     agree(comm, create)
     agree(comm, shared)
     if comm.rank != 0:

@@ -76,6 +76,7 @@ class Experiment:
         self.scores: dict | None = None  # the criterion's scores (for the invert control), when the masks file has them
         self.transfer = None  # kinds/transfer.Source when prune.masks_from names a run
         self._finished: dict | None = None  # finished_tasks(), read once at start-up
+        self.conv_step_note = ""  # how choose_conv_step / settle_conv_step came to the form
 
     def finished_tasks(self) -> dict:
         """Task id -> attrs of every task already on disk, read once (start-up asks twice)."""
@@ -91,14 +92,36 @@ class Experiment:
         if not tr.step_forms:
             return ""
         if setting == "auto":
-            forms = {task_conv_step(a) for a in self.finished_tasks().values()
-                     if int(a.get("iterations", 1)) != 0 and int(a.get("threads", 1))} - {""}
+            recorded = self.run.recorded_conv_step()
+            forms = {recorded} if recorded else {task_conv_step(a) for a in self.finished_tasks().values()
+                                                 if int(a.get("iterations", 1)) != 0 and int(a.get("threads", 1))}
+            forms -= {""}
             if len(forms) == 1 and forms <= {"graph", "xla"}:
                 (form,) = forms
                 tr.use_conv_step(form)
-                log.info("conv step: %s (the form of the finished tasks in %s)", form, self.run.path)
+                self.conv_step_note = (f"the form recorded in {self.run.conv_step_path}" if recorded
+                                       else f"the form of the finished tasks in {self.run.path}")
                 return form
-        return tr.choose_conv_step(setting, self.total)
+        form = tr.choose_conv_step(setting, self.total)
+        self.conv_step_note = tr.conv_step_why
+        return form
+
+    def settle_conv_step(self) -> str:
+        """Once the run directory exists: record this run's conv step form there unless one is (write-once);
+        with auto, train in the recorded one (a job-array shard that chose at the same time as another)."""
+        tr = self.trainer
+        if not tr.conv_step:
+            return ""
+        form = self.run.record_conv_step(tr.conv_step)
+        if form != tr.conv_step and self.cfg.parallel.conv_step == "auto":
+            self.conv_step_note = f"not {tr.conv_step}: {form} was recorded first in {self.run.conv_step_path}"
+            tr.use_conv_step(form)
+        return tr.conv_step
+
+    def conv_step_line(self) -> str:
+        """The log line of the conv step's form and how it was chosen ("" for a net with one form)."""
+        form = self.trainer.conv_step
+        return f"conv step: {form} ({self.conv_step_note or 'parallel.conv_step = ' + repr(form)})" if form else ""
 
     def check_rerun(self, allow_mixed: bool = False):
         """Before a rerun trains anything: finished tasks trained with another thread count, other kernels or

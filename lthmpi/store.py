@@ -20,7 +20,8 @@ import numpy as np
 from .config import Config, ConfigError, from_dict, load_toml
 from .locks import (_NoLocks, _flock, _write_holder, check_flock_excludes, filesystem_of,  # noqa: F401
                     holder_stamp, hostname, open_nofollow, read_holder, release)
-from .fileio import DIGEST, StoreError, atomic_h5, atomic_path, attr_value, open_h5, read_arrays, write_arrays
+from .fileio import (DIGEST, StoreError, atomic_h5, atomic_path, attr_value, open_h5, read_arrays, remove_quietly,
+                     temp_path, write_arrays)
 
 _HELD_LOCKS: dict[str, int] = {}  # run directory -> fd of its lock file, for the run(s) of this process
 
@@ -42,10 +43,40 @@ class RunDir:
         self.results_path = os.path.join(self.path, "results.h5")
         self.lock_path = os.path.join(self.path, "lock")
         self.claims_dir = os.path.join(self.path, "claims")
+        self.conv_step_path = os.path.join(self.path, "conv_step")  # the form a CPU conv net's step takes here
         self.before_write = None  # called with a task id before its file is written (a shard: its claim is still its own)
 
     def task_path(self, task_id: str) -> str:
         return os.path.join(self.tasks_dir, f"{task_id}.h5")
+
+    # -- the conv step's form ---------------------------------------------------------------------
+    def recorded_conv_step(self) -> str:
+        """The conv step's form this run recorded first ("" if none)."""
+        try:
+            with open(self.conv_step_path) as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+
+    def record_conv_step(self, form: str) -> str:
+        """The run's conv step form: `form` if no process recorded one before, else the one recorded. Write-once
+        and race-free: a complete file is linked into place, and a second link fails (job-array shards that
+        choose at once end in one form)."""
+        tmp = temp_path(self.conv_step_path)
+        try:
+            with open(tmp, "w") as f:
+                f.write(form + "\n")
+            try:
+                os.link(tmp, self.conv_step_path)
+                return form
+            except FileExistsError:
+                return self.recorded_conv_step() or form
+            except OSError:  # a file system without hard links: not exclusive, but a complete file
+                if not os.path.exists(self.conv_step_path):
+                    os.replace(tmp, self.conv_step_path)
+                return self.recorded_conv_step() or form
+        finally:
+            remove_quietly(tmp)
 
     def create(self, cfg: Config, shared: bool = False):
         """Make the directory, take its lock and save the config; refuse a directory that holds another

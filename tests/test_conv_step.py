@@ -117,6 +117,17 @@ def test_mixed_kernels_names_tasks_trained_in_another_conv_step_form():
                                                                 "(this run: 2)")
 
 
+def test_a_run_directory_records_its_form_once(tmp_path):
+    """Write-once: job-array shards that chose at the same time end in the form recorded first."""
+    from lthmpi.store import RunDir
+
+    run = RunDir(str(tmp_path))
+    assert run.recorded_conv_step() == ""
+    assert run.record_conv_step("xla") == "xla"
+    assert run.record_conv_step("graph") == "xla" and run.recorded_conv_step() == "xla"
+    assert os.listdir(tmp_path) == ["conv_step"]  # no temporary left
+
+
 CONV_RUN = {"seed": 3, "data": {"dataset": "digits", "validation": 200}, "model": {"name": "conv2"},
             "train": {"iterations": 4, "batch_size": 32, "eval_every": "2it"},
             "prune": {"remaining": [0.5, 0.2]}, "reset": {"points": ["0ep"], "controls": []}}
@@ -130,7 +141,7 @@ def test_the_form_is_recorded_and_a_rerun_in_another_is_caught(tf_runtime, tmp_p
     from lthmpi.experiment import Experiment
     from lthmpi.parallel.coordinator import run_serial
     from lthmpi.results import load
-    from lthmpi.store import StoreError
+    from lthmpi.store import RunDir, StoreError
     from lthmpi.training import step_form
     from lthmpi.validation import validate
 
@@ -141,6 +152,9 @@ def test_the_form_is_recorded_and_a_rerun_in_another_is_caught(tf_runtime, tmp_p
     first = str(tmp_path / "first")
     res = load(run_serial(cfg, first, threads=1, quiet=True))
     assert [t["conv_step"] for t in res["tasks"]] == ["graph", "graph"]
+    assert RunDir(first).recorded_conv_step() == "graph"
+    with open(os.path.join(first, "logs", "rank0.log")) as f:
+        assert "conv step: graph (not timed: 4 iterations" in f.read()
     run = str(tmp_path / "rerun")
     shutil.copytree(first, run)
     os.unlink(os.path.join(run, "tasks", "m001_r00_ticket.h5"))
@@ -150,10 +164,16 @@ def test_the_form_is_recorded_and_a_rerun_in_another_is_caught(tf_runtime, tmp_p
                                          r"m000_r00_ticket.*parallel.conv_step.*--allow-mixed-kernels"):
         run_serial(xla, run, threads=1, quiet=True)
     assert not os.path.exists(os.path.join(run, "tasks", "m001_r00_ticket.h5"))  # refused before any training
-    with monkeypatch.context() as m:  # auto: the form of the tasks on disk, neither cached nor timed
-        m.setattr(step_form, "choose", lambda *a, **k: pytest.fail("auto chose instead of resuming in the tasks' form"))
+    with monkeypatch.context() as m:  # auto: the run's form, neither cached nor timed
+        m.setattr(step_form, "choose", lambda *a, **k: pytest.fail("auto chose instead of resuming in the run's form"))
         exp = Experiment(cfg, run)
         exp.trainer.use_conv_step("xla")
+        assert exp.choose_conv_step() == "graph" and exp.trainer.conv_step == "graph"  # recorded in the directory
+        os.unlink(exp.run.conv_step_path)  # a run directory from before the record: the tasks' form
+        exp.trainer.use_conv_step("xla")
         assert exp.choose_conv_step() == "graph" and exp.trainer.conv_step == "graph"
+    exp.trainer.use_conv_step("xla")  # a shard that timed xla while another recorded graph first
+    assert exp.run.record_conv_step("graph") == "graph"
+    assert exp.settle_conv_step() == "graph" and "recorded first" in exp.conv_step_line()
     res = load(run_serial(xla, run, threads=1, quiet=True, allow_mixed=True))
     assert sorted(t["conv_step"] for t in res["tasks"]) == ["graph", "xla"]

@@ -98,6 +98,7 @@ class MaskedTrainer:
         self._sparse = SparseBackend(layers, self._mask_of, self.optimizer, train_cfg, self.batches) if layers else None
         self._sparse_active = False  # the current masks train on the sparse kernels
         self._fitting = None  # the backend of the fit in progress
+        self.conv_step_why = ""  # how choose_conv_step came to the form, for the run's log
 
     # -- the conv step's form --------------------------------------------------------------------------
     @property
@@ -130,7 +131,8 @@ class MaskedTrainer:
                       deterministic=configured_deterministic(), tensorflow=tf.__version__)
         form, why = step_form.choose(setting, fields, time_form or self.time_conv_step, iterations, cache)
         self.use_conv_step(form)
-        log.info("conv step: %s (%s)", form, why)
+        self.conv_step_why = why
+        log.debug("conv step: %s (%s)", form, why)
         return form
 
     def time_conv_step(self, form: str, warm: int = step_form.WARM, timed: int = step_form.TIMED) -> float:

@@ -62,6 +62,8 @@ class RunDir:
         """The run's conv step form: `form` if no process recorded one before, else the one recorded. Write-once
         and race-free: a complete file is linked into place, and a second link fails (job-array shards that
         choose at once end in one form)."""
+        if self.recorded_conv_step():
+            return self.recorded_conv_step()
         tmp = temp_path(self.conv_step_path)
         try:
             with open(tmp, "w") as f:

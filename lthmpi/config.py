@@ -35,6 +35,7 @@ SCHEDULES = ("static", "lpt", "dynamic")
 NORMALIZATIONS = ("scale", "standardize")
 DEVICES = ("auto", "cpu", "gpu")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+CONV_STEPS = ("auto", "graph", "xla")
 
 
 class ConfigError(ValueError):
@@ -155,6 +156,8 @@ class ParallelConfig:
                                  "and Keras 3)")
     sparse_below: float = key(0.3, "masks keeping at most this fraction of the prunable weights train on the "
                                    "sparse kernels (Dense/ReLU nets; 0 = never)")
+    conv_step: str = key("auto", "conv nets on the CPU: the step's form, graph (oneDNN) | xla | auto (the faster, "
+                                 "timed at start-up and cached per host, model, batch and threads; docs/gpu.md)")
     peer_timeout: float = key(600.0, "MPI: a rank that waits ends the job when a peer rank has given no sign of "
                                      "life (its heartbeat file, beaten by a thread every 5 s whatever the rank is "
                                      "doing) for this many seconds, for launchers that leave the others waiting; "

@@ -139,15 +139,18 @@ class KernelPlan:
     fused: bool
     sparse_below: float
     why: str = ""
+    step_forms: bool = False  # the step runs in either of two forms, chosen by parallel.conv_step (CPU conv nets)
 
 
 def kernel_plan(kind: str, convolutions: bool, sparse_below: float, precision: str = "float32") -> KernelPlan:
     """The kernels and call shape for a net on `kind` ("cpu" | "gpu") in `precision`.
 
-    CPU, conv nets: one step per call, not compiled by XLA but run by TensorFlow's graph executor on its oneDNN
-    kernels (only the optimizer update and re-mask inside it are XLA-compiled: training.dense.CompiledSteps).
-    XLA:CPU runs a convolution inside a while loop ~100x slower than in a call of its own, and even one step
-    per call it is ~2x slower than oneDNN (run/bench_conv.py, docs/gpu.md). CPU, Dense-only nets: whole
+    CPU, conv nets: one step per call, by default not compiled by XLA but run by TensorFlow's graph executor on
+    its oneDNN kernels (only the optimizer update and re-mask inside it are XLA-compiled:
+    training.dense.CompiledSteps). XLA:CPU runs a convolution inside a while loop ~100x slower than in a call
+    of its own; one step per call it was ~2x slower than oneDNN on an Intel box (run/bench_conv.py, docs/gpu.md)
+    but faster on an AMD EPYC, so the step's form, graph or XLA, is parallel.conv_step's (`step_forms`:
+    auto times both at start-up, training/step_form.py). CPU, Dense-only nets: whole
     blocks of steps in one XLA call. GPU: every net runs whole blocks under XLA (the conv limitation is
     XLA:CPU's). The sparse C kernels are float32 CPU code: never on a GPU, never in mixed precision."""
     if kind == "gpu":
@@ -158,7 +161,7 @@ def kernel_plan(kind: str, convolutions: bool, sparse_below: float, precision: s
     else:
         why = ""
     if convolutions:
-        return KernelPlan(jit=False, fused=False, sparse_below=sparse_below, why=why)
+        return KernelPlan(jit=False, fused=False, sparse_below=sparse_below, why=why, step_forms=True)
     return KernelPlan(jit=True, fused=True, sparse_below=sparse_below, why=why)
 
 

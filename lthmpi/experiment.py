@@ -17,7 +17,7 @@ from .steps import Step
 from . import criteria, transfer
 from .kinds import imp, registry
 from .pruning import fraction_remaining, magnitude_masks
-from .store import RunDir, StoreError, hostname, mixed_kernels
+from .store import RunDir, StoreError, hostname, mixed_kernels, task_conv_step
 from .validation import validate_against_data, validate_against_model
 
 log = logging.getLogger("lthmpi")
@@ -63,8 +63,10 @@ class Experiment:
         self.deterministic = configured_deterministic()
         if self.deterministic is None:
             self.deterministic = cfg.train.deterministic
+        conv_step = cfg.parallel.conv_step  # auto: the rule's form until choose_conv_step (the run's start-up)
         self.trainer = MaskedTrainer(self.model, self.data, cfg.train, cfg.seed, prunable_variables(self.model),
-                                     augment=cfg.data.augment, sparse_below=cfg.parallel.sparse_below)
+                                     augment=cfg.data.augment, sparse_below=cfg.parallel.sparse_below,
+                                     conv_step=None if conv_step == "auto" else conv_step)
         self.initial_weights = self.trainer.get_weights()
         self.checkpoints: dict | None = None
         self.optimizer_states: dict = {}
@@ -73,16 +75,65 @@ class Experiment:
         self.remaining: list = []
         self.scores: dict | None = None  # the criterion's scores (for the invert control), when the masks file has them
         self.transfer = None  # kinds/transfer.Source when prune.masks_from names a run
+        self._finished: dict | None = None  # finished_tasks(), read once at start-up
+        self.conv_step_note = ""  # how choose_conv_step / settle_conv_step came to the form
+
+    def finished_tasks(self) -> dict:
+        """Task id -> attrs of every task already on disk, read once (start-up asks twice)."""
+        if self._finished is None:
+            self._finished = {tid: self.run.read_task(tid)[0] for tid in self.run.done_tasks()}
+        return self._finished
+
+    def choose_conv_step(self) -> str:
+        """The form of a CPU conv net's step for this run (parallel.conv_step), set on the trainer and returned
+        ("" for a net with one form). auto keeps the form that the finished tasks on disk all trained in, so
+        that resuming a run never mixes forms; otherwise the cached or timed faster one (training/step_form.py)."""
+        tr, setting = self.trainer, self.cfg.parallel.conv_step
+        if not tr.step_forms:
+            return ""
+        if setting == "auto":
+            recorded = self.run.recorded_conv_step()
+            forms = {recorded} if recorded else {task_conv_step(a) for a in self.finished_tasks().values()
+                                                 if int(a.get("iterations", 1)) != 0 and int(a.get("threads", 1))}
+            forms -= {""}
+            if len(forms) == 1 and forms <= {"graph", "xla"}:
+                (form,) = forms
+                tr.use_conv_step(form)
+                self.conv_step_note = (f"the form recorded in {self.run.conv_step_path}" if recorded
+                                       else f"the form of the finished tasks in {self.run.path}")
+                return form
+        form = tr.choose_conv_step(setting, self.total)
+        self.conv_step_note = tr.conv_step_why
+        return form
+
+    def settle_conv_step(self) -> str:
+        """Once the run directory exists: record this run's conv step form there unless one is (write-once);
+        with auto, train in the recorded one (a job-array shard that chose at the same time as another)."""
+        tr = self.trainer
+        if not tr.conv_step:
+            return ""
+        form = self.run.record_conv_step(tr.conv_step)
+        if form != tr.conv_step and self.cfg.parallel.conv_step == "auto":
+            self.conv_step_note = f"not {tr.conv_step}: {form} was recorded first in {self.run.conv_step_path}"
+            tr.use_conv_step(form)
+        return tr.conv_step
+
+    def conv_step_line(self) -> str:
+        """The log line of the conv step's form and how it was chosen ("" for a net with one form)."""
+        form = self.trainer.conv_step
+        return f"conv step: {form} ({self.conv_step_note or 'parallel.conv_step = ' + repr(form)})" if form else ""
 
     def check_rerun(self, allow_mixed: bool = False):
-        """Before a rerun trains anything: finished tasks trained with another thread count or other kernels
-        are named, and refused unless `allow_mixed` (--allow-mixed-kernels); then only logged."""
-        done = {tid: self.run.read_task(tid)[0] for tid in self.run.done_tasks()}
-        lines = mixed_kernels(done, self.trainer.threads, self.trainer.kernels_for)
+        """Before a rerun trains anything: finished tasks trained with another thread count, other kernels or
+        another form of the conv step are named, and refused unless `allow_mixed` (--allow-mixed-kernels);
+        then only logged."""
+        done = self.finished_tasks()
+        lines = mixed_kernels(done, self.trainer.threads, self.trainer.kernels_for, self.trainer.conv_step)
         if lines and not allow_mixed:
             raise StoreError(f"run directory {self.run.path} holds tasks trained otherwise than this run would train "
-                             f"the rest ({'; '.join(lines)}): rerun with the parallel.threads and "
-                             f"parallel.sparse_below they had, or pass --allow-mixed-kernels to mix them")
+                             f"the rest ({'; '.join(lines)}): rerun with the parallel.threads, "
+                             f"parallel.sparse_below and parallel.conv_step they had, or pass "
+                             f"--allow-mixed-kernels to mix them")
         for line in lines:
             log.warning("mixing kernels as allowed: %s", line)
 

@@ -59,6 +59,7 @@ class TaskResult:
     host: str = ""
     threads: int = 0
     kernels: str = ""
+    conv_step: str = ""  # a CPU conv net's step form, graph | xla (parallel.conv_step); "" for a net with one form
     device: str = "cpu"
     precision: str = "float32"
     deterministic: bool = True

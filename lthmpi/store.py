@@ -20,7 +20,8 @@ import numpy as np
 from .config import Config, ConfigError, from_dict, load_toml
 from .locks import (_NoLocks, _flock, _write_holder, check_flock_excludes, filesystem_of,  # noqa: F401
                     holder_stamp, hostname, open_nofollow, read_holder, release)
-from .fileio import DIGEST, StoreError, atomic_h5, atomic_path, attr_value, open_h5, read_arrays, write_arrays
+from .fileio import (DIGEST, StoreError, atomic_h5, atomic_path, attr_value, open_h5, read_arrays, remove_quietly,
+                     temp_path, write_arrays)
 
 _HELD_LOCKS: dict[str, int] = {}  # run directory -> fd of its lock file, for the run(s) of this process
 
@@ -43,10 +44,42 @@ class RunDir:
         self.checkpoints_dir = os.path.join(self.path, "checkpoints")  # the parent's, one a file, while it trains
         self.lock_path = os.path.join(self.path, "lock")
         self.claims_dir = os.path.join(self.path, "claims")
+        self.conv_step_path = os.path.join(self.path, "conv_step")  # the form a CPU conv net's step takes here
         self.before_write = None  # called with a task id before its file is written (a shard: its claim is still its own)
 
     def task_path(self, task_id: str) -> str:
         return os.path.join(self.tasks_dir, f"{task_id}.h5")
+
+    # -- the conv step's form ---------------------------------------------------------------------
+    def recorded_conv_step(self) -> str:
+        """The conv step's form this run recorded first ("" if none)."""
+        try:
+            with open(self.conv_step_path) as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+
+    def record_conv_step(self, form: str) -> str:
+        """The run's conv step form: `form` if no process recorded one before, else the one recorded. Write-once
+        and race-free: a complete file is linked into place, and a second link fails (job-array shards that
+        choose at once end in one form)."""
+        if self.recorded_conv_step():
+            return self.recorded_conv_step()
+        tmp = temp_path(self.conv_step_path)
+        try:
+            with open(tmp, "w") as f:
+                f.write(form + "\n")
+            try:
+                os.link(tmp, self.conv_step_path)
+                return form
+            except FileExistsError:
+                return self.recorded_conv_step() or form
+            except OSError:  # a file system without hard links: not exclusive, but a complete file
+                if not os.path.exists(self.conv_step_path):
+                    os.replace(tmp, self.conv_step_path)
+                return self.recorded_conv_step() or form
+        finally:
+            remove_quietly(tmp)
 
     def create(self, cfg: Config, shared: bool = False):
         """Make the directory, take its lock and save the config; refuse a directory that holds another
@@ -396,22 +429,35 @@ def _same(a: dict, b: dict) -> bool:
                                         and np.asarray(a[k]).tobytes() == np.asarray(b[k]).tobytes() for k in a)
 
 
-def mixed_kernels(done: dict, threads: int, kernels_for) -> list[str]:
-    """Finished tasks that were trained otherwise than this run would train them (another TF thread count, or
-    other kernels: parallel.threads and parallel.sparse_below are outside the identity), so that a rerun does
-    not mix them into one grid unsaid. `done`: task id -> its attrs (threads, kernels, remaining);
-    `kernels_for(remaining)`: the kernels this run picks alone. A task trained data-parallel (replicas > 1) was
-    on the dense kernels whatever the mask, and a task that trained nothing (iterations = 0: a stability pair's
-    evaluation) used none: only their threads are compared. One line per kind of difference."""
+def task_conv_step(attrs: dict) -> str:
+    """The conv step's form a finished task trained in ("" for a net with one form): a task file from before
+    the form was recorded that trained on the CPU took "graph", the only form there was."""
+    return str(attrs.get("conv_step", "graph" if str(attrs.get("device", "cpu")) == "cpu" else ""))
+
+
+def mixed_kernels(done: dict, threads: int, kernels_for, conv_step: str = "") -> list[str]:
+    """Finished tasks that were trained otherwise than this run would train them (another TF thread count,
+    other kernels, or a conv net's step in another form: parallel.threads, parallel.sparse_below and
+    parallel.conv_step are outside the identity), so that a rerun does not mix them into one grid unsaid.
+    `done`: task id -> its attrs (threads, kernels, remaining, conv_step); `kernels_for(remaining)`: the kernels
+    this run picks alone; `conv_step`: the form this run's conv step takes ("" for a net with one form; a task
+    file from before the form was recorded, trained on the CPU, took "graph"). A task trained data-parallel
+    (replicas > 1) was on the dense kernels whatever the mask, and a task that trained nothing (iterations = 0:
+    a stability pair's evaluation) used none and no step: only their threads are compared. One line per kind
+    of difference."""
     groups: dict[str, list[str]] = {}
     for tid, a in sorted(done.items()):
         if not int(a.get("threads", threads)):  # threads 0: a task of a kind that trains nothing (an evaluation)
             continue
         t0, k0 = int(a.get("threads", threads)), str(a.get("kernels") or "dense")
-        trained_alone = int(a.get("replicas", 1)) <= 1 and int(a.get("iterations", 1)) != 0
+        trained = int(a.get("iterations", 1)) != 0
+        trained_alone = int(a.get("replicas", 1)) <= 1 and trained
         k1 = kernels_for(float(a.get("remaining", 1.0))) if trained_alone else k0
+        c0 = task_conv_step(a)
+        mixed_step = trained and bool(c0) and bool(conv_step) and c0 != conv_step
         how = ", ".join(([f"{t0} TF threads (this run: {threads})"] if t0 != threads else []) +
-                        ([f"{k0} kernels (this run: {k1})"] if k0 != k1 else []))
+                        ([f"{k0} kernels (this run: {k1})"] if k0 != k1 else []) +
+                        ([f"the {c0} conv step (this run: {conv_step})"] if mixed_step else []))
         if how:
             groups.setdefault(how, []).append(tid)
     return [f"{len(tids)} finished task(s) trained with {how}: " + ", ".join(tids[:3]) +

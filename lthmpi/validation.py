@@ -5,7 +5,7 @@ Checks fail before any work starts, each as one ConfigError line that says what 
 """
 from __future__ import annotations
 
-from .config import (CONTROLS, DEVICES, METHODS, NORMALIZATIONS, OPTIMIZERS, PRECISIONS, SCHEDULES, SCOPES,
+from .config import (CONTROLS, CONV_STEPS, DEVICES, METHODS, NORMALIZATIONS, OPTIMIZERS, PRECISIONS, SCHEDULES, SCOPES,
                      WEIGHT_DECAY_MODES, Config, ConfigError, PruneConfig, _merge, from_dict, load_toml, parse_set)
 from .steps import Step, StepError
 
@@ -121,6 +121,7 @@ def validate(cfg: Config) -> None:
     _one_of("parallel.schedule", q.schedule, SCHEDULES)
     validate_stability(cfg)
     _one_of("parallel.device", q.device, DEVICES)
+    _one_of("parallel.conv_step", q.conv_step, CONV_STEPS)
     if q.subgroups not in (True, False, "auto") or not isinstance(q.subgroups, (bool, str)):
         raise ConfigError(f"parallel.subgroups must be true, false or \"auto\", not {q.subgroups!r}")
     pdp = q.parent_data_parallel

@@ -6,9 +6,12 @@ training step (SGD with momentum 0.9, sparse softmax cross-entropy on logits):
   fit          the same, jit_compile=False: TensorFlow's graph executor on its oneDNN kernels
   fit-keras-bn the same on the model as a Keras user builds it, with Keras' own BatchNormalization (lthmpi's
                models use models.FusedBatchNorm, TensorFlow's fused kernel, instead); nets with batch norm only
-  masked-xla   lthmpi's masked step compiled by XLA, one step per call (the trainer before issue 22)
-  masked       lthmpi's masked step as the trainer runs conv nets on the CPU now (devices.kernel_plan): the
-               step on oneDNN, its optimizer update and re-mask compiled by XLA
+  masked-xla   lthmpi's masked step compiled by XLA, one step per call (parallel.conv_step = "xla"; the
+               trainer before issue 22)
+  masked       lthmpi's masked step in the oneDNN graph form (parallel.conv_step = "graph"; the only form from
+               issue 22 to 33): the step on oneDNN, its optimizer update and re-mask compiled by XLA
+The trainer runs the faster of the last two on the host (parallel.conv_step = "auto" times a few steps of
+each at start-up: lthmpi/training/step_form.py); the last line per model says which this run found faster.
 The target holds the masked step to the fastest plain-Keras form: Keras' step on the net built from Keras'
 own layers (for ResNet-20, `fit-keras-bn`); the masked step against Keras' step on lthmpi's model is printed
 too. Keras' step is called per batch (`train_on_batch`, the train function `fit` compiles), so that `fit`'s per-call
@@ -41,7 +44,7 @@ from paired import ratio_summary  # run/, this script's directory
 
 FORMS = {"fit-xla": "keras train step, jit_compile=True", "fit": "keras train step, no XLA (oneDNN)",
          "fit-keras-bn": "  the same, Keras' BatchNormalization",
-         "masked-xla": "lthmpi masked, XLA, 1 step/call", "masked": "lthmpi masked, as the trainer runs it"}
+         "masked-xla": "lthmpi masked, XLA, 1 step/call", "masked": "lthmpi masked, oneDNN graph form"}
 BATCH = {"conv2": 60, "resnet20": 128}
 SHAPE, CLASSES = (32, 32, 3), 10
 
@@ -104,6 +107,10 @@ def main():
         if best_fit != "fit":  # and against Keras' step on lthmpi's own layers (FusedBatchNorm)
             print(f"  against Keras' step on lthmpi's model ({FORMS['fit']}): {med['masked'] / med['fit']:.3f} x its "
                   f"median; per round: {ratio_summary(times['masked'], times['fit'], 'masked')}")
+        quicker = "xla" if med["masked-xla"] < med["masked"] else "graph"
+        print(f"  conv_step: the faster form here is {quicker} (XLA / oneDNN graph: "
+              f"{med['masked-xla'] / med['masked']:.3f} x its median; per round: "
+              f"{ratio_summary(times['masked-xla'], times['masked'], 'xla')})")
 
 
 def gemm_timer(tf):
@@ -212,9 +219,9 @@ def masked_stepper(model, data, batch: int, total_steps: int, xla: bool):
                           weight_decay_mode="decoupled", lr_milestones=[], lr_gamma=0.1,
                           eval_every=f"{total_steps + 10}it", precision="float32")
     prunable = prunable_variables(model)
-    tr = MaskedTrainer(model, data, cfg, 0, prunable, jit=True if xla else None)  # None: the trainer's choice
-    if not xla and tr.fused:
-        raise AssertionError("the trainer no longer runs conv nets one step per call: update this benchmark")
+    tr = MaskedTrainer(model, data, cfg, 0, prunable, conv_step="xla" if xla else "graph")  # the two forms of auto
+    if tr.fused or tr.conv_step != ("xla" if xla else "graph"):
+        raise AssertionError("the trainer no longer runs conv nets one step per call in two forms: update this benchmark")
     tr.set_masks(magnitude_masks({v.path: v.numpy() for v in prunable}, 0.2))
     tr.fit(0, 1)  # trace and compile
     backend = tr.backend()  # what MaskedTrainer.fit trains on, called as lthmpi/training/loop.py calls it

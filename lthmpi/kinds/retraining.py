@@ -97,7 +97,7 @@ def retrain(exp, weights: dict, keep: dict | None, k: int, end: int, restore: bo
                         final_accuracy=h.final_accuracy, early_stop_iteration=h.early_stop_iteration,
                         early_stop_accuracy=h.early_stop_accuracy, best_val_loss=h.best_val_loss,
                         iterations=end - k, diverged=diverged, seconds=seconds, start_time=t0, end_time=t1,
-                        rank=exp.rank, host=exp.host, threads=tr.threads, kernels=tr.kernels,
+                        rank=exp.rank, host=exp.host, threads=tr.threads, kernels=tr.kernels, conv_step=tr.conv_step,
                         device=exp.placement.label, precision=exp.cfg.train.precision,
                         deterministic=exp.deterministic, **row)
     attrs = dict(asdict(result), replicas=h.replicas, replicas_identical=h.replicas_identical)

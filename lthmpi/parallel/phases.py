@@ -108,8 +108,11 @@ def startup(cfg, run: RunDir, comm, threads: int, slot=None, allow_mixed: bool =
         if comm.rank == 0:
             exp.check_rerun(allow_mixed)  # finished tasks trained on other threads or kernels: refused
             run.create(cfg, shared=bool(shard))
+            exp.settle_conv_step()
             setup_logging(run.path, rank, verbose=not quiet, name=shard[1] if shard else None)
             log.info(size_line(exp))  # the run's first line: an absurd network is seen before it trains
+            if exp.conv_step_line():
+                log.info(exp.conv_step_line())
             if shard:
                 check_finished(run)
 
@@ -119,7 +122,13 @@ def startup(cfg, run: RunDir, comm, threads: int, slot=None, allow_mixed: bool =
 
     agree(comm, refuse_early)
     exp = agree(comm, build)
+    # A CPU conv net's step form (parallel.conv_step): rank 0 chooses it (recorded, cached, or timed while the
+    # others wait), records it in the directory, and every rank trains in it, so that replicas agree bit for
+    # bit and a run does not mix forms.
+    agree(comm, lambda: exp.choose_conv_step() if comm.rank == 0 else None)
     agree(comm, create)
+    form = exp.trainer.conv_step if comm.rank == 0 else None
+    exp.trainer.use_conv_step(comm.bcast(form) if comm.size > 1 else form)
     agree(comm, shared)
     if comm.rank != 0:
         setup_logging(run.path, rank, verbose=False)

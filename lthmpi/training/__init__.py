@@ -6,6 +6,7 @@
     optimizer.py      the Keras optimizer of a config, and all knowledge of Keras' slot names
     batches.py        the batch order and the batch source (in memory; a streaming source plugs in there)
     dense.py          dense backend: XLA-compiled masked steps (K steps per call; conv nets one per call)
+    step_form.py      a CPU conv net's step form, oneDNN graph or XLA: timed at start-up, cached per host
     data_parallel.py  data-parallel backend: dense steps with gradients summed through a reducer
     sparse_backend.py sparse backend: masked Dense/ReLU nets on the C kernels of lthmpi/sparse.py
 

@@ -3,11 +3,11 @@
 One compiled call runs up to `eval_every` steps, gathering each batch from a (K, B) block of row indices
 into the training split passed as an argument (docs/performance.md: a Python call per step costs more than the
 step). After every optimizer update the weights are re-masked, so Adam moments, momentum and weight decay
-never revive a pruned weight. Conv nets on the CPU take one call per step on TensorFlow's graph executor
-and oneDNN (XLA:CPU runs a convolution inside a while loop ~100x slower: Conv-2, batch 60, 31 s against
-0.31 s per step; their steps are long enough that the call costs nothing); only their optimizer update and
-re-mask, elementwise work, is compiled by XLA, as one fused pass per variable instead of one kernel per
-operation (run/bench_conv.py).
+never revive a pruned weight. Conv nets on the CPU take one call per step (XLA:CPU runs a convolution inside a
+while loop ~100x slower: Conv-2, batch 60, 31 s against 0.31 s per step; their steps are long enough that the
+call costs nothing), in one of two forms (`use_step_jit`, chosen by training/step_form.py): on TensorFlow's
+graph executor and oneDNN, where only the optimizer update and re-mask, elementwise work, is compiled by XLA,
+as one fused pass per variable instead of one kernel per operation; or wholly under XLA (run/bench_conv.py).
 """
 from __future__ import annotations
 
@@ -18,7 +18,11 @@ class CompiledSteps:
     """The traced functions of one model, optimizer and set of mask variables, built once per process."""
 
     def __init__(self, tf, model, optimizer, masked, batch_size: int, seed: int, l2: float = 0.0,
-                 augment: bool = False, jit: bool = True, fused: bool = True, eval_chunk: int = 500, norm=None):
+                 augment: bool = False, jit: bool = True, fused: bool = True, eval_chunk: int = 500, norm=None,
+                 step_jit: bool | None = None):
+        """`jit`: XLA for the blocks and the evaluation; `step_jit` (None = `jit`): XLA for the one-step-a-call
+        functions (train_step and the data-parallel halves), which `use_step_jit` switches later (the conv
+        step's two forms, training/step_form.py)."""
         self.tf, self.model, self.optimizer, self.masked = tf, model, optimizer, masked
         self.fused, self.eval_chunk = fused, eval_chunk
         self.best = [tf.Variable(v, trainable=False) for v in model.variables]
@@ -70,7 +74,12 @@ class CompiledSteps:
 
         # Without XLA for the step (conv nets on the CPU), the update and re-mask still get it: one fused pass per
         # variable (momentum or moments, weight, mask) instead of an unfused kernel per operation.
-        update = masked_update if jit else tf.function(masked_update, jit_compile=True)
+        compiled_update = tf.function(masked_update, jit_compile=True)
+
+        def update_for(compiled: bool):
+            return masked_update if compiled else compiled_update
+
+        update = update_for(jit)
 
         def batch(x, y, rows, t):
             xb, yb = prep(tf.gather(x, rows)), tf.gather(y, rows)
@@ -78,7 +87,7 @@ class CompiledSteps:
                 xb = augment_batch(xb, tf.stack([tf.constant(seed, tf.int64), t]))
             return xb, yb
 
-        def one_step(x, y, rows, t, lr):
+        def one_step(x, y, rows, t, lr, update=update):
             xb, yb = batch(x, y, rows, t)
             with tf.GradientTape() as tape:
                 loss = loss_fn(yb, model(xb, training=True))
@@ -95,10 +104,6 @@ class CompiledSteps:
 
             _, total = tf.while_loop(lambda i, total: i < n, step, (tf.constant(0, tf.int32), tf.constant(0.0)))
             return total
-
-        @tf.function(jit_compile=jit)
-        def train_step(x, y, rows, t, lr):
-            return one_step(x, y, rows, t, lr)
 
         def eval_sums(x, y):
             logits = tf.cast(model(prep(x), training=False), tf.float32)
@@ -136,26 +141,45 @@ class CompiledSteps:
             for b, v in zip(self.best, model.variables):
                 b.assign(v)
 
-        # Data-parallel halves: one replica's gradients (summed across the subgroup between the two), then the update.
         sizes = [int(np.prod(v.shape)) for v in trainable]
         batch_f = float(batch_size)
 
-        @tf.function(jit_compile=jit)
-        def shard_gradients(x, y, rows, t):
-            xb, yb = batch(x, y, rows, t)
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(xent(yb, model(xb, training=True))) / batch_f
-                target = for_gradients(loss)
-            grads = tape.gradient(target, trainable)
-            return tf.concat([tf.reshape(g, [-1]) for g in grads] + [tf.reshape(loss, [1])], axis=0)
+        def step_functions(compiled: bool):
+            """The one-step-a-call functions, with or without XLA for the whole step (traced on first call)."""
+            step_update = update_for(compiled)
 
-        @tf.function(jit_compile=jit)
-        def apply_flat(flat, lr):
-            parts = tf.split(flat[:-1], sizes)
-            update([tf.reshape(g, v.shape) for g, v in zip(parts, trainable)], lr)
+            @tf.function(jit_compile=compiled)
+            def train_step(x, y, rows, t, lr):
+                return one_step(x, y, rows, t, lr, step_update)
 
-        self.train_block, self.train_step, self.eval_block, self.snapshot = train_block, train_step, eval_block, snapshot
-        self.shard_gradients, self.apply_flat = shard_gradients, apply_flat
+            # Data-parallel halves: one replica's gradients (summed across the subgroup between the two), then the update.
+            @tf.function(jit_compile=compiled)
+            def shard_gradients(x, y, rows, t):
+                xb, yb = batch(x, y, rows, t)
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_sum(xent(yb, model(xb, training=True))) / batch_f
+                    target = for_gradients(loss)
+                grads = tape.gradient(target, trainable)
+                return tf.concat([tf.reshape(g, [-1]) for g in grads] + [tf.reshape(loss, [1])], axis=0)
+
+            @tf.function(jit_compile=compiled)
+            def apply_flat(flat, lr):
+                parts = tf.split(flat[:-1], sizes)
+                step_update([tf.reshape(g, v.shape) for g, v in zip(parts, trainable)], lr)
+
+            return train_step, shard_gradients, apply_flat
+
+        self._step_functions, self._forms = step_functions, {}
+        self.train_block, self.eval_block, self.snapshot = train_block, eval_block, snapshot
+        self.use_step_jit(jit if step_jit is None else step_jit)
+
+    def use_step_jit(self, compiled: bool):
+        """Train one step a call with XLA for the whole step (True) or on the graph executor (False): the
+        functions of each are built once and kept, so switching back costs no second trace."""
+        if compiled not in self._forms:
+            self._forms[compiled] = self._step_functions(compiled)
+        self.train_step, self.shard_gradients, self.apply_flat = self._forms[compiled]
+        self.step_jit = compiled
 
 
 class DenseBackend:

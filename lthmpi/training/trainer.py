@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 
 import numpy as np
 
 from ..runtime import configure_tensorflow, configured_threads
 from ..steps import Step
-from . import loop, optimizer as optim
+from . import loop, optimizer as optim, step_form
 from .batches import BatchOrder, InMemoryBatches
 from .data_parallel import DataParallelBackend
 from .dense import CompiledSteps, DenseBackend
@@ -28,9 +29,11 @@ class MaskedTrainer:
 
     def __init__(self, model, data, train_cfg, seed: int, prunable, augment: bool = False,
                  eval_chunk: int = 500, sparse_below: float = 0.0, jit: bool | None = None, fused: bool | None = None,
-                 batches=None):
+                 batches=None, conv_step: str | None = None):
         """`jit`, `fused` None: as lthmpi/devices.py's kernel_plan says for this net, device and precision (on the
-        CPU conv nets run one step per call on oneDNN without XLA; on a GPU every net whole blocks under XLA)."""
+        CPU conv nets run one step per call on oneDNN without XLA; on a GPU every net whole blocks under XLA).
+        `conv_step` "graph" | "xla": the form of a CPU conv net's step (training/step_form.py; None: as `jit`
+        says, and `choose_conv_step` may time and switch it later); nets it does not apply to ignore it."""
         from ..devices import kernel_plan
         from ..models import has_convolutions
         from ..runtime import configured_placement
@@ -44,6 +47,9 @@ class MaskedTrainer:
         fused = plan.fused if fused is None else fused
         jit = plan.jit if jit is None else jit
         self.fused = fused
+        # A CPU conv net's step has two forms (graph | xla, training/step_form.py); the evaluation keeps `jit`'s.
+        self.step_forms = plan.step_forms and not fused
+        step_jit = (conv_step == "xla") if self.step_forms and conv_step in step_form.FORMS else jit
         # A training set left on disk (data.in_memory = false; docs/data.md) is read a few steps ahead by a
         # background thread; uint8 images (data.norm) are normalised inside the compiled steps, in memory or not.
         self.streamed = not getattr(data, "in_memory", True)
@@ -78,7 +84,7 @@ class MaskedTrainer:
         eval_batch = max(1, (1 << 25) // max(1, elems * 4))  # 32 MiB of inputs per call (conv nets)
         self.steps = CompiledSteps(tf, model, self.optimizer, self._masked, train_cfg.batch_size, seed,
                                    l2=optim.coupled_weight_decay(train_cfg), augment=augment, jit=jit, fused=fused,
-                                   eval_chunk=eval_chunk, norm=norm)
+                                   eval_chunk=eval_chunk, norm=norm, step_jit=step_jit)
         self._train_block, self._eval_block = self.steps.train_block, self.steps.eval_block  # for tests of retracing
         self._dense = DenseBackend(self.steps, self.batches, self.eval_every, eval_batch)
         self._eval_batch = eval_batch
@@ -92,6 +98,59 @@ class MaskedTrainer:
         self._sparse = SparseBackend(layers, self._mask_of, self.optimizer, train_cfg, self.batches) if layers else None
         self._sparse_active = False  # the current masks train on the sparse kernels
         self._fitting = None  # the backend of the fit in progress
+        self.conv_step_why = ""  # how choose_conv_step came to the form, for the run's log
+
+    # -- the conv step's form --------------------------------------------------------------------------
+    @property
+    def conv_step(self) -> str:
+        """The form of a CPU conv net's step, "graph" or "xla" (recorded with each task); "" where the net has
+        one form (Dense-only nets, a GPU)."""
+        if not self.step_forms:
+            return ""
+        return "xla" if self.steps.step_jit else "graph"
+
+    def use_conv_step(self, form: str):
+        """Train in `form` ("graph" | "xla"); a net without the two forms ignores it."""
+        if self.step_forms and form:
+            if form not in step_form.FORMS:
+                raise ValueError(f"conv step form {form!r} is unknown ({', '.join(step_form.FORMS)})")
+            self.steps.use_step_jit(form == "xla")
+
+    def choose_conv_step(self, setting: str, iterations: int, time_form=None, cache: str | None = None) -> str:
+        """Resolve parallel.conv_step = `setting` (auto: the cached choice for this host, model, batch and
+        threads, else the faster form timed now; training/step_form.py), train in it and return it ("" for a
+        net with one form). `time_form(form)` -> seconds per step replaces the measurement (tests)."""
+        if not self.step_forms:
+            return ""
+        import tensorflow as tf
+
+        from ..runtime import configured_deterministic
+
+        fields = dict(model=self.model.name, input=list(self.data.x_train.shape[1:]), params=self.model.count_params(),
+                      batch=self.cfg.batch_size, threads=self.threads, precision=self.precision,
+                      deterministic=configured_deterministic(), tensorflow=tf.__version__)
+        form, why = step_form.choose(setting, fields, time_form or self.time_conv_step, iterations, cache)
+        self.use_conv_step(form)
+        self.conv_step_why = why
+        log.debug("conv step: %s (%s)", form, why)
+        return form
+
+    def time_conv_step(self, form: str, warm: int = step_form.WARM, timed: int = step_form.TIMED) -> float:
+        """Seconds per step of `form` on this model, batch and thread count: `warm` steps (the first traces and
+        compiles it), then `timed` steps timed, as the fit loop calls them; weights and optimizer state are
+        left as they were, and the form as it was."""
+        weights, state, was = self.get_weights(), self.get_optimizer_state(), self.conv_step
+        backend = self._dense
+        try:
+            self.use_conv_step(form)
+            backend.train(0, warm, self.schedule.rates(0, warm))
+            t0 = time.perf_counter()
+            backend.train(warm, timed, self.schedule.rates(warm, timed))
+            return (time.perf_counter() - t0) / timed
+        finally:
+            self.use_conv_step(was)
+            self.set_weights(weights)
+            self.reset_optimizer(state)
 
     # -- backends ------------------------------------------------------------------------------------
     @property

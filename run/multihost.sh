@@ -79,7 +79,10 @@ PY=${PYTHON:-$ROOT/.venv/bin/python}
 MPIEXEC=${MPIEXEC:-$ROOT/.venv/bin/mpiexec}
 [ -x "$PY" ] || die "no Python at $PY (run run/setup.sh, or set PYTHON)"
 [ -x "$MPIEXEC" ] || die "no mpiexec at $MPIEXEC (run run/setup.sh, or set MPIEXEC to MPICH's hydra mpiexec)"
-"$MPIEXEC" --version 2>/dev/null | grep -qi hydra || die "$MPIEXEC is not MPICH's hydra mpiexec (-launcher-exec is hydra's option)"
+# read the whole answer first: `| grep -q` stops reading at the match, mpiexec then dies of SIGPIPE, and
+# pipefail turned that into "not hydra" now and then
+mpiexec_version=$("$MPIEXEC" --version 2>/dev/null || true)
+grep -qi hydra <<<"$mpiexec_version" || die "$MPIEXEC is not MPICH's hydra mpiexec (-launcher-exec is hydra's option)"
 
 SW="$PREFIX-sw"
 host_ns() { echo "$PREFIX-h$1"; }

@@ -22,8 +22,8 @@ import pytest
 from conftest import needs_root
 
 from faultkit import (MPIRUN, N_TASKS, PY, ROOT, assert_every_h5_readable, assert_same_results, battery,
-                      clean_env, command, done_counts, error_lines, finish, free_bytes, launch, log_has, lthmpi_lines, note,
-                      records, start, task_files, temporaries, tmpfs, wait_for)
+                      clean_env, command, done_counts, error_lines, finish, free_bytes, launch, launch_in_process,
+                      log_has, lthmpi_lines, note, records, start, task_files, temporaries, tmpfs, wait_for)
 
 WAITING = "injected fault: waiting"
 
@@ -499,19 +499,27 @@ CORRUPT = ["task_bitflip", "task_curve_bitflip", "task_truncated", "results_trun
            "prepared_bitflip", "idx_wrong_magic", "labels_out_of_range", "nan_in_data", "inf_in_data"]
 
 
+# Through the real command line (a subprocess each, side by side); the other cases through lthmpi.main.main in
+# this process: what they check is the one line and the exit status of a start-up, not the interpreter's start.
+CORRUPT_BY_CLI = ("task_bitflip", "nan_in_data")
+
+
 @pytest.fixture(scope="module")
 def corrupt_runs(reference, tmp_path_factory):
-    """Every corrupt-input case rerun through the CLI, two at a time."""
+    """Every corrupt-input case rerun: (CompletedProcess, run, sets, words) by name."""
     cases = {name: make_corrupt_case(name, reference, tmp_path_factory.mktemp(name)) for name in CORRUPT}
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(launch, run, None, sets) for name, (run, sets, _) in cases.items()}
-        return {name: (futures[name].result(), *cases[name]) for name in CORRUPT}
+        futures = {name: pool.submit(launch, cases[name][0], None, cases[name][1]) for name in CORRUPT_BY_CLI}
+        done = {name: launch_in_process(run, sets) for name, (run, sets, _) in cases.items()
+                if name not in CORRUPT_BY_CLI}
+        done.update({name: f.result() for name, f in futures.items()})
+    return {name: (done[name], *cases[name]) for name in CORRUPT}
 
 
 class TestCorruptInput:
-    """The corrupt-input cases (15 CLI runs) are a class so that pytest-xdist's loadscope runs them on one worker
-    while the rest of this module runs on the other (tests/conftest.py): one more `reference` run, minutes less
-    wall time."""
+    """The corrupt-input cases (2 CLI runs, 13 in this process) are a class so that pytest-xdist's loadscope runs
+    them on one worker while the rest of this module runs on the other (tests/conftest.py): one more `reference`
+    run, minutes less wall time."""
 
     @pytest.mark.parametrize("name", CORRUPT)
     def test_corrupt_input_is_named_in_one_line(self, corrupt_runs, reference, name):

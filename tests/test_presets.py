@@ -85,11 +85,18 @@ def test_presets_use_the_weight_decay_their_papers_used():
 
 
 def describe(*args):
-    """--describe in a process of its own (it builds models without values, for a process that then exits)."""
-    r = subprocess.run([sys.executable, "-m", "lthmpi.main", "--describe", *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
+    """--describe through lthmpi.main.main in this process (it builds its models without values): the command
+    line's own process is tested by test_describe_prints_layers_and_paper_parameter_count."""
+    import contextlib
+    import io
+
+    from lthmpi.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["--describe", *args])
+    assert rc == 0, err.getvalue()
+    return out.getvalue()
 
 
 def density_rows(text: str) -> dict:

@@ -105,9 +105,9 @@ def test_a_stored_value_moved_past_its_tolerance_is_caught(reference):
     assert [m.split(":")[0] for m in reference_mismatches(reference, old)] == [f"{tid} evals/val_loss"]
 
 
-# P = 1 and 2 under each scheduler: the P = 3 cases below run every scheduler's code with MPI, so the default
-# suite keeps one schedule of each here; the others are marked `battery` (`./run/test.sh -m "battery or not
-# battery"` runs them all).
+# P = 1, 2 and 3 under each scheduler: the default suite runs each scheduler with MPI at least once (static at
+# P = 2, lpt at P = 3, dynamic at P = 1 and 3); the other cases are marked `battery` (`./run/test.sh -m "battery
+# or not battery"` runs them all).
 OTHER_SCHEDULES = pytest.mark.battery
 
 
@@ -121,7 +121,7 @@ def test_p1_under_mpirun_equals_p1(reference, tmp_path, schedule):
     assert sorted(done_lines(run)) == sorted(task_records(reference)), "every task trained exactly once"
 
 
-@pytest.mark.parametrize("schedule", ["static", "lpt", "dynamic"])
+@pytest.mark.parametrize("schedule", [pytest.param("static", marks=OTHER_SCHEDULES), "lpt", "dynamic"])
 def test_p3_equals_p1_and_runs_every_task_once(reference, tmp_path, schedule):
     run = tmp_path / "run"
     r = launch(run, 3, ["--set", f"parallel.schedule={schedule}"])

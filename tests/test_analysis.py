@@ -198,6 +198,17 @@ def test_replicates_pool_by_seed(tmp_path):
     assert "mean of 2 seeds" in done["text"]
 
 
+def test_a_run_from_before_a_key_existed_pools_with_one_that_writes_its_default(tmp_path):
+    """A results file lists the config keys of the version that wrote it: IMP seed 0 of
+    analysis/stability_seeds (made before prune.criterion existed) was a group of its own beside seeds 1 and 2."""
+    res = load_runs([make_run(tmp_path / "s0", seed=0), make_run(tmp_path / "s1", seed=1)])
+    assert res[1]["config"]["prune"]["criterion"] == "magnitude"
+    del res[0]["config"]["prune"]["criterion"]
+    assert science.science_groups(res) == [[0, 1]]
+    res[1]["config"]["prune"]["criterion"] = "snip"  # another experiment, not a replicate
+    assert science.science_groups(res) == [[0], [1]]
+
+
 # Validation accuracies at early stop, designed against TICKET's test accuracies: on validation (dense 0.91,
 # threshold 0.905 at tolerance 0.005) k=0ep's sparsest qualifying mask is 2 (on test it is mask 1: 2 misses by
 # 0.001), and mask 0's best reset point is 500it (on test it is 0ep, 0.91 against 0.905).

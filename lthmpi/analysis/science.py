@@ -157,8 +157,16 @@ def _num(v) -> float:
 
 
 def science_key(res: dict) -> str:
-    """Experiments that differ only in seed (and in how they were parallelised) are replicates."""
-    return json.dumps({k: v for k, v in res["config"].items() if k not in ("seed", "parallel")}, sort_keys=True)
+    """Experiments that differ only in seed (and in how they were parallelised) are replicates. Keys left
+    at their defaults are filled in first: a run made before a key existed is the same experiment as one
+    that writes the key's default (a results file's config lists the keys of its own version)."""
+    from ..config import ConfigError, from_dict
+
+    try:
+        cfg = from_dict(res["config"]).to_dict()
+    except (ConfigError, TypeError, ValueError):  # a key this version no longer knows: compare as written
+        cfg = res["config"]
+    return json.dumps({k: v for k, v in cfg.items() if k not in ("seed", "parallel")}, sort_keys=True)
 
 
 def science_groups(results: list[dict]) -> list[list[int]]:

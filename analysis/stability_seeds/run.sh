@@ -10,16 +10,27 @@ HERE=analysis/stability_seeds
 RUNS=${RUNS:-runs/stability_seeds}
 PY=${PY:-.venv/bin/python}
 SEEDS=${SEEDS:-0 1 2}
+# EPOCHS=N: T = N epochs instead of the config's 3 (the lenet runs at T = 5 and 10); runs and reports take a _T<N>
+# suffix. JOBS=2: the seeds two at a time.
+EPOCHS=${EPOCHS:-}
+JOBS=${JOBS:-1}
+suffix=${EPOCHS:+_T$EPOCHS}
 for name in ${NAMES:-lenet imp}; do  # NAMES=lenet or NAMES=imp: one of the two (run.sh was run so, twice at once)
   config=$HERE/$([ $name = lenet ] && echo lenet_fashion.toml || echo imp_fashion.toml)
   dirs=()
+  one() {  # one seed: train, then copy its results.h5 and config.toml beside this script
+    local seed=$1 run=$RUNS/${name}${suffix}_s$1
+    /usr/bin/time -a -o "$HERE/walltimes.txt" -f "$name$suffix seed $seed: %e s wall" "$PY" -m lthmpi.main --quiet \
+        --config "$config" --set seed=$seed ${EPOCHS:+--set train.epochs=$EPOCHS} --set parallel.threads=1 --run-dir "$run"
+    mkdir -p "$HERE/runs/${name}${suffix}_s$seed"
+    cp "$run/results.h5" "$run/config.toml" "$HERE/runs/${name}${suffix}_s$seed/"
+  }
+  pids=()
   for seed in $SEEDS; do
-    run=$RUNS/${name}_s$seed
-    /usr/bin/time -a -o "$HERE/walltimes.txt" -f "$name seed $seed: %e s wall" "$PY" -m lthmpi.main --quiet --config "$config" --set seed=$seed \
-        --set parallel.threads=1 --run-dir "$run"
-    mkdir -p "$HERE/runs/${name}_s$seed"
-    cp "$run/results.h5" "$run/config.toml" "$HERE/runs/${name}_s$seed/"
-    dirs+=("$HERE/runs/${name}_s$seed")
+    one "$seed" & pids+=($!)
+    if [ ${#pids[@]} -ge "$JOBS" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
+    dirs+=("$HERE/runs/${name}${suffix}_s$seed")
   done
-  "$PY" -m lthmpi.analysis "${dirs[@]}" --out "$HERE/report_$name" > "$HERE/analysis_$name.txt"
+  for p in ${pids[@]+"${pids[@]}"}; do wait "$p"; done
+  "$PY" -m lthmpi.analysis "${dirs[@]}" --out "$HERE/report_$name$suffix" > "$HERE/analysis_$name$suffix.txt"
 done

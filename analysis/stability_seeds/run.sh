@@ -12,7 +12,8 @@ PY=${PY:-.venv/bin/python}
 SEEDS=${SEEDS:-0 1 2}
 # EPOCHS=N: T = N epochs instead of the config's 3 (the lenet runs at T = 5 and 10); runs and reports take a _T<N>
 # suffix. JOBS=2: the seeds two at a time.
-# FULL=1: the full Fashion-MNIST training set (data.subset = 0; 5,000 of it for validation), suffix _full.
+# FULL=1: the full Fashion-MNIST training set (data.subset = 0; 5,000 of it for validation), suffix _full; an
+# epoch is then 916 iterations, so the reset points are ordered 0, 100 it, 500 it, 1 ep.
 EPOCHS=${EPOCHS:-}
 JOBS=${JOBS:-1}
 FULL=${FULL:-}
@@ -23,7 +24,7 @@ for name in ${NAMES:-lenet imp}; do  # NAMES=lenet or NAMES=imp: one of the two 
   one() {  # one seed: train, then copy its results.h5 and config.toml beside this script
     local seed=$1 run=$RUNS/${name}${suffix}_s$1
     /usr/bin/time -a -o "$HERE/walltimes.txt" -f "$name$suffix seed $seed: %e s wall" "$PY" -m lthmpi.main --quiet \
-        --config "$config" --set seed=$seed ${EPOCHS:+--set train.epochs=$EPOCHS} ${FULL:+--set data.subset=0} --set parallel.threads=1 --run-dir "$run"
+        --config "$config" --set seed=$seed ${EPOCHS:+--set train.epochs=$EPOCHS} ${FULL:+--set data.subset=0 --set reset.points=[\"0ep\",\"100it\",\"500it\",\"1ep\"]} --set parallel.threads=1 --run-dir "$run"
     mkdir -p "$HERE/runs/${name}${suffix}_s$seed"
     cp "$run/results.h5" "$run/config.toml" "$HERE/runs/${name}${suffix}_s$seed/"
   }

@@ -57,16 +57,16 @@ def launch(run_dir, np_=None, sets=(), env=None, timeout=300, args=(), base=TINY
                           timeout=timeout, env=clean_env(env))
 
 
-def launch_in_process(run_dir, sets=(), args=(), base=TINY_SETS) -> subprocess.CompletedProcess:
-    """What `launch` does, through `lthmpi.main.main` in this process (its stdout and stderr captured): for the
-    many cases that check how one start-up fails, without a TensorFlow import (~6 s of CPU) each. The real
-    command line, its interpreter start and TensorFlow's own stderr keep their subprocess tests (`launch`)."""
+def main_in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """`python -m lthmpi.main ARGV` through `lthmpi.main.main` in this process, its stdout and stderr captured:
+    for the many cases that check how one start-up fails (or what --describe prints), without a TensorFlow
+    import (~6 s of CPU) each. The real command line, its interpreter start and TensorFlow's own stderr keep
+    their subprocess tests (`launch`)."""
     import contextlib
     import io
 
     from lthmpi.main import main
 
-    argv = command(run_dir, None, sets, args, base)[3:]  # without `python -m lthmpi.main`
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -74,6 +74,11 @@ def launch_in_process(run_dir, sets=(), args=(), base=TINY_SETS) -> subprocess.C
         except SystemExit as e:  # argparse
             rc = e.code if isinstance(e.code, int) else 1
     return subprocess.CompletedProcess(argv, rc, out.getvalue(), err.getvalue())
+
+
+def launch_in_process(run_dir, sets=(), args=(), base=TINY_SETS) -> subprocess.CompletedProcess:
+    """What `launch` does, through `main_in_process`."""
+    return main_in_process(command(run_dir, None, sets, args, base)[3:])  # without `python -m lthmpi.main`
 
 
 def start(run_dir, np_=None, sets=(), env=None, args=(), base=TINY_SETS, cwd=None) -> subprocess.Popen:

@@ -87,16 +87,11 @@ def test_presets_use_the_weight_decay_their_papers_used():
 def describe(*args):
     """--describe through lthmpi.main.main in this process (it builds its models without values): the command
     line's own process is tested by test_describe_prints_layers_and_paper_parameter_count."""
-    import contextlib
-    import io
+    from faultkit import main_in_process
 
-    from lthmpi.main import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(["--describe", *args])
-    assert rc == 0, err.getvalue()
-    return out.getvalue()
+    r = main_in_process(["--describe", *args])
+    assert r.returncode == 0, r.stderr
+    return r.stdout
 
 
 def density_rows(text: str) -> dict:

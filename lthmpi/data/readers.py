@@ -13,6 +13,7 @@ Splitting and normalisation live in `prepare.py`.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import pickle
 import zlib
@@ -295,12 +296,24 @@ DIGITS_TEST = 360
 
 
 def read_digits(_directory: str = "") -> RawData:
-    """scikit-learn's 1797 8x8 digits; there is no official split, so the last 360 are the test set."""
-    from sklearn.datasets import load_digits
+    """scikit-learn's 1797 8x8 digits; there is no official split, so the last 360 are the test set.
 
-    d = load_digits()
-    x = d.images.astype(np.uint8).reshape(-1, 8, 8, 1)  # values 0..16
-    y = _check_labels(d.target, 10, "sklearn digits")
+    Read from the file scikit-learn ships, as its `load_digits` reads it, without importing scikit-learn:
+    that import pulls in SciPy, about 2 s of CPU in every process that loads the digits."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the digits dataset ships with scikit-learn, which is not installed: "
+                        "pip install scikit-learn (or run ./run/setup.sh)")
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+    try:
+        table = np.loadtxt(path, delimiter=",")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: scikit-learn's digits file is unreadable ({e}): reinstall scikit-learn") from None
+    if table.shape != (1797, 65):
+        raise DataError(f"{path}: expected 1797 rows of 64 pixels and a label, found shape {table.shape}: "
+                        f"reinstall scikit-learn")
+    x = table[:, :-1].astype(np.uint8).reshape(-1, 8, 8, 1)  # values 0..16
+    y = _check_labels(table[:, -1].astype(int), 10, path)
     n = x.shape[0] - DIGITS_TEST
     return RawData(x[:n], y[:n], x[n:], y[n:], 10, 16.0, "sklearn.datasets.load_digits")
 

@@ -57,8 +57,8 @@ def summary(p1: str, runs: list[str], pair: list[str], walls: dict[str, float], 
 
     t1, parent1, train1 = walls.get(name(p1), math.nan), phase(ref, "parent"), phase(ref, "training")
     e_pair = min((ratio(t1, walls.get(name(p))) for p in pair), default=math.nan)
-    head = ["run", "P", "parent", "parent s", "S_parent", "training s", "E_train", "wall s", "E_wall",
-            "E_wall / E_pair"]
+    head = ["run", "P", "parent", "parent s", "S_parent", "training s", "E_train", "wall s", "E_wall"]
+    head += ["E_wall / E_pair"] if pairs else []
     body = []
     for path, res in zip([p1, *pair, *runs], [ref, *pairs, *others]):
         p = ranks_of(res)
@@ -67,7 +67,9 @@ def summary(p1: str, runs: list[str], pair: list[str], walls: dict[str, float], 
         where = "data-parallel" if parent_dp_of(res) else "rank 0"
         body.append([name(path), p, where, fmt(phase(res, "parent")), fmt(ratio(parent1, phase(res, "parent"))),
                      fmt(phase(res, "training")), fmt(ratio(train1, p * phase(res, "training")), ".3f"), fmt(wall),
-                     fmt(e_wall, ".3f"), fmt(ratio(e_wall, e_pair), ".3f") if p > 1 and pairs else "-"])
+                     fmt(e_wall, ".3f")])
+        if pairs:
+            body[-1].append(fmt(ratio(e_wall, e_pair), ".3f") if p > 1 else "-")
     lines = ["parent phase and efficiency against p1 (parent, training: the runs' recorded phases; wall: launch to "
              "exit, walltimes.tsv; E = t(p1) / (P t), S_parent = parent(p1) / parent):", text_table(head, body)]
     if pairs:
@@ -107,7 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         with open(args.model) as f:
             model = json.load(f)
-    print(summary(args.p1, args.runs, args.pair, walltimes(args.walltimes), model))
+    from lthmpi.analysis import AnalysisError
+
+    try:
+        print(summary(args.p1, args.runs, args.pair, walltimes(args.walltimes), model))
+    except AnalysisError as e:
+        print(f"strong_summary.py: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

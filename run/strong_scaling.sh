@@ -30,8 +30,8 @@ options:
   --no-baseline         skip the one-process, all-cores baseline
   --parent-dp MODE      the parent of every run with P > 1: auto (default: as the config says, folder pP; auto trains
                         a conv net's parent data-parallel), on (pP-parent-dp, --set parallel.parent_data_parallel=true),
-                        off (pP-parent-serial, =false: rank 0 trains it while the others train tasks that do not
-                        need it), both (the two runs for every P; their parent phases are set side by side)
+                        off (pP-parent-serial, =false: rank 0 trains it while the others compile, or train the
+                        dense stability pairs), both (the two runs for every P; the summary sets them side by side)
   --parent-efficiency E the parent's parallel efficiency the model assumes to predict a checked run whose parent was
                         data-parallel (default 0.8: Conv-2's 0.805 over 2 ranks, once on this 2-core box,
                         docs/performance.md); the check prints the efficiency the run measured next to it

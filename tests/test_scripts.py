@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,37 @@ def test_strong_plans_the_doubling_series_and_the_baseline(tmp_path):
     assert not any(tmp_path.iterdir()), "a dry run writes nothing"
 
 
+def test_strong_plans_the_parent_both_ways_and_the_pair_beside_p1(tmp_path):
+    """--parent-dp both: every P > 1 twice, the parent's setting explicit in the command and the folder's name;
+    --pair-bound: p1's command twice more, started together (a trailing &), pinned to two cores by taskset."""
+    cmds = planned(script("strong_scaling.sh", "--dry-run", "--out", str(tmp_path), "--max-ranks", "2", "--no-baseline",
+                          "--parent-dp", "both", "--pair-bound", *TINY))
+    together = [c[-1] == "&" for c in cmds]
+    cmds = [c[:-1] if c[-1] == "&" else c for c in cmds]
+    names = [os.path.basename(c[c.index("--run-dir") + 1]) for c in cmds]
+    assert names == ["p1", "p1-pair-a", "p1-pair-b", "p2-parent-dp", "p2-parent-serial"]
+    assert together == [False, True, True, False, False]
+    pdp = [[a for a in c if a.startswith("parallel.parent_data_parallel=")] for c in cmds]
+    assert pdp == [[], [], [], ["parallel.parent_data_parallel=true"], ["parallel.parent_data_parallel=false"]]
+    p1 = cmds[0]
+    for c, name in zip(cmds[1:3], names[1:3]):
+        launch = c[c.index(p1[0]):]  # mpirun onwards: p1's command but for the run directory
+        assert launch == [str(tmp_path / name) if a == str(tmp_path / "p1") else a for a in p1]
+    if shutil.which("taskset"):
+        assert [c[:3] for c in cmds[1:3]] == [["taskset", "-c", str(core)] for core in sorted(os.sched_getaffinity(0))[:2]]
+    assert [c[c.index("-np") + 1] for c in cmds] == ["1", "1", "1", "2", "2"]
+
+
+def test_strong_parent_dp_on_names_the_runs_and_auto_leaves_them(tmp_path):
+    on = planned(script("strong_scaling.sh", "--dry-run", "--out", str(tmp_path), "--max-ranks", "4", "--no-baseline",
+                        "--parent-dp", "on", *TINY))
+    p4 = "p4-oversubscribed" if len(os.sched_getaffinity(0)) < 4 else "p4"
+    assert [os.path.basename(c[c.index("--run-dir") + 1]) for c in on] == ["p1", "p2-parent-dp", f"{p4}-parent-dp"]
+    assert [value_of(c, "parallel.parent_data_parallel") for c in on[1:]] == ["true", "true"]
+    auto = planned(script("strong_scaling.sh", "--dry-run", "--out", str(tmp_path), "--no-baseline", *TINY))
+    assert not any(a.startswith("parallel.parent_data_parallel") for c in auto for a in c)
+
+
 def test_weak_gives_every_rank_the_same_number_of_masks(tmp_path):
     cmds = planned(script("weak_scaling.sh", "--dry-run", "--out", str(tmp_path), "--masks-per-rank", "3",
                           "--max-ranks", "4", "--set", "seed=1", *TINY))
@@ -60,6 +92,11 @@ def test_weak_gives_every_rank_the_same_number_of_masks(tmp_path):
     ("strong_scaling.sh", ["--out"], "--out needs a directory"),
     ("strong_scaling.sh", ["--bogus"], "unknown option --bogus"),
     ("strong_scaling.sh", ["--set", "train.optimizer=\"nope\""], "the experiment's options are refused"),
+    ("strong_scaling.sh", ["--parent-dp", "maybe"], "--parent-dp must be auto, on, off or both, not 'maybe'"),
+    ("strong_scaling.sh", ["--parent-dp", "both", "--set", "parallel.parent_data_parallel=true"],
+     "do not pass parallel.parent_data_parallel with --parent-dp both"),
+    ("strong_scaling.sh", ["--parent-efficiency", "0"], "--parent-efficiency must be a number in (0, 1], not '0'"),
+    ("strong_scaling.sh", ["--pair-bound", "--threads-per-rank", "2"], "--pair-bound needs --threads-per-rank 1"),
     ("weak_scaling.sh", ["--masks-per-rank", "0"], "--masks-per-rank must be an integer >= 1, not '0'"),
     ("weak_scaling.sh", ["--set", "prune.remaining=[0.5]"], "do not pass prune.remaining"),
     ("weak_scaling.sh", ["--no-baseline"], "unknown option --no-baseline"),

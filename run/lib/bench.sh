@@ -17,6 +17,33 @@ bench_run() {
   BENCH_WALL=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
 }
 
+# bench_together I...: runs NAMES[I...] (command_for I) at the same moment, side by side, each with its own
+# output ($OUT/NAME.out) and wall time (launch to exit, as bench_run); sets BENCH_WALLS, one per run, in order.
+# A failing run ends the benchmark once all have ended.
+bench_together() {
+  local i cmd rc t0 t1 failed="" pids=()
+  for i in "$@"; do
+    mapfile -t cmd < <(command_for "$i")
+    echo "+ $(printf '%q ' "${cmd[@]}")&" | tee -a "$OUT/benchmark.txt"
+  done
+  for i in "$@"; do
+    ( mapfile -t cmd < <(command_for "$i")
+      t0=$(date +%s.%N) rc=0
+      "${cmd[@]}" > "$OUT/${NAMES[$i]}.out" 2>&1 || rc=$?
+      echo "$rc $t0 $(date +%s.%N)" > "$OUT/.${NAMES[$i]}.wall" ) &
+    pids+=($!)
+  done
+  wait "${pids[@]}"
+  BENCH_WALLS=()
+  for i in "$@"; do
+    read -r rc t0 t1 < "$OUT/.${NAMES[$i]}.wall"
+    rm -f -- "$OUT/.${NAMES[$i]}.wall"
+    if [ "$rc" != 0 ]; then tail -n 20 "$OUT/${NAMES[$i]}.out" >&2; failed+=" ${NAMES[$i]}"; fi
+    BENCH_WALLS+=("$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')")
+  done
+  [ -z "$failed" ] || die "run(s)$failed failed (output in $OUT/<run>.out)"
+}
+
 # bench_setup: PY, MPIRUN (+ MPIRUN_EXTRA from $MPIRUN_ARGS) and CORES, refusing missing tools.
 bench_setup() {
   PY=${PYTHON:-$ROOT/.venv/bin/python}
@@ -117,11 +144,17 @@ bench_fresh() {
 }
 
 # bench_all KIND OPTIONS TSV_HEADER: print the commands and exit in a dry run; else run NAMES[i] with
-# command_for i (the script's), appending walltime_row i WALL to walltimes.tsv; fills WALL.
+# command_for i (the script's), appending walltime_row i WALL to walltimes.tsv; fills WALL. Runs whose
+# TOGETHER[i] (optional) holds the same word are one group, started together side by side (bench_together)
+# where its first member comes in the order.
 bench_all() {
-  local i cmd
+  local i j cmd k
+  local -a group
   if [ "$DRY" = 1 ]; then
-    for i in "${!NAMES[@]}"; do mapfile -t cmd < <(command_for "$i"); echo "+ $(printf '%q ' "${cmd[@]}")"; done
+    for i in "${!NAMES[@]}"; do
+      mapfile -t cmd < <(command_for "$i")
+      if [ -n "${TOGETHER[$i]:-}" ]; then echo "+ $(printf '%q ' "${cmd[@]}")&"; else echo "+ $(printf '%q ' "${cmd[@]}")"; fi
+    done
     exit 0
   fi
   {
@@ -132,9 +165,23 @@ bench_all() {
   echo "$PROG: ${#NAMES[@]} runs into $OUT ($CORES cores): ${NAMES[*]}"
   WALL=()
   for i in "${!NAMES[@]}"; do
+    [ -z "${WALL[$i]:-}" ] || continue  # ran in its group
+    if [ -n "${TOGETHER[$i]:-}" ]; then
+      group=()
+      for j in "${!NAMES[@]}"; do [ "${TOGETHER[$j]:-}" != "${TOGETHER[$i]}" ] || group+=("$j"); done
+      echo "$PROG: side by side, started together:$(for j in "${group[@]}"; do printf ' %s' "${NAMES[$j]}"; done)"
+      bench_together "${group[@]}"
+      for k in "${!group[@]}"; do
+        j=${group[$k]}
+        WALL[$j]=${BENCH_WALLS[$k]}
+        walltime_row "$j" "${WALL[$j]}" >> "$OUT/walltimes.tsv"
+        echo "$PROG: ${NAMES[$j]}: P = ${RANKS[$j]}: wall ${WALL[$j]} s (side by side)"
+      done
+      continue
+    fi
     mapfile -t cmd < <(command_for "$i")
     bench_run "${NAMES[$i]}" "${cmd[@]}"
-    WALL+=("$BENCH_WALL")
+    WALL[$i]=$BENCH_WALL
     walltime_row "$i" "$BENCH_WALL" >> "$OUT/walltimes.tsv"
     echo "$PROG: ${NAMES[$i]}: P = ${RANKS[$i]}: wall $BENCH_WALL s"
   done

@@ -11,6 +11,8 @@ as one fused pass per variable instead of one kernel per operation; or wholly un
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
@@ -38,6 +40,14 @@ class CompiledSteps:
         else:
             def prep(x):
                 return x
+
+        def function(fn=None, **kwargs):
+            """tf.function without AutoGraph: every branch and loop below is on Python values or an explicit
+            tf.while_loop, and Keras 3's layers and optimizers use ops.cond/ops.while_loop (they run under
+            jax.jit too), so AutoGraph's rewrite of each traced function changes no op. It cost about 1.5 s
+            of CPU in every process that trains (its transpiler parses and recompiles the Python source)."""
+            make = functools.partial(tf.function, autograph=False, **kwargs)
+            return make(fn) if fn is not None else make
 
         # Mixed precision: the layers compute in bfloat16/float16 and so give logits in it; the loss, its
         # softmax and the accuracy are taken in float32. With float16 the loss is scaled for the gradients
@@ -74,7 +84,7 @@ class CompiledSteps:
 
         # Without XLA for the step (conv nets on the CPU), the update and re-mask still get it: one fused pass per
         # variable (momentum or moments, weight, mask) instead of an unfused kernel per operation.
-        compiled_update = tf.function(masked_update, jit_compile=True)
+        compiled_update = function(masked_update, jit_compile=True)
 
         def update_for(compiled: bool):
             return masked_update if compiled else compiled_update
@@ -95,7 +105,7 @@ class CompiledSteps:
             update(tape.gradient(target, trainable), lr)
             return loss
 
-        @tf.function(jit_compile=jit)
+        @function(jit_compile=jit)
         def train_block(x, y, idx, lrs, n, start):
             # An explicit while_loop on `i < n`: with `for i in tf.range(n)` XLA takes n as a
             # compile-time constant and recompiles (~0.8 s) for every new length of a partial block.
@@ -113,7 +123,7 @@ class CompiledSteps:
 
         chunk = eval_chunk
 
-        @tf.function(jit_compile=jit)
+        @function(jit_compile=jit)
         def eval_block(x, y):
             if not fused:
                 return eval_sums(x, y)
@@ -136,7 +146,7 @@ class CompiledSteps:
                 loss, correct = loss + dl, correct + dc
             return loss, correct
 
-        @tf.function
+        @function()
         def snapshot():
             for b, v in zip(self.best, model.variables):
                 b.assign(v)
@@ -148,12 +158,12 @@ class CompiledSteps:
             """The one-step-a-call functions, with or without XLA for the whole step (traced on first call)."""
             step_update = update_for(compiled)
 
-            @tf.function(jit_compile=compiled)
+            @function(jit_compile=compiled)
             def train_step(x, y, rows, t, lr):
                 return one_step(x, y, rows, t, lr, step_update)
 
             # Data-parallel halves: one replica's gradients (summed across the subgroup between the two), then the update.
-            @tf.function(jit_compile=compiled)
+            @function(jit_compile=compiled)
             def shard_gradients(x, y, rows, t):
                 xb, yb = batch(x, y, rows, t)
                 with tf.GradientTape() as tape:
@@ -162,7 +172,7 @@ class CompiledSteps:
                 grads = tape.gradient(target, trainable)
                 return tf.concat([tf.reshape(g, [-1]) for g in grads] + [tf.reshape(loss, [1])], axis=0)
 
-            @tf.function(jit_compile=compiled)
+            @function(jit_compile=compiled)
             def apply_flat(flat, lr):
                 parts = tf.split(flat[:-1], sizes)
                 step_update([tf.reshape(g, v.shape) for g, v in zip(parts, trainable)], lr)

@@ -44,34 +44,6 @@ LONGEST_FIRST = ("test_slurm", "test_faults", "test_mpi", "test_stability", "tes
                  "test_training", "test_model_cli", "test_pai", "test_parent_data_parallel", "test_bad_config")
 
 
-def pytest_configure(config):
-    """One XLA compilation cache on disk for the whole session (the controller makes it before it starts the
-    xdist workers, which inherit the variable, as do the CLI, mpirun and Slurm processes the tests start).
-
-    The suite starts a few hundred processes that each compile the same few tiny step functions (about 3 s
-    of CPU in each on a 2-core box); TensorFlow's own persistent cache (keyed by the compiled HLO and the
-    function's signature) lets every process after the first load the executable instead. Compiling is
-    still exercised: by the first process to need each function, and by every test in a worker process.
-    Removed when the session ends, so one session's programs never meet another TensorFlow's."""
-    if os.environ.get("PYTEST_XDIST_WORKER") or "LTHMPI_TEST_XLA_CACHE" in os.environ:
-        return
-    import tempfile
-
-    cache = tempfile.mkdtemp(prefix="lthmpi-test-xla-cache-")
-    os.environ["LTHMPI_TEST_XLA_CACHE"] = cache
-    flags = os.environ.get("TF_XLA_FLAGS", "")
-    os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={cache}".strip()
-    config._lthmpi_xla_cache = cache
-
-
-def pytest_unconfigure(config):
-    cache = getattr(config, "_lthmpi_xla_cache", None)
-    if cache:
-        import shutil
-
-        shutil.rmtree(cache, ignore_errors=True)
-
-
 def pytest_collection_modifyitems(session, config, items):
     def rank(item):
         name = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""

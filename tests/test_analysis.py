@@ -129,6 +129,12 @@ def one_run(tmp_path_factory):
     return make_run(tmp_path_factory.mktemp("runs") / "grid")
 
 
+@pytest.fixture(scope="module")
+def second_seed(tmp_path_factory):
+    """A replicate of one_run (seed 0): seed 1, every accuracy 0.02 lower. Read it, never write to it."""
+    return make_run(tmp_path_factory.mktemp("runs") / "s1", seed=1, acc=lambda m, r, c: accuracy(m, r, c) - 0.02)
+
+
 # -- science ---------------------------------------------------------------------------------------------
 def test_grid_reads_the_layout(one_run):
     (res,) = load_runs([one_run])
@@ -180,11 +186,9 @@ def test_text_and_markdown_tables(one_run):
                if title.startswith(("Winning", "Best")))
 
 
-def test_replicates_pool_by_seed(tmp_path):
-    a = make_run(tmp_path / "s0", seed=0)
-    b = make_run(tmp_path / "s1", seed=1, acc=lambda m, r, c: accuracy(m, r, c) - 0.02)
-    c = make_run(tmp_path / "s0_p4", seed=0, ranks=4, total=31.0)  # same seed: not a replicate
-    res = load_runs([a, b, c])
+def test_replicates_pool_by_seed(one_run, second_seed, tmp_path):
+    c = make_run(tmp_path / "s0_p4", seed=0, ranks=4, total=31.0)  # one_run's seed: not a replicate
+    res = load_runs([one_run, second_seed, c])
     groups = science.science_groups(res)
     assert groups == [[0, 1]]
     g = science.build_grid([res[i] for i in groups[0]])
@@ -198,10 +202,10 @@ def test_replicates_pool_by_seed(tmp_path):
     assert "mean of 2 seeds" in done["text"]
 
 
-def test_a_run_from_before_a_key_existed_pools_with_one_that_writes_its_default(tmp_path):
+def test_a_run_from_before_a_key_existed_pools_with_one_that_writes_its_default(one_run, second_seed):
     """A results file lists the config keys of the version that wrote it: IMP seed 0 of
     analysis/stability_seeds (made before prune.criterion existed) was a group of its own beside seeds 1 and 2."""
-    res = load_runs([make_run(tmp_path / "s0", seed=0), make_run(tmp_path / "s1", seed=1)])
+    res = load_runs([one_run, second_seed])  # loaded afresh: the edits below stay in this test
     assert res[1]["config"]["prune"]["criterion"] == "magnitude"
     del res[0]["config"]["prune"]["criterion"]
     assert science.science_groups(res) == [[0, 1]]
@@ -259,9 +263,19 @@ def seed_runs(tmp_path, offsets):
                       for s, d in enumerate(offsets)])
 
 
-def test_fewer_than_five_seeds_show_mean_and_min_max(tmp_path):
-    g = science.build_grid(seed_runs(tmp_path, [-0.01, 0.0, 0.02]))
-    assert g.seeds == [0, 1, 2]
+FIVE_OFFSETS = [-0.02, -0.01, 0.0, 0.01, 0.02]
+
+
+@pytest.fixture(scope="module")
+def five_seeds(tmp_path_factory):
+    """Seeds 0-4, shifted by FIVE_OFFSETS, loaded once (the analysis only reads them: build_grid, tables and
+    analyse leave the loaded results as they were)."""
+    return seed_runs(tmp_path_factory.mktemp("seeds"), FIVE_OFFSETS)
+
+
+def test_fewer_than_five_seeds_show_mean_and_min_max(five_seeds):
+    g = science.build_grid([five_seeds[1], five_seeds[2], five_seeds[4]])  # offsets -0.01, 0.0, 0.02
+    assert g.seeds == [1, 2, 4]
     e = g.estimate("early_stop_accuracy", 2, "500it")
     assert (e.mean, e.lo, e.hi, e.n) == pytest.approx((0.896 + 0.01 / 3, 0.886, 0.916, 3))
     assert g.spread("early_stop_accuracy", 2, "500it") == pytest.approx((0.886, 0.916))  # the figures' band
@@ -274,9 +288,9 @@ def test_fewer_than_five_seeds_show_mean_and_min_max(tmp_path):
     assert w["0ep"]["mask"] == 2 and (w["0ep"]["test"].lo, w["0ep"]["test"].hi) == pytest.approx((0.884, 0.914))
 
 
-def test_five_seeds_show_mean_and_95_percent_t_interval(tmp_path):
-    offsets = [-0.02, -0.01, 0.0, 0.01, 0.02]
-    g = science.build_grid(seed_runs(tmp_path, offsets))
+def test_five_seeds_show_mean_and_95_percent_t_interval(five_seeds, tmp_path):
+    offsets = FIVE_OFFSETS
+    g = science.build_grid(five_seeds)
     half = 2.7764 * np.std(offsets, ddof=1) / math.sqrt(5)  # t(0.975, 4 degrees of freedom) = 2.7764
     assert g.spread("early_stop_accuracy", 1, "0ep") == pytest.approx((0.90 - half, 0.90 + half), rel=1e-4)  # band
     e = g.estimate("early_stop_accuracy", 1, "0ep")
@@ -285,7 +299,7 @@ def test_five_seeds_show_mean_and_95_percent_t_interval(tmp_path):
     tables = science.tables(g, 0.005)
     title = next(t for t in tables if t.startswith("Test accuracy at early stop"))
     assert "mean of 5 seeds ± 95% t-interval" in title and f"90.00 ± {100 * half:.2f}" in tables[title]
-    done = analyse(seed_runs(tmp_path / "again", offsets), str(tmp_path / "out"), 0.005)
+    done = analyse(five_seeds, str(tmp_path / "out"), 0.005)
     assert "95% t-interval" in done["text"]
     for f in done["files"]:
         if f.endswith(".png"):
@@ -309,10 +323,9 @@ def test_scaling_laws_by_hand():
     assert math.isnan(scaling.karp_flatt(1.0, 1))
 
 
-def test_speedup_series_from_runs(tmp_path):
-    one = make_run(tmp_path / "p1", ranks=1, total=100.0)
+def test_speedup_series_from_runs(one_run, tmp_path):
     four = make_run(tmp_path / "p4", ranks=4, total=31.0)
-    res = load_runs([four, one])
+    res = load_runs([four, one_run])  # one_run: one rank, 100 s
     assert scaling.scaling_groups(res) == [[0, 1]]
     s = scaling.series([scaling.profile(r) for r in res])
     assert [r["ranks"] for r in s["rows"]] == [1, 4] and s["reference_ranks"] == 1

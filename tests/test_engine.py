@@ -40,8 +40,9 @@ def by_id(res):
     return {t["task_id"]: t for t in res["tasks"]}
 
 
-def assert_same_results(a_dir, b_dir, timing_equal_for=()):
-    """Every task's measurements and curves identical (timings only for the tasks named)."""
+def assert_same_results(a_dir, b_dir, timing_equal_for=(), parallel_equal=True):
+    """Every task's measurements and curves identical (timings only for the tasks named); the configs equal
+    (but for the parallel section, which does not change the experiment, when not `parallel_equal`)."""
     from lthmpi.results import load
 
     a, b = load(a_dir), load(b_dir)
@@ -60,7 +61,10 @@ def assert_same_results(a_dir, b_dir, timing_equal_for=()):
             assert np.array_equal(ca[tid][k], cb[tid][k]), (tid, k)
     for k in ("test_accuracy", "early_stop_accuracy", "early_stop_iteration", "iterations"):
         assert a["parent"][k] == b["parent"][k], k
-    assert a["config"] == b["config"]
+    if parallel_equal:
+        assert a["config"] == b["config"]
+    else:
+        assert {**a["config"], "parallel": None} == {**b["config"], "parallel": None}
 
 
 # -- the tiny run itself ------------------------------------------------------------------------------
@@ -141,17 +145,20 @@ def test_masks_are_cut_from_the_final_parent_weights(tiny_run, tiny_config):
 
 @pytest.fixture(scope="module")
 def second_run(tmp_path_factory, tiny_config, tf_runtime):
+    """The tiny experiment run again in this process, under the static schedule: the second run of the seed
+    for test_same_seed_gives_identical_results and the static case of the scheduler test, one run for both."""
+    from lthmpi.config import from_dict
     from lthmpi.parallel.coordinator import run_serial
 
     path = str(tmp_path_factory.mktemp("again") / "run")
-    run_serial(tiny_config, path, threads=1, quiet=True)
+    run_serial(from_dict({"parallel": {"schedule": "static"}}, base=tiny_config), path, threads=1, quiet=True)
     return path
 
 
 def test_same_seed_gives_identical_results(tiny_run, second_run):
     from lthmpi.store import RunDir
 
-    assert_same_results(tiny_run, second_run)
+    assert_same_results(tiny_run, second_run, parallel_equal=False)
     a, b = RunDir(tiny_run), RunDir(second_run)
     ca, oa, _ = a.read_checkpoints()
     cb, ob, _ = b.read_checkpoints()
@@ -418,16 +425,19 @@ def test_rerun_on_other_kernels_is_refused_unless_allowed(tiny_run, tiny_config,
 
 
 @pytest.mark.parametrize("schedule", ["static", "dynamic"])
-def test_one_process_gives_the_same_results_under_every_scheduler(tiny_run, tiny_config, tmp_path, schedule):
+def test_one_process_gives_the_same_results_under_every_scheduler(tiny_run, tiny_config, tmp_path, schedule, request):
     """P = 1 without mpirun: the order of the tasks changes with the scheduler, their results do not (the
-    fixture `tiny_run` ran under the default, lpt)."""
+    fixture `tiny_run` ran under the default, lpt; `second_run` is the static one)."""
     from lthmpi.config import from_dict
     from lthmpi.parallel.coordinator import run_serial
     from lthmpi.results import load
 
-    cfg = from_dict({"parallel": {"schedule": schedule}}, base=tiny_config)
-    path = run_serial(cfg, str(tmp_path / "run"), threads=1, quiet=True)
-    got, want = load(path), load(tiny_run)
+    if schedule == "static":
+        run = request.getfixturevalue("second_run")
+    else:
+        run = str(tmp_path / "run")
+        run_serial(from_dict({"parallel": {"schedule": schedule}}, base=tiny_config), run, threads=1, quiet=True)
+    got, want = load(run), load(tiny_run)
     assert got["provenance"]["schedule"] == schedule
     ta, tb = by_id(want), by_id(got)
     assert sorted(ta) == sorted(tb)
@@ -435,6 +445,6 @@ def test_one_process_gives_the_same_results_under_every_scheduler(tiny_run, tiny
         for col, va in ta[tid].items():
             if col not in TIMING_COLUMNS:
                 assert tb[tid][col] == va or (va != va and tb[tid][col] != tb[tid][col]), (tid, col)
-    ca, cb = curves(tiny_run), curves(str(tmp_path / "run"))
+    ca, cb = curves(tiny_run), curves(run)
     assert ca.keys() == cb.keys()
     assert all(ca[t].keys() == cb[t].keys() and all(np.array_equal(ca[t][k], cb[t][k]) for k in ca[t]) for t in ca)

@@ -352,10 +352,22 @@ def test_max_pool_equals_keras_same_pooling(tf_runtime, shape):
 # variants (`./run/test.sh -m "battery or not battery"`). Every layer type they use but the depthwise
 # convolution is compiled here in the other nets.
 XLA_ON_CPU_TAKES_MINUTES = pytest.mark.battery
+# Variants whose compiled path another default test runs (each XLA compile is seconds of CPU on two cores):
+# Conv-2 and Conv-4 are Conv-6's code (models._conv_n) with fewer of the same layers, and Conv-6 runs here;
+# LeNet-300-100 trains on this XLA path (whole fused blocks, the CPU's default for a Dense net) in every
+# test_training.py test of a rig, which asserts the same (pruned weights exactly zero, kept ones moved).
+COVERED_ELSEWHERE = pytest.mark.battery
 
 
-@pytest.mark.parametrize("name", [n if n not in ("vgg16", "mobilenetv2") else pytest.param(n, marks=XLA_ON_CPU_TAKES_MINUTES)
-                                  for n in NAMES])
+def _compiled_variant(name):
+    if name in ("vgg16", "mobilenetv2"):
+        return pytest.param(name, marks=XLA_ON_CPU_TAKES_MINUTES)
+    if name in ("conv2", "conv4", "lenet300_100"):
+        return pytest.param(name, marks=COVERED_ELSEWHERE)
+    return name
+
+
+@pytest.mark.parametrize("name", [_compiled_variant(n) for n in NAMES])
 def test_compiled_masked_trainer_trains_every_model(tf_runtime, name):
     """Two compiled training steps: MaxPooling2D's gradient, for one, has no deterministic XLA kernel."""
     from types import SimpleNamespace
@@ -440,6 +452,6 @@ def test_models_with_batch_norm_use_the_fused_layer():
     from lthmpi.models import FusedBatchNorm
 
     for name in ("resnet20", "vgg16"):
-        model = build_model(name, (8, 8, 3), 10, 0)
+        model = tiny(name)  # read only: the models the other tests build
         bns = [ly for ly in model.layers if isinstance(ly, keras.layers.BatchNormalization)]
         assert bns and all(isinstance(ly, FusedBatchNorm) for ly in bns), name

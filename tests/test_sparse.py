@@ -97,8 +97,8 @@ def _slot_of(key, masks):
                  or key.endswith(p.replace("/", "_") + "_velocity")), None)
 
 
-def _retrain(data, below, name, weights, masks, state, start, end):
-    tr = trainer(data, below, **OPTIMIZERS[name])
+def _retrain(tr, below, weights, masks, state, start, end):
+    """`tr` (built with sparse_below = `below`) trained from `weights`, `masks` and optimizer `state`."""
     tr.set_weights(weights)
     tr.set_masks(masks)
     tr.reset_optimizer(state)
@@ -110,12 +110,30 @@ def _retrain(data, below, name, weights, masks, state, start, end):
 @pytest.fixture(scope="module")
 def dense_start(data):
     """Per optimizer: weights and optimizer state after 20 dense iterations, and masks keeping 20%."""
-    out = {}
-    for name in OPTIMIZERS:
-        tr = trainer(data, 0.0, **OPTIMIZERS[name])
-        tr.fit(0, 20)
-        out[name] = (tr.get_weights(), tr.get_optimizer_state(), masks_for(tr, 0.2))
-    return out
+    return {name: dense_start_of(data, name) for name in OPTIMIZERS}
+
+
+_TRAINERS: dict = {}
+
+
+def module_trainer(data, below, name):
+    """One trainer per (sparse_below, optimizer) for the module: each takes its weights, masks and optimizer
+    state from the test (`_retrain`), so a reused one trains what a new one would, without another compile."""
+    if (below, name) not in _TRAINERS:
+        _TRAINERS[below, name] = trainer(data, below, **OPTIMIZERS[name])
+    return _TRAINERS[below, name]
+
+
+def dense_start_of(data, name):
+    tr = module_trainer(data, 0.0, name)
+    tr.fit(0, 20)
+    return tr.get_weights(), tr.get_optimizer_state(), masks_for(tr, 0.2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_module_trainers():
+    yield
+    _TRAINERS.clear()
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -125,7 +143,8 @@ def test_sparse_training_matches_dense_training(data, dense_start, name):
     slots and step count, every validation loss, the early-stopping bookkeeping; pruned weights stay
     exactly zero. (Over hundreds of steps rounding differences can grow: ReLU nets are chaotic.)"""
     weights, state, masks = dense_start[name]
-    (hd, wd, od), (hs, ws, os_) = (_retrain(data, below, name, weights, masks, state, 20, 70) for below in (0.0, 1.0))
+    (hd, wd, od), (hs, ws, os_) = (_retrain(module_trainer(data, below, name), below, weights, masks, state, 20, 70)
+                                   for below in (0.0, 1.0))
     assert [e["iteration"] for e in hs.evals] == [e["iteration"] for e in hd.evals] == [30, 38, 40, 50, 60, 70]
     for a, b in zip(hd.evals, hs.evals):
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
@@ -148,7 +167,7 @@ def test_sparse_training_matches_dense_training(data, dense_start, name):
 def test_sparse_path_leaves_the_slots_of_pruned_weights_alone(data, dense_start):
     """What the optimizer holds at pruned weights is not the sparse path's to change (it never reads it)."""
     weights, state, masks = dense_start["adam"]
-    _, _, after = _retrain(data, 1.0, "adam", weights, masks, state, 20, 25)
+    _, _, after = _retrain(module_trainer(data, 1.0, "adam"), 1.0, weights, masks, state, 20, 25)
     for k in state:
         p = _slot_of(k, masks)
         if p:

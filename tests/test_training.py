@@ -241,25 +241,44 @@ def _trained(data, steps, **train):
     return tr.get_weights()
 
 
-def test_adamw_without_weight_decay_trains_exactly_as_adam(data):
+def _retrained_from_init(r, steps):
+    """A rig's trainer (compiled once for the module) trained `steps` dense iterations from its initial weights
+    with a fresh optimizer: what a new trainer of its settings trains (`_trained`), without another compile."""
+    tr = r.trainer
+    tr.set_weights(r.init)
+    tr.set_masks(None)
+    tr.reset_optimizer(None)
+    tr.fit(0, steps)
+    return tr.get_weights()
+
+
+def test_adamw_without_weight_decay_trains_exactly_as_adam(rig, data):
     """train.weight_decay defaults to 0.0, and that is what results.h5 records: AdamW must not fall back to
-    Keras' own default of 0.004."""
-    adam, adamw = (_trained(data, 12, optimizer=o, lr=0.003) for o in ("adam", "adamw"))
+    Keras' own default of 0.004. Adam and a decayed AdamW (0.05) are the module's rigs, retrained from their
+    initial weights; the AdamW without decay is a trainer of its own (its config is what is tested)."""
+    adam = _retrained_from_init(rig("adam"), 12)
+    adamw = _trained(data, 12, optimizer="adamw", lr=0.003)
     assert all(np.array_equal(adam[p], adamw[p]) for p in adam)
-    decayed = _trained(data, 12, optimizer="adamw", lr=0.003, weight_decay=0.004)
+    decayed = _retrained_from_init(rig("adamw"), 12)  # any decay moves the bits: the comparison would see 0.004
+    assert OPTIMIZERS["adamw"]["weight_decay"] and OPTIMIZERS["adamw"]["lr"] == 0.003
     assert not np.array_equal(adam["fc1/kernel"], decayed["fc1/kernel"])
 
 
-def test_l2_weight_decay_is_coupled_before_momentum(data):
+def test_l2_weight_decay_is_coupled_before_momentum(rig, data):
     """weight_decay_mode = "l2": each step adds wd * w to the gradient before momentum sees it (PyTorch's
-    SGD weight_decay), checked against a plain eager loop; "decoupled" (Keras) trains something else."""
+    SGD weight_decay), checked against a plain eager loop; "decoupled" (Keras) trains something else. Both
+    are the module's SGD rigs (the same lr, momentum and decay; their lr milestones come after these steps),
+    retrained from their initial weights."""
     import keras
     import tensorflow as tf
 
     from lthmpi.models import build_model
 
-    steps, wd, lr = 6, 0.05, 0.05
-    got = _trained(data, steps, optimizer="sgd", lr=lr, momentum=0.9, weight_decay=wd, weight_decay_mode="l2")
+    steps, wd, lr = 6, 0.01, 0.05
+    for name in ("sgd_l2", "sgd_momentum_wd"):
+        o = OPTIMIZERS[name]
+        assert (o["lr"], o["momentum"], o["weight_decay"]) == (lr, 0.9, wd) and o["lr_milestones"][0] == "30it"
+    got = _retrained_from_init(rig("sgd_l2"), steps)
     model = build_model("lenet300_100", data.input_shape, data.num_classes, 0)
     opt = keras.optimizers.SGD(learning_rate=lr, momentum=0.9)
     order = BatchOrder(len(data.x_train), 32, 0)
@@ -273,7 +292,7 @@ def test_l2_weight_decay_is_coupled_before_momentum(data):
         opt.apply_gradients([(g + wd * v, v) for g, v in zip(grads, model.trainable_variables)])
     for v in model.variables:
         assert np.allclose(got[v.path], v.numpy(), rtol=1e-4, atol=1e-6), v.path
-    decoupled = _trained(data, steps, optimizer="sgd", lr=lr, momentum=0.9, weight_decay=wd)
+    decoupled = _retrained_from_init(rig("sgd_momentum_wd"), steps)
     assert not np.allclose(decoupled["fc1/kernel"], got["fc1/kernel"], rtol=1e-4, atol=1e-6)
 
 

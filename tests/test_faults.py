@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from conftest import needs_root
 
-from faultkit import (MPIRUN, N_TASKS, PY, ROOT, assert_every_h5_readable, assert_same_results, battery,
+from faultkit import (MPIRUN, N_TASKS, PY, ROOT, TINY_SETS, assert_every_h5_readable, assert_same_results, battery,
                       clean_env, command, done_counts, error_lines, finish, free_bytes, launch, launch_in_process,
                       log_has, lthmpi_lines, note, records, start, task_files, temporaries, tmpfs, wait_for)
 
@@ -29,11 +29,15 @@ WAITING = "injected fault: waiting"
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted run (serial, one TF thread): what every interrupted-then-resumed run must equal."""
+def reference(tmp_path_factory, tf_runtime):
+    """The uninterrupted run (serial, one TF thread): what every interrupted-then-resumed run must equal. Made
+    in this process (run_serial): the corrupt-input cases import TensorFlow here anyway, and the runs through
+    the command line that must equal it show that the two agree bit for bit."""
+    from lthmpi.parallel.coordinator import run_serial
+    from lthmpi.validation import resolve
+
     run = tmp_path_factory.mktemp("reference") / "run"
-    r = launch(run)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_serial(resolve(None, TINY_SETS), str(run), threads=1, quiet=True)
     assert len(task_files(run)) == N_TASKS
     return run
 

@@ -226,29 +226,83 @@ def test_run_directory_lock_names_the_holder_and_dies_with_it(tmp_path, tiny_con
     run.unlock()
 
 
-# -- a rank dies --------------------------------------------------------------------------------------------
+# -- a rank dies, then rank 0 in the merge, then a second run meets the resume ---------------------------------
+# One run through three launches, each a fault of its own, so that each launch also resumes the last one:
+#   1. P = 3, rank 1 SIGKILLed in its second task (a dead node): the job ends by itself;
+#   2. the rerun on P = 2 (another number of ranks) trains the rest, and rank 0 is SIGKILLed in the merge;
+#   3. the serial rerun rebuilds results.h5 from the task files; while it waits in its merge, a second run on
+#      the same directory (mpirun -np 2) is refused.
+# The directory after launches 1 and 2 is kept as a copy for the test that asserts that state.
 
-def test_rank_sigkilled_mid_task(reference, tmp_path):
-    """P = 3, rank 1 SIGKILLed in its second task (a dead node): the job ends by itself, non-zero; the rerun
-    finishes the work, equal to an uninterrupted run, redoing no finished task."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def killed_run(reference, tmp_path_factory):
+    base = tmp_path_factory.mktemp("killed")
+    run = base / "run"
+    out = {"run": run}
     p = start(run, 3, env={"LTHMPI_FAULT": "kill:1:2"})
     wait_for(lambda: task_files(run), p, what="the first task file")
     t = time.time()
-    rc, _, err = finish(p, timeout=120)
-    ended_in = time.time() - t
-    assert rc != 0 and ended_in < 60, (rc, ended_in, err[-2000:])
-    finished = task_files(run)
+    out["rc1"], _, out["err1"] = finish(p, timeout=120)
+    out["ended_in"] = time.time() - t
+    out["after_kill"] = shutil.copytree(run, base / "after_kill")
+    out["mtimes1"] = mtimes(run)
+
+    out["merge"] = launch(run, 2, env={"LTHMPI_FAULT": "kill:0:merge"})
+    out["after_merge"] = shutil.copytree(run, base / "after_merge")
+    out["mtimes2"] = mtimes(run)
+
+    first = start(run, env={"LTHMPI_FAULT": "wait:0:merge"})
+    try:
+        wait_for(lambda: log_has(run, WAITING, 0), first, what="the serial rerun in its merge")
+        t = time.time()
+        out["second"] = launch(run, 2)
+        out["refused_in"] = time.time() - t
+        out["first_pid"] = first.pid
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGUSR1)
+    out["first_rc"], _, out["first_err"] = finish(first)
+    return out
+
+
+def test_rank_sigkilled_mid_task(killed_run, reference):
+    """P = 3, rank 1 SIGKILLed in its second task (a dead node): the job ends by itself, non-zero; the rerun
+    (P = 2, then serial: the directory does not care) finishes the work, equal to an uninterrupted run, redoing
+    no finished task."""
+    k = killed_run
+    rc, ended_in, killed = k["rc1"], k["ended_in"], k["after_kill"]
+    assert rc != 0 and ended_in < 60, (rc, ended_in, k["err1"][-2000:])
+    finished = task_files(killed)
     assert 0 < len(finished) < N_TASKS
-    assert set(done_counts(run)) == finished
-    assert_every_h5_readable(run)
-    assert not (run / "results.h5").exists()
-    before = mtimes(run)
-    r = launch(run, 2)  # resumed with another number of ranks: the directory does not care
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert_resumed_cleanly(run, reference, before)
+    assert set(done_counts(killed)) == finished
+    assert_every_h5_readable(killed)
+    assert not (killed / "results.h5").exists()
+    resumed = k["after_merge"]  # the P = 2 rerun trained every other task, each once, and rewrote none
+    counts = done_counts(resumed)
+    assert task_files(resumed) == task_files(reference) and sorted(counts) == sorted(task_files(reference)), counts
+    assert set(counts.values()) == {1}, f"a finished task was redone: {counts}"
+    assert {n: t for n, t in k["mtimes2"].items() if n in k["mtimes1"]} == k["mtimes1"]
+    assert k["first_rc"] == 0, k["first_err"][-3000:]
+    assert_resumed_cleanly(k["run"], reference, k["mtimes1"])
     note("rank 1 SIGKILLed mid-task (P=3)", f"job ended by itself in {ended_in:.1f} s, rc {rc}; "
-         f"{len(finished)}/{N_TASKS} tasks kept; rerun (P=2) rc 0, none redone, results equal")
+         f"{len(finished)}/{N_TASKS} tasks kept; rerun (P=2) trained the rest once each; results equal")
+
+
+def test_rank0_killed_in_the_merge(killed_run, reference):
+    """Rank 0 SIGKILLed while it writes results.h5 (P = 2, the rerun of launch 1): every task is on disk, the
+    half-written merge is a temporary, never results.h5; the serial rerun rebuilds it from the task files."""
+    k = killed_run
+    rc, run = k["merge"].returncode, k["after_merge"]
+    assert rc != 0, k["merge"].stderr[-3000:]
+    assert task_files(run) == task_files(reference), "every task was on disk before the gather"
+    assert not (run / "results.h5").exists()
+    files = assert_every_h5_readable(run)  # a half-written merge is a .tmp- file, never results.h5
+    left = temporaries(run)
+    assert left, "the merge was killed half-way: its temporary is left"
+    assert k["first_rc"] == 0, k["first_err"][-3000:]
+    assert_resumed_cleanly(k["run"], reference, k["mtimes2"])
+    note("rank 0 SIGKILLed in the merge (P=2)", f"rc {rc}; {len(files)} .h5 files all readable, {len(left)} "
+         "temporaries; rerun rebuilt results.h5 from the task files, none redone")
 
 
 # -- SIGTERM / SIGINT ----------------------------------------------------------------------------------------
@@ -301,7 +355,10 @@ def test_signal_stops_cleanly_and_rerun_resumes(reference, tmp_path, sig, np_):
 
 # -- rank 0 dies in the gather or the merge -----------------------------------------------------------------
 
-@pytest.mark.parametrize("point", ["merge", pytest.param("gather", marks=battery)])
+# Each from a fresh run of its own; the merge case runs in the default suite as launch 2 of `killed_run`
+# (test_rank0_killed_in_the_merge).
+@battery
+@pytest.mark.parametrize("point", ["merge", "gather"])
 def test_rank0_killed_in_gather_or_merge(reference, tmp_path, point):
     run = tmp_path / "run"
     r = launch(run, 2, env={"LTHMPI_FAULT": f"kill:0:{point}"})
@@ -570,24 +627,18 @@ def test_analysis_refuses_a_corrupt_results_file(reference, tmp_path):
 
 # -- two runs, one directory ------------------------------------------------------------------------------------
 
-def test_second_run_on_the_same_directory_is_refused(reference, tmp_path):
-    run = tmp_path / "run"
-    first = start(run, env={"LTHMPI_FAULT": "wait:0:1"})
-    wait_for(lambda: log_has(run, WAITING, 0), first, what="the first run in its first task")
-    t = time.time()
-    second = launch(run, 2)
-    refused_in = time.time() - t
-    try:
-        lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
-        assert second.returncode == 2 and len(lines) == 1, second.stderr[-3000:]
-        assert "in use by another lthmpi run" in lines[0] and f":{first.pid} since" in lines[0], lines[0]
-    finally:
-        os.kill(first.pid, signal.SIGUSR1)
-    rc, _, err = finish(first)
-    assert rc == 0, err[-3000:]  # the first is unharmed
-    assert_resumed_cleanly(run, reference)
+def test_second_run_on_the_same_directory_is_refused(killed_run, reference):
+    """mpirun -np 2 on the directory of a serial run that is working there (launch 3 of `killed_run`, waiting
+    in its merge): refused in one line naming host:pid; the first run is unharmed."""
+    k = killed_run
+    second = k["second"]
+    lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
+    assert second.returncode == 2 and len(lines) == 1, second.stderr[-3000:]
+    assert "in use by another lthmpi run" in lines[0] and f":{k['first_pid']} since" in lines[0], lines[0]
+    assert k["first_rc"] == 0, k["first_err"][-3000:]  # the first is unharmed
+    assert_resumed_cleanly(k["run"], reference)
     note("second run on a directory in use (mpirun -np 2 while a serial run works)",
-         f"refused in {refused_in:.1f} s, rc 2, one line naming host:pid; the first finished rc 0, equal")
+         f"refused in {k['refused_in']:.1f} s, rc 2, one line naming host:pid; the first finished rc 0, equal")
 
 
 @battery  # also shown by every SIGKILL case above (rank 0 held the lock) and in-process by the lock unit test

@@ -577,10 +577,20 @@ def corrupt_runs(reference, tmp_path_factory):
     return {name: (done[name], *cases[name]) for name in CORRUPT}
 
 
+@pytest.fixture(scope="module")
+def rerun_of_one_task(corrupt_runs):
+    """The corrupt task file deleted and the run resumed on 2 ranks: one task to train, so one rank has none."""
+    _, run, _, words = corrupt_runs["task_bitflip"]
+    damaged = Path(words[1])
+    damaged.unlink()
+    before = mtimes(run)
+    return run, damaged, before, launch(run, 2)
+
+
 class TestCorruptInput:
-    """The corrupt-input cases (2 CLI runs, 13 in this process) are a class so that pytest-xdist's loadscope runs
-    them on one worker while the rest of this module runs on the other (tests/conftest.py): one more `reference`
-    run, minutes less wall time."""
+    """The corrupt-input cases (2 CLI runs, 13 in this process) and the rerun of one of them (on 2 ranks, one with
+    no task) are a class so that pytest-xdist's loadscope runs them on one worker while the rest of this module runs
+    on the other (tests/conftest.py): one more `reference` run, minutes less wall time."""
 
     @pytest.mark.parametrize("name", CORRUPT)
     def test_corrupt_input_is_named_in_one_line(self, corrupt_runs, reference, name):
@@ -602,17 +612,26 @@ class TestCorruptInput:
         note(f"corrupt input: {name}", f"rc 2, {lines[0][:110]}")
 
 
-    def test_rerun_after_deleting_a_corrupt_task_recomputes_only_it(self, corrupt_runs, reference):
-        _, run, _, words = corrupt_runs["task_bitflip"]
-        damaged = Path(words[1])
-        damaged.unlink()
-        before = mtimes(run)
-        r = launch(run)
+    def test_rerun_after_deleting_a_corrupt_task_recomputes_only_it(self, rerun_of_one_task, reference):
+        run, damaged, before, r = rerun_of_one_task
         assert r.returncode == 0, r.stderr[-3000:]
         assert done_counts(run) == {damaged.stem: 1}, "only the deleted task is trained again"
         assert_same_results(run, reference)
         for name, mtime in before.items():
             assert (run / "tasks" / name).stat().st_mtime_ns == mtime
+
+    def test_idle_ranks_without_subgroups_run_and_are_logged(self, rerun_of_one_task):
+        """The default `parallel.subgroups = auto` keeps a Dense-only net out of subgroups: the extra rank waits
+        (2 ranks, the one task of the rerun above)."""
+        run, _, _, r = rerun_of_one_task
+        assert r.returncode == 0, r.stderr[-3000:]
+        text = (run / "logs" / "rank0.log").read_text()
+        m = re.search(r"1 workers have no task and wait \(ranks (\d)\)", text)
+        assert m, text
+        assert "parallel.subgroups = auto: no data-parallel subgroups for a model without convolutions" in text
+        assert log_has(run, f"rank {m.group(1)} has no task", int(m.group(1)))
+        note("2 ranks, 1 task to do, parallel.subgroups = auto (Dense-only net)",
+             f"rc 0; rank 0's log: 1 workers have no task and wait (ranks {m.group(1)}), and why")
 
 
 def test_analysis_refuses_a_corrupt_results_file(reference, tmp_path):
@@ -680,24 +699,6 @@ def test_diverged_retraining_is_recorded_not_a_crash(reference, tmp_path):
     assert flags.count(True) == 1 and flags.count(False) == N_TASKS - 1
     note("retraining diverges (NaN weights injected)", f"rc 0, {diverged[0]} recorded diverged=True, the other "
          f"{N_TASKS - 1} equal the uninterrupted run; analysis --json shows diverged: true")
-
-
-# -- more ranks than tasks without subgroups --------------------------------------------------------------------
-
-def test_idle_ranks_without_subgroups_run_and_are_logged(tmp_path):
-    """The default `parallel.subgroups = auto` keeps a Dense-only net out of subgroups: the extra rank waits.
-    The least that shows it: 2 ranks, 1 task, 1 epoch."""
-    run = tmp_path / "run"
-    r = launch(run, 2, ["prune.remaining=[0.5]", 'reset.points=["0ep"]', "reset.controls=[]", "train.epochs=1"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert len(records(run)) == 1
-    text = (run / "logs" / "rank0.log").read_text()
-    m = re.search(r"1 workers have no task and wait \(ranks (\d)\)", text)
-    assert m, text
-    assert "parallel.subgroups = auto: no data-parallel subgroups for a model without convolutions" in text
-    assert log_has(run, f"rank {m.group(1)} has no task", int(m.group(1)))
-    note("2 ranks, 1 task, parallel.subgroups = auto (Dense-only net)",
-         "rc 0; rank 0's log: 1 workers have no task and wait (ranks 1), and why")
 
 
 @needs_root("unshare and a private mount")

@@ -379,52 +379,40 @@ def test_rank0_killed_in_gather_or_merge(reference, tmp_path, point):
 
 # -- disk full, read-only ---------------------------------------------------------------------------------
 
-@needs_root("mount a tmpfs")
-@pytest.mark.parametrize("np_", [2, pytest.param(None, marks=battery)])
-def test_disk_full_mid_run(reference, tmp_path, np_):
-    """The run directory on a tmpfs that holds the parent, the masks and two tasks, with room for about two
-    more: the rank that hits ENOSPC says so in one line and ends the job; what was written is intact."""
-    with tmpfs(tmp_path / "disk", "3m") as disk:
-        run = disk / "run"
-        (run / "tasks").mkdir(parents=True)
-        for name in ("config.toml", "parent.h5", "masks.h5"):
-            shutil.copy(reference / name, run / name)
-        kept = sorted(task_files(reference))[:2]
-        for tid in kept:
-            shutil.copy(reference / "tasks" / f"{tid}.h5", run / "tasks" / f"{tid}.h5")
-        (disk / "filler").write_bytes(b"\0" * (free_bytes(disk) - 40 * 1024))
-        r = launch(run, np_)
-        assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
-        lines = error_lines(r.stderr)
-        assert lines and all("No space left on device writing " in ln and "finished tasks are kept" in ln
-                             for ln in lines), r.stderr[-3000:]
-        assert "Traceback" not in r.stderr and "Logging error" not in r.stderr
-        assert len(lines) <= (np_ or 1)
-        written = task_files(run)
-        assert set(kept) <= written
-        assert len(written) < N_TASKS
-        assert_every_h5_readable(run)
-        for tid in kept:
-            assert (run / "tasks" / f"{tid}.h5").read_bytes() == (reference / "tasks" / f"{tid}.h5").read_bytes()
-        (disk / "filler").unlink()
-        r2 = launch(run)
-        assert r2.returncode == 0, r2.stderr[-3000:]
-        assert_every_h5_readable(run)
-        assert_same_results(run, reference)
-        assert temporaries(run) == []
-    note(f"disk full (ENOSPC) mid-run{' under mpirun -np 2' if np_ else ', serial'}",
-         f"rc 1, '{lines[0][:70]}...'; {len(written)} task files intact; rerun after freeing space rc 0, equal")
+def fill_disk(reference, disk: Path) -> tuple[Path, list]:
+    """The run directory on the tmpfs `disk` with the parent, the masks and two tasks, and a filler that leaves
+    40 KiB: room for about two more task files."""
+    run = disk / "run"
+    (run / "tasks").mkdir(parents=True)
+    for name in ("config.toml", "parent.h5", "masks.h5"):
+        shutil.copy(reference / name, run / name)
+    kept = sorted(task_files(reference))[:2]
+    for tid in kept:
+        shutil.copy(reference / "tasks" / f"{tid}.h5", run / "tasks" / f"{tid}.h5")
+    (disk / "filler").write_bytes(b"\0" * (free_bytes(disk) - 40 * 1024))
+    return run, kept
 
 
-@needs_root("a read-only bind mount")
-@pytest.mark.parametrize("np_", [None, pytest.param(2, marks=battery)])
-def test_read_only_run_directory_mid_run(reference, tmp_path, np_):
-    """tasks/ becomes read-only (a bind mount remounted ro) while a task trains: one EROFS line, job ends."""
-    run = copy_run(reference, tmp_path / "run")
-    for tid in sorted(task_files(reference))[2:]:
-        (run / "tasks" / f"{tid}.h5").unlink()
-    (run / "results.h5").unlink()
-    kept = task_files(run)
+def assert_disk_full(r, run: Path, kept: list, reference, np_) -> tuple[list, set]:
+    """The rank that hit ENOSPC said so in one line and ended the job; what was written is intact."""
+    assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
+    lines = error_lines(r.stderr)
+    assert lines and all("No space left on device writing " in ln and "finished tasks are kept" in ln
+                         for ln in lines), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "Logging error" not in r.stderr
+    assert len(lines) <= (np_ or 1)
+    written = task_files(run)
+    assert set(kept) <= written
+    assert len(written) < N_TASKS
+    assert_every_h5_readable(run)
+    for tid in kept:
+        assert (run / "tasks" / f"{tid}.h5").read_bytes() == (reference / "tasks" / f"{tid}.h5").read_bytes()
+    return lines, written
+
+
+def read_only_mid_task(run: Path, np_) -> tuple[int, str]:
+    """Run until rank 0 trains its first task, make tasks/ read-only (a bind mount remounted ro), let the task
+    end: (exit status, stderr)."""
     p = start(run, np_, env={"LTHMPI_FAULT": "wait:0:1"})
     tasks = str(run / "tasks")
     mounted = False
@@ -440,12 +428,101 @@ def test_read_only_run_directory_mid_run(reference, tmp_path, np_):
             os.killpg(p.pid, signal.SIGKILL)
         if mounted:
             subprocess.run(["umount", tasks])
+    return rc, err
+
+
+def assert_read_only(rc: int, err: str, run: Path, kept: set, np_, tasks: str | None = None) -> list:
+    """One EROFS line per failing rank naming tasks/, the job ended, what was there is intact."""
+    tasks = tasks or str(run / "tasks")
     assert rc == 1, (rc, err[-3000:])
     lines = error_lines(err)
     assert lines and all("Read-only file system writing " + tasks in ln for ln in lines), err[-3000:]
     assert "Traceback" not in err
     assert task_files(run) == kept if np_ is None else kept <= task_files(run)
     assert_every_h5_readable(run)
+    return lines
+
+
+@pytest.fixture(scope="module")
+def disk_errors(reference, tmp_path_factory):
+    """One run directory on a small tmpfs through three launches, each resuming the last: on 2 ranks with the
+    disk full (ENOSPC); after space is freed, a serial rerun whose tasks/ turns read-only while a task trains
+    (EROFS); a serial rerun to the end. The directory after each launch is kept as a copy."""
+    base = tmp_path_factory.mktemp("disk_errors")
+    out = {}
+    with tmpfs(base / "disk", "3m") as disk:
+        run, out["kept"] = fill_disk(reference, disk)
+        out["full"] = launch(run, 2)
+        out["after_full"] = shutil.copytree(run, base / "after_full")
+        (disk / "filler").unlink()
+        out["kept_ro"] = task_files(run)
+        out["tasks"] = str(run / "tasks")
+        out["ro_rc"], out["ro_err"] = read_only_mid_task(run, None)
+        out["after_ro"] = shutil.copytree(run, base / "after_ro")
+        out["rerun"] = launch(run)
+        out["final"] = shutil.copytree(run, base / "final")
+    return out
+
+
+def assert_rerun_equal(r, run: Path, reference):
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_every_h5_readable(run)
+    assert_same_results(run, reference)
+    assert temporaries(run) == []
+
+
+@needs_root("mount a tmpfs")
+def test_disk_full_mid_run_on_two_ranks(disk_errors, reference):
+    """The run directory on a tmpfs that holds the parent, the masks and two tasks, with room for about two
+    more, run on 2 ranks: the rank that hits ENOSPC says so in one line and ends the job; what was written is
+    intact; once space is freed, the reruns (`disk_errors`) finish it, equal to the uninterrupted run."""
+    d = disk_errors
+    lines, written = assert_disk_full(d["full"], d["after_full"], d["kept"], reference, 2)
+    assert_rerun_equal(d["rerun"], d["final"], reference)
+    note("disk full (ENOSPC) mid-run under mpirun -np 2",
+         f"rc 1, '{lines[0][:70]}...'; {len(written)} task files intact; rerun after freeing space rc 0, equal")
+
+
+@needs_root("mount a tmpfs and a read-only bind mount")
+def test_read_only_tasks_directory_mid_run(disk_errors, reference):
+    """tasks/ becomes read-only while a task of the serial rerun in `disk_errors` trains: one EROFS line, the
+    job ends, what was on disk is intact; the next rerun finishes it, equal to the uninterrupted run."""
+    d = disk_errors
+    lines = assert_read_only(d["ro_rc"], d["ro_err"], d["after_ro"], d["kept_ro"], None, d["tasks"])
+    assert_rerun_equal(d["rerun"], d["final"], reference)
+    note("read-only tasks/ mid-run, serial", f"rc 1, '{lines[0][:60]}...'; finished intact; rerun rc 0, equal")
+
+
+# Each from a run of its own; the default suite runs the disk full on 2 ranks and the read-only tasks/ of a serial
+# run as two launches of one run (`disk_errors`: test_disk_full_mid_run_on_two_ranks,
+# test_read_only_tasks_directory_mid_run).
+@battery
+@needs_root("mount a tmpfs")
+@pytest.mark.parametrize("np_", [2, None])
+def test_disk_full_mid_run(reference, tmp_path, np_):
+    """The run directory on a tmpfs that holds the parent, the masks and two tasks, with room for about two
+    more: the rank that hits ENOSPC says so in one line and ends the job; what was written is intact."""
+    with tmpfs(tmp_path / "disk", "3m") as disk:
+        run, kept = fill_disk(reference, disk)
+        lines, written = assert_disk_full(launch(run, np_), run, kept, reference, np_)
+        (disk / "filler").unlink()
+        assert_rerun_equal(launch(run), run, reference)
+    note(f"disk full (ENOSPC) mid-run{' under mpirun -np 2' if np_ else ', serial'}",
+         f"rc 1, '{lines[0][:70]}...'; {len(written)} task files intact; rerun after freeing space rc 0, equal")
+
+
+@battery
+@needs_root("a read-only bind mount")
+@pytest.mark.parametrize("np_", [None, 2])
+def test_read_only_run_directory_mid_run(reference, tmp_path, np_):
+    """tasks/ becomes read-only (a bind mount remounted ro) while a task trains: one EROFS line, job ends."""
+    run = copy_run(reference, tmp_path / "run")
+    for tid in sorted(task_files(reference))[2:]:
+        (run / "tasks" / f"{tid}.h5").unlink()
+    (run / "results.h5").unlink()
+    kept = task_files(run)
+    rc, err = read_only_mid_task(run, np_)
+    lines = assert_read_only(rc, err, run, kept, np_)
     r = launch(run)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_results(run, reference)

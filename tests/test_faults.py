@@ -312,23 +312,20 @@ def saving_rank(run, task_id: str) -> int:
         return int(f.attrs["rank"])
 
 
-@pytest.mark.parametrize("sig, np_", [
-    pytest.param(signal.SIGTERM, 3, id="SIGTERM-mpirun"),
-    pytest.param(signal.SIGINT, None, id="SIGINT-serial"),
-    pytest.param(signal.SIGINT, 3, id="SIGINT-mpirun", marks=battery),
-    pytest.param(signal.SIGTERM, None, id="SIGTERM-serial", marks=battery),
-])
-def test_signal_stops_cleanly_and_rerun_resumes(reference, tmp_path, sig, np_):
-    """A scheduler's time limit (SIGTERM) or Ctrl-C (SIGINT) while a task is in flight: every rank unwinds,
-    the task in flight is dropped, nothing half-written, exit 128 + signal; the rerun resumes."""
-    run = tmp_path / "run"
-    rank = 1 if np_ else 0
-    p = start(run, np_, env={"LTHMPI_FAULT": f"wait:{rank}:2"})
+def interrupt_mid_task(run: Path, sig, np_, rank: int, task: int):
+    """Run until `rank` is in its `task`-th task, send `sig` (to mpirun, which forwards it to every rank, or to
+    the serial run): (exit status, stdout, stderr, seconds it took to end)."""
+    p = start(run, np_, env={"LTHMPI_FAULT": f"wait:{rank}:{task}"})
     wait_for(lambda: log_has(run, WAITING, rank), p, what="a task in flight")
     t = time.time()
-    os.kill(p.pid, sig)  # mpirun forwards it to every rank
+    os.kill(p.pid, sig)
     rc, out, err = finish(p, timeout=60)
-    ended_in = time.time() - t
+    return rc, out, err, time.time() - t
+
+
+def assert_stopped_cleanly(rc, out, err, sig, run: Path, np_, rank: int, earlier=frozenset()) -> set:
+    """Every rank unwound, the task in flight is dropped, nothing half-written, exit 128 + signal. `earlier`:
+    the task files an earlier run left (another run's ranks saved them)."""
     assert rc == 128 + sig, (rc, err[-3000:])
     lines = lthmpi_lines(err)
     assert lines == [f"lthmpi: interrupted by {sig.name}; finished tasks are on disk, rerun the same command "
@@ -338,13 +335,75 @@ def test_signal_stops_cleanly_and_rerun_resumes(reference, tmp_path, sig, np_):
     assert_every_h5_readable(run)
     finished, done = task_files(run), set(done_counts(run))
     assert done <= finished and len(finished) < N_TASKS
-    saved_by = {t: saving_rank(run, t) for t in finished}
-    assert {t for t in finished if saved_by[t] == rank} <= done, "the task in flight is dropped"
+    new = finished - set(earlier)
+    saved_by = {t: saving_rank(run, t) for t in new}
+    assert {t for t in new if saved_by[t] == rank} <= done, "the task in flight is dropped"
     # Another rank may have saved a task and been stopped before its "done" line: the file is complete
     # (readable, above) and kept; at most one such task per rank.
-    cut_off = [saved_by[t] for t in finished - done]
+    cut_off = [saved_by[t] for t in new - done]
     assert len(cut_off) == len(set(cut_off)), cut_off
     assert log_has(run, "interrupted", rank) if np_ else True
+    return finished
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """One run through three launches, each resuming the last: a scheduler's time limit (SIGTERM) to mpirun -np 3
+    while rank 1 is in its second task; Ctrl-C (SIGINT) to the serial rerun in its first task; the serial rerun
+    to the end. The directory after each interrupted launch is kept as a copy."""
+    base = tmp_path_factory.mktemp("interrupted")
+    run, out = base / "run", {}
+    out["term"] = interrupt_mid_task(run, signal.SIGTERM, 3, 1, 2)
+    out["after_term"], out["mtimes_term"] = shutil.copytree(run, base / "after_term"), mtimes(run)
+    out["int"] = interrupt_mid_task(run, signal.SIGINT, None, 0, 1)
+    out["after_int"], out["mtimes_int"] = shutil.copytree(run, base / "after_int"), mtimes(run)
+    out["rerun"] = launch(run)
+    out["run"] = run
+    return out
+
+
+def test_sigterm_to_mpirun_mid_task(interrupted, reference):
+    """A scheduler's time limit (SIGTERM to mpirun -np 3) while rank 1's task is in flight: every rank unwinds,
+    that task is dropped, nothing half-written, exit 143; the reruns (serial: a run directory does not care how
+    many ranks made it) resume it, equal to the uninterrupted run, redoing no finished task."""
+    i = interrupted
+    rc, out, err, ended_in = i["term"]
+    finished = assert_stopped_cleanly(rc, out, err, signal.SIGTERM, i["after_term"], 3, 1)
+    assert i["rerun"].returncode == 0, i["rerun"].stderr[-3000:]
+    assert_resumed_cleanly(i["run"], reference, i["mtimes_term"])
+    note("SIGTERM to mpirun -np 3 mid-task",
+         f"rc {rc} in {ended_in:.1f} s, one line, no temporaries, {len(finished)}/{N_TASKS} kept; rerun rc 0, equal")
+
+
+def test_sigint_to_a_serial_rerun_mid_task(interrupted, reference):
+    """Ctrl-C (SIGINT) to a serial run (the rerun of the one above) while its task is in flight: the same, exit
+    130; the next rerun finishes it."""
+    i = interrupted
+    rc, out, err, ended_in = i["int"]
+    finished = assert_stopped_cleanly(rc, out, err, signal.SIGINT, i["after_int"], None, 0,
+                                      earlier=task_files(i["after_term"]))
+    assert i["rerun"].returncode == 0, i["rerun"].stderr[-3000:]
+    assert_resumed_cleanly(i["run"], reference, i["mtimes_int"])
+    note("SIGINT to a serial run mid-task",
+         f"rc {rc} in {ended_in:.1f} s, one line, no temporaries, {len(finished)}/{N_TASKS} kept; rerun rc 0, equal")
+
+
+# Each from a fresh run of its own; the default suite runs SIGTERM to mpirun and SIGINT to a serial run as two
+# launches of one run (`interrupted`: test_sigterm_to_mpirun_mid_task, test_sigint_to_a_serial_rerun_mid_task).
+@battery
+@pytest.mark.parametrize("sig, np_", [
+    pytest.param(signal.SIGTERM, 3, id="SIGTERM-mpirun"),
+    pytest.param(signal.SIGINT, None, id="SIGINT-serial"),
+    pytest.param(signal.SIGINT, 3, id="SIGINT-mpirun"),
+    pytest.param(signal.SIGTERM, None, id="SIGTERM-serial"),
+])
+def test_signal_stops_cleanly_and_rerun_resumes(reference, tmp_path, sig, np_):
+    """A scheduler's time limit (SIGTERM) or Ctrl-C (SIGINT) while a task is in flight: every rank unwinds,
+    the task in flight is dropped, nothing half-written, exit 128 + signal; the rerun resumes."""
+    run = tmp_path / "run"
+    rank = 1 if np_ else 0
+    rc, out, err, ended_in = interrupt_mid_task(run, sig, np_, rank, 2)
+    finished = assert_stopped_cleanly(rc, out, err, sig, run, np_, rank)
     before = mtimes(run)
     r = launch(run)  # resumed without mpirun: a run directory does not care how many ranks made it
     assert r.returncode == 0, r.stderr[-3000:]

@@ -346,7 +346,11 @@ def test_a_diverged_level_stops_its_chain_with_one_line(imp_run, tmp_path, monke
     """Level 2 of chain 0 made to diverge (its weights turned NaN mid-training): it is recorded
     as diverged with one log line, no level-3 mask is cut from its NaNs (NaN sorts after the pruned positions, so
     such a mask would revive pruned weights), level 3's ticket and controls are recorded as diverged upstream
-    without training, every earlier mask stays nested, the other chain runs on, and the analysis says so."""
+    without training, every earlier mask stays nested, the other chain runs on, and the analysis says so. Run as
+    the resume of a copy of `imp_run` without chain 0's levels 2 and 3 (their task files and level 3's mask):
+    only those levels are trained again, the rest is the uninterrupted run's."""
+    import shutil
+
     from faultkit import log_has
 
     from lthmpi.analysis import load_runs, science
@@ -356,8 +360,14 @@ def test_a_diverged_level_stops_its_chain_with_one_line(imp_run, tmp_path, monke
 
     from lthmpi.kinds import imp as kind_imp
 
-    cfg, _ = imp_run
+    cfg, reference = imp_run
     victim = "l02_r00_ticket"
+    later = ("l03_r00_ticket", "l03_r00_random_reinit", "l03_r00_random_mask")
+    path = str(tmp_path / "run")
+    shutil.copytree(reference, path, ignore=shutil.ignore_patterns("logs", "lock", "results.h5"))
+    for tid in (victim, *later):
+        os.unlink(os.path.join(path, "tasks", f"{tid}.h5"))
+    os.unlink(os.path.join(path, "imp_masks", "r00_l03.h5"))
     real = kind_imp.run_grid_task
 
     def poisoned(exp, spec, load_mask, kind, progress=None, write=True, **kw):
@@ -378,11 +388,9 @@ def test_a_diverged_level_stops_its_chain_with_one_line(imp_run, tmp_path, monke
             del exp.trainer.fit
 
     monkeypatch.setattr(kind_imp, "run_grid_task", poisoned)
-    path = str(tmp_path / "run")
     run_serial(cfg, path, threads=1, quiet=True)
     tasks = {t["task_id"]: t for t in load(path)["tasks"]}
     assert tasks[victim]["diverged"] and tasks[victim]["upstream"] == ""
-    later = ("l03_r00_ticket", "l03_r00_random_reinit", "l03_r00_random_mask")
     for tid in later:
         assert tasks[tid]["diverged"] and tasks[tid]["upstream"] == victim and tasks[tid]["iterations"] == 0, tid
     others = [t for tid, t in tasks.items() if tid != victim and tid not in later]

@@ -4,7 +4,7 @@
 # the gather, a full disk without mpirun, a read-only disk under mpirun), each on the tiny digits
 # experiment through the real CLI and the real mpirun. Prints a table: case -> outcome.
 #
-#   ./run/fault_battery.sh              # all 87 cases (about 5.5 minutes on 2 cores)
+#   ./run/fault_battery.sh              # all 106 cases (several minutes on 2 cores)
 #   ./run/fault_battery.sh -k disk      # pytest options pass through
 #
 # The disk cases mount a tmpfs and a read-only bind mount: they need root (skipped otherwise).

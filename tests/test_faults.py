@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from conftest import needs_root
 
-from faultkit import (MPIRUN, N_TASKS, PY, ROOT, assert_every_h5_readable, assert_same_results, battery,
+from faultkit import (MPIRUN, N_TASKS, PY, ROOT, TINY_SETS, assert_every_h5_readable, assert_same_results, battery,
                       clean_env, command, done_counts, error_lines, finish, free_bytes, launch, launch_in_process,
                       log_has, lthmpi_lines, note, records, start, task_files, temporaries, tmpfs, wait_for)
 
@@ -29,11 +29,15 @@ WAITING = "injected fault: waiting"
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted run (serial, one TF thread): what every interrupted-then-resumed run must equal."""
+def reference(tmp_path_factory, tf_runtime):
+    """The uninterrupted run (serial, one TF thread): what every interrupted-then-resumed run must equal. Made
+    in this process (run_serial): the corrupt-input cases import TensorFlow here anyway, and the runs through
+    the command line that must equal it show that the two agree bit for bit."""
+    from lthmpi.parallel.coordinator import run_serial
+    from lthmpi.validation import resolve
+
     run = tmp_path_factory.mktemp("reference") / "run"
-    r = launch(run)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_serial(resolve(None, TINY_SETS), str(run), threads=1, quiet=True)
     assert len(task_files(run)) == N_TASKS
     return run
 
@@ -222,29 +226,83 @@ def test_run_directory_lock_names_the_holder_and_dies_with_it(tmp_path, tiny_con
     run.unlock()
 
 
-# -- a rank dies --------------------------------------------------------------------------------------------
+# -- a rank dies, then rank 0 in the merge, then a second run meets the resume ---------------------------------
+# One run through three launches, each a fault of its own, so that each launch also resumes the last one:
+#   1. P = 3, rank 1 SIGKILLed in its second task (a dead node): the job ends by itself;
+#   2. the rerun on P = 2 (another number of ranks) trains the rest, and rank 0 is SIGKILLed in the merge;
+#   3. the serial rerun rebuilds results.h5 from the task files; while it waits in its merge, a second run on
+#      the same directory (mpirun -np 2) is refused.
+# The directory after launches 1 and 2 is kept as a copy for the test that asserts that state.
 
-def test_rank_sigkilled_mid_task(reference, tmp_path):
-    """P = 3, rank 1 SIGKILLed in its second task (a dead node): the job ends by itself, non-zero; the rerun
-    finishes the work, equal to an uninterrupted run, redoing no finished task."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def killed_run(reference, tmp_path_factory):
+    base = tmp_path_factory.mktemp("killed")
+    run = base / "run"
+    out = {"run": run}
     p = start(run, 3, env={"LTHMPI_FAULT": "kill:1:2"})
     wait_for(lambda: task_files(run), p, what="the first task file")
     t = time.time()
-    rc, _, err = finish(p, timeout=120)
-    ended_in = time.time() - t
-    assert rc != 0 and ended_in < 60, (rc, ended_in, err[-2000:])
-    finished = task_files(run)
+    out["rc1"], _, out["err1"] = finish(p, timeout=120)
+    out["ended_in"] = time.time() - t
+    out["after_kill"] = shutil.copytree(run, base / "after_kill")
+    out["mtimes1"] = mtimes(run)
+
+    out["merge"] = launch(run, 2, env={"LTHMPI_FAULT": "kill:0:merge"})
+    out["after_merge"] = shutil.copytree(run, base / "after_merge")
+    out["mtimes2"] = mtimes(run)
+
+    first = start(run, env={"LTHMPI_FAULT": "wait:0:merge"})
+    try:
+        wait_for(lambda: log_has(run, WAITING, 0), first, what="the serial rerun in its merge")
+        t = time.time()
+        out["second"] = launch(run, 2)
+        out["refused_in"] = time.time() - t
+        out["first_pid"] = first.pid
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGUSR1)
+    out["first_rc"], _, out["first_err"] = finish(first)
+    return out
+
+
+def test_rank_sigkilled_mid_task(killed_run, reference):
+    """P = 3, rank 1 SIGKILLed in its second task (a dead node): the job ends by itself, non-zero; the rerun
+    (P = 2, then serial: the directory does not care) finishes the work, equal to an uninterrupted run, redoing
+    no finished task."""
+    k = killed_run
+    rc, ended_in, killed = k["rc1"], k["ended_in"], k["after_kill"]
+    assert rc != 0 and ended_in < 60, (rc, ended_in, k["err1"][-2000:])
+    finished = task_files(killed)
     assert 0 < len(finished) < N_TASKS
-    assert set(done_counts(run)) == finished
-    assert_every_h5_readable(run)
-    assert not (run / "results.h5").exists()
-    before = mtimes(run)
-    r = launch(run, 2)  # resumed with another number of ranks: the directory does not care
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert_resumed_cleanly(run, reference, before)
+    assert set(done_counts(killed)) == finished
+    assert_every_h5_readable(killed)
+    assert not (killed / "results.h5").exists()
+    resumed = k["after_merge"]  # the P = 2 rerun trained every other task, each once, and rewrote none
+    counts = done_counts(resumed)
+    assert task_files(resumed) == task_files(reference) and sorted(counts) == sorted(task_files(reference)), counts
+    assert set(counts.values()) == {1}, f"a finished task was redone: {counts}"
+    assert {n: t for n, t in k["mtimes2"].items() if n in k["mtimes1"]} == k["mtimes1"]
+    assert k["first_rc"] == 0, k["first_err"][-3000:]
+    assert_resumed_cleanly(k["run"], reference, k["mtimes1"])
     note("rank 1 SIGKILLed mid-task (P=3)", f"job ended by itself in {ended_in:.1f} s, rc {rc}; "
-         f"{len(finished)}/{N_TASKS} tasks kept; rerun (P=2) rc 0, none redone, results equal")
+         f"{len(finished)}/{N_TASKS} tasks kept; rerun (P=2) trained the rest once each; results equal")
+
+
+def test_rank0_killed_in_the_merge(killed_run, reference):
+    """Rank 0 SIGKILLed while it writes results.h5 (P = 2, the rerun of launch 1): every task is on disk, the
+    half-written merge is a temporary, never results.h5; the serial rerun rebuilds it from the task files."""
+    k = killed_run
+    rc, run = k["merge"].returncode, k["after_merge"]
+    assert rc != 0, k["merge"].stderr[-3000:]
+    assert task_files(run) == task_files(reference), "every task was on disk before the gather"
+    assert not (run / "results.h5").exists()
+    files = assert_every_h5_readable(run)  # a half-written merge is a .tmp- file, never results.h5
+    left = temporaries(run)
+    assert left, "the merge was killed half-way: its temporary is left"
+    assert k["first_rc"] == 0, k["first_err"][-3000:]
+    assert_resumed_cleanly(k["run"], reference, k["mtimes2"])
+    note("rank 0 SIGKILLed in the merge (P=2)", f"rc {rc}; {len(files)} .h5 files all readable, {len(left)} "
+         "temporaries; rerun rebuilt results.h5 from the task files, none redone")
 
 
 # -- SIGTERM / SIGINT ----------------------------------------------------------------------------------------
@@ -254,23 +312,20 @@ def saving_rank(run, task_id: str) -> int:
         return int(f.attrs["rank"])
 
 
-@pytest.mark.parametrize("sig, np_", [
-    pytest.param(signal.SIGTERM, 3, id="SIGTERM-mpirun"),
-    pytest.param(signal.SIGINT, None, id="SIGINT-serial"),
-    pytest.param(signal.SIGINT, 3, id="SIGINT-mpirun", marks=battery),
-    pytest.param(signal.SIGTERM, None, id="SIGTERM-serial", marks=battery),
-])
-def test_signal_stops_cleanly_and_rerun_resumes(reference, tmp_path, sig, np_):
-    """A scheduler's time limit (SIGTERM) or Ctrl-C (SIGINT) while a task is in flight: every rank unwinds,
-    the task in flight is dropped, nothing half-written, exit 128 + signal; the rerun resumes."""
-    run = tmp_path / "run"
-    rank = 1 if np_ else 0
-    p = start(run, np_, env={"LTHMPI_FAULT": f"wait:{rank}:2"})
+def interrupt_mid_task(run: Path, sig, np_, rank: int, task: int):
+    """Run until `rank` is in its `task`-th task, send `sig` (to mpirun, which forwards it to every rank, or to
+    the serial run): (exit status, stdout, stderr, seconds it took to end)."""
+    p = start(run, np_, env={"LTHMPI_FAULT": f"wait:{rank}:{task}"})
     wait_for(lambda: log_has(run, WAITING, rank), p, what="a task in flight")
     t = time.time()
-    os.kill(p.pid, sig)  # mpirun forwards it to every rank
+    os.kill(p.pid, sig)
     rc, out, err = finish(p, timeout=60)
-    ended_in = time.time() - t
+    return rc, out, err, time.time() - t
+
+
+def assert_stopped_cleanly(rc, out, err, sig, run: Path, np_, rank: int, earlier=frozenset()) -> set:
+    """Every rank unwound, the task in flight is dropped, nothing half-written, exit 128 + signal. `earlier`:
+    the task files an earlier run left (another run's ranks saved them)."""
     assert rc == 128 + sig, (rc, err[-3000:])
     lines = lthmpi_lines(err)
     assert lines == [f"lthmpi: interrupted by {sig.name}; finished tasks are on disk, rerun the same command "
@@ -280,13 +335,75 @@ def test_signal_stops_cleanly_and_rerun_resumes(reference, tmp_path, sig, np_):
     assert_every_h5_readable(run)
     finished, done = task_files(run), set(done_counts(run))
     assert done <= finished and len(finished) < N_TASKS
-    saved_by = {t: saving_rank(run, t) for t in finished}
-    assert {t for t in finished if saved_by[t] == rank} <= done, "the task in flight is dropped"
+    new = finished - set(earlier)
+    saved_by = {t: saving_rank(run, t) for t in new}
+    assert {t for t in new if saved_by[t] == rank} <= done, "the task in flight is dropped"
     # Another rank may have saved a task and been stopped before its "done" line: the file is complete
     # (readable, above) and kept; at most one such task per rank.
-    cut_off = [saved_by[t] for t in finished - done]
+    cut_off = [saved_by[t] for t in new - done]
     assert len(cut_off) == len(set(cut_off)), cut_off
     assert log_has(run, "interrupted", rank) if np_ else True
+    return finished
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """One run through three launches, each resuming the last: a scheduler's time limit (SIGTERM) to mpirun -np 3
+    while rank 1 is in its second task; Ctrl-C (SIGINT) to the serial rerun in its first task; the serial rerun
+    to the end. The directory after each interrupted launch is kept as a copy."""
+    base = tmp_path_factory.mktemp("interrupted")
+    run, out = base / "run", {}
+    out["term"] = interrupt_mid_task(run, signal.SIGTERM, 3, 1, 2)
+    out["after_term"], out["mtimes_term"] = shutil.copytree(run, base / "after_term"), mtimes(run)
+    out["int"] = interrupt_mid_task(run, signal.SIGINT, None, 0, 1)
+    out["after_int"], out["mtimes_int"] = shutil.copytree(run, base / "after_int"), mtimes(run)
+    out["rerun"] = launch(run)
+    out["run"] = run
+    return out
+
+
+def test_sigterm_to_mpirun_mid_task(interrupted, reference):
+    """A scheduler's time limit (SIGTERM to mpirun -np 3) while rank 1's task is in flight: every rank unwinds,
+    that task is dropped, nothing half-written, exit 143; the reruns (serial: a run directory does not care how
+    many ranks made it) resume it, equal to the uninterrupted run, redoing no finished task."""
+    i = interrupted
+    rc, out, err, ended_in = i["term"]
+    finished = assert_stopped_cleanly(rc, out, err, signal.SIGTERM, i["after_term"], 3, 1)
+    assert i["rerun"].returncode == 0, i["rerun"].stderr[-3000:]
+    assert_resumed_cleanly(i["run"], reference, i["mtimes_term"])
+    note("SIGTERM to mpirun -np 3 mid-task",
+         f"rc {rc} in {ended_in:.1f} s, one line, no temporaries, {len(finished)}/{N_TASKS} kept; rerun rc 0, equal")
+
+
+def test_sigint_to_a_serial_rerun_mid_task(interrupted, reference):
+    """Ctrl-C (SIGINT) to a serial run (the rerun of the one above) while its task is in flight: the same, exit
+    130; the next rerun finishes it."""
+    i = interrupted
+    rc, out, err, ended_in = i["int"]
+    finished = assert_stopped_cleanly(rc, out, err, signal.SIGINT, i["after_int"], None, 0,
+                                      earlier=task_files(i["after_term"]))
+    assert i["rerun"].returncode == 0, i["rerun"].stderr[-3000:]
+    assert_resumed_cleanly(i["run"], reference, i["mtimes_int"])
+    note("SIGINT to a serial run mid-task",
+         f"rc {rc} in {ended_in:.1f} s, one line, no temporaries, {len(finished)}/{N_TASKS} kept; rerun rc 0, equal")
+
+
+# Each from a fresh run of its own; the default suite runs SIGTERM to mpirun and SIGINT to a serial run as two
+# launches of one run (`interrupted`: test_sigterm_to_mpirun_mid_task, test_sigint_to_a_serial_rerun_mid_task).
+@battery
+@pytest.mark.parametrize("sig, np_", [
+    pytest.param(signal.SIGTERM, 3, id="SIGTERM-mpirun"),
+    pytest.param(signal.SIGINT, None, id="SIGINT-serial"),
+    pytest.param(signal.SIGINT, 3, id="SIGINT-mpirun"),
+    pytest.param(signal.SIGTERM, None, id="SIGTERM-serial"),
+])
+def test_signal_stops_cleanly_and_rerun_resumes(reference, tmp_path, sig, np_):
+    """A scheduler's time limit (SIGTERM) or Ctrl-C (SIGINT) while a task is in flight: every rank unwinds,
+    the task in flight is dropped, nothing half-written, exit 128 + signal; the rerun resumes."""
+    run = tmp_path / "run"
+    rank = 1 if np_ else 0
+    rc, out, err, ended_in = interrupt_mid_task(run, sig, np_, rank, 2)
+    finished = assert_stopped_cleanly(rc, out, err, sig, run, np_, rank)
     before = mtimes(run)
     r = launch(run)  # resumed without mpirun: a run directory does not care how many ranks made it
     assert r.returncode == 0, r.stderr[-3000:]
@@ -297,7 +414,10 @@ def test_signal_stops_cleanly_and_rerun_resumes(reference, tmp_path, sig, np_):
 
 # -- rank 0 dies in the gather or the merge -----------------------------------------------------------------
 
-@pytest.mark.parametrize("point", ["merge", pytest.param("gather", marks=battery)])
+# Each from a fresh run of its own; the merge case runs in the default suite as launch 2 of `killed_run`
+# (test_rank0_killed_in_the_merge).
+@battery
+@pytest.mark.parametrize("point", ["merge", "gather"])
 def test_rank0_killed_in_gather_or_merge(reference, tmp_path, point):
     run = tmp_path / "run"
     r = launch(run, 2, env={"LTHMPI_FAULT": f"kill:0:{point}"})
@@ -318,52 +438,40 @@ def test_rank0_killed_in_gather_or_merge(reference, tmp_path, point):
 
 # -- disk full, read-only ---------------------------------------------------------------------------------
 
-@needs_root("mount a tmpfs")
-@pytest.mark.parametrize("np_", [2, pytest.param(None, marks=battery)])
-def test_disk_full_mid_run(reference, tmp_path, np_):
-    """The run directory on a tmpfs that holds the parent, the masks and two tasks, with room for about two
-    more: the rank that hits ENOSPC says so in one line and ends the job; what was written is intact."""
-    with tmpfs(tmp_path / "disk", "3m") as disk:
-        run = disk / "run"
-        (run / "tasks").mkdir(parents=True)
-        for name in ("config.toml", "parent.h5", "masks.h5"):
-            shutil.copy(reference / name, run / name)
-        kept = sorted(task_files(reference))[:2]
-        for tid in kept:
-            shutil.copy(reference / "tasks" / f"{tid}.h5", run / "tasks" / f"{tid}.h5")
-        (disk / "filler").write_bytes(b"\0" * (free_bytes(disk) - 40 * 1024))
-        r = launch(run, np_)
-        assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
-        lines = error_lines(r.stderr)
-        assert lines and all("No space left on device writing " in ln and "finished tasks are kept" in ln
-                             for ln in lines), r.stderr[-3000:]
-        assert "Traceback" not in r.stderr and "Logging error" not in r.stderr
-        assert len(lines) <= (np_ or 1)
-        written = task_files(run)
-        assert set(kept) <= written
-        assert len(written) < N_TASKS
-        assert_every_h5_readable(run)
-        for tid in kept:
-            assert (run / "tasks" / f"{tid}.h5").read_bytes() == (reference / "tasks" / f"{tid}.h5").read_bytes()
-        (disk / "filler").unlink()
-        r2 = launch(run)
-        assert r2.returncode == 0, r2.stderr[-3000:]
-        assert_every_h5_readable(run)
-        assert_same_results(run, reference)
-        assert temporaries(run) == []
-    note(f"disk full (ENOSPC) mid-run{' under mpirun -np 2' if np_ else ', serial'}",
-         f"rc 1, '{lines[0][:70]}...'; {len(written)} task files intact; rerun after freeing space rc 0, equal")
+def fill_disk(reference, disk: Path) -> tuple[Path, list]:
+    """The run directory on the tmpfs `disk` with the parent, the masks and two tasks, and a filler that leaves
+    40 KiB: room for about two more task files."""
+    run = disk / "run"
+    (run / "tasks").mkdir(parents=True)
+    for name in ("config.toml", "parent.h5", "masks.h5"):
+        shutil.copy(reference / name, run / name)
+    kept = sorted(task_files(reference))[:2]
+    for tid in kept:
+        shutil.copy(reference / "tasks" / f"{tid}.h5", run / "tasks" / f"{tid}.h5")
+    (disk / "filler").write_bytes(b"\0" * (free_bytes(disk) - 40 * 1024))
+    return run, kept
 
 
-@needs_root("a read-only bind mount")
-@pytest.mark.parametrize("np_", [None, pytest.param(2, marks=battery)])
-def test_read_only_run_directory_mid_run(reference, tmp_path, np_):
-    """tasks/ becomes read-only (a bind mount remounted ro) while a task trains: one EROFS line, job ends."""
-    run = copy_run(reference, tmp_path / "run")
-    for tid in sorted(task_files(reference))[2:]:
-        (run / "tasks" / f"{tid}.h5").unlink()
-    (run / "results.h5").unlink()
-    kept = task_files(run)
+def assert_disk_full(r, run: Path, kept: list, reference, np_) -> tuple[list, set]:
+    """The rank that hit ENOSPC said so in one line and ended the job; what was written is intact."""
+    assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
+    lines = error_lines(r.stderr)
+    assert lines and all("No space left on device writing " in ln and "finished tasks are kept" in ln
+                         for ln in lines), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "Logging error" not in r.stderr
+    assert len(lines) <= (np_ or 1)
+    written = task_files(run)
+    assert set(kept) <= written
+    assert len(written) < N_TASKS
+    assert_every_h5_readable(run)
+    for tid in kept:
+        assert (run / "tasks" / f"{tid}.h5").read_bytes() == (reference / "tasks" / f"{tid}.h5").read_bytes()
+    return lines, written
+
+
+def read_only_mid_task(run: Path, np_) -> tuple[int, str]:
+    """Run until rank 0 trains its first task, make tasks/ read-only (a bind mount remounted ro), let the task
+    end: (exit status, stderr)."""
     p = start(run, np_, env={"LTHMPI_FAULT": "wait:0:1"})
     tasks = str(run / "tasks")
     mounted = False
@@ -379,12 +487,101 @@ def test_read_only_run_directory_mid_run(reference, tmp_path, np_):
             os.killpg(p.pid, signal.SIGKILL)
         if mounted:
             subprocess.run(["umount", tasks])
+    return rc, err
+
+
+def assert_read_only(rc: int, err: str, run: Path, kept: set, np_, tasks: str | None = None) -> list:
+    """One EROFS line per failing rank naming tasks/, the job ended, what was there is intact."""
+    tasks = tasks or str(run / "tasks")
     assert rc == 1, (rc, err[-3000:])
     lines = error_lines(err)
     assert lines and all("Read-only file system writing " + tasks in ln for ln in lines), err[-3000:]
     assert "Traceback" not in err
     assert task_files(run) == kept if np_ is None else kept <= task_files(run)
     assert_every_h5_readable(run)
+    return lines
+
+
+@pytest.fixture(scope="module")
+def disk_errors(reference, tmp_path_factory):
+    """One run directory on a small tmpfs through three launches, each resuming the last: on 2 ranks with the
+    disk full (ENOSPC); after space is freed, a serial rerun whose tasks/ turns read-only while a task trains
+    (EROFS); a serial rerun to the end. The directory after each launch is kept as a copy."""
+    base = tmp_path_factory.mktemp("disk_errors")
+    out = {}
+    with tmpfs(base / "disk", "3m") as disk:
+        run, out["kept"] = fill_disk(reference, disk)
+        out["full"] = launch(run, 2)
+        out["after_full"] = shutil.copytree(run, base / "after_full")
+        (disk / "filler").unlink()
+        out["kept_ro"] = task_files(run)
+        out["tasks"] = str(run / "tasks")
+        out["ro_rc"], out["ro_err"] = read_only_mid_task(run, None)
+        out["after_ro"] = shutil.copytree(run, base / "after_ro")
+        out["rerun"] = launch(run)
+        out["final"] = shutil.copytree(run, base / "final")
+    return out
+
+
+def assert_rerun_equal(r, run: Path, reference):
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_every_h5_readable(run)
+    assert_same_results(run, reference)
+    assert temporaries(run) == []
+
+
+@needs_root("mount a tmpfs")
+def test_disk_full_mid_run_on_two_ranks(disk_errors, reference):
+    """The run directory on a tmpfs that holds the parent, the masks and two tasks, with room for about two
+    more, run on 2 ranks: the rank that hits ENOSPC says so in one line and ends the job; what was written is
+    intact; once space is freed, the reruns (`disk_errors`) finish it, equal to the uninterrupted run."""
+    d = disk_errors
+    lines, written = assert_disk_full(d["full"], d["after_full"], d["kept"], reference, 2)
+    assert_rerun_equal(d["rerun"], d["final"], reference)
+    note("disk full (ENOSPC) mid-run under mpirun -np 2",
+         f"rc 1, '{lines[0][:70]}...'; {len(written)} task files intact; rerun after freeing space rc 0, equal")
+
+
+@needs_root("mount a tmpfs and a read-only bind mount")
+def test_read_only_tasks_directory_mid_run(disk_errors, reference):
+    """tasks/ becomes read-only while a task of the serial rerun in `disk_errors` trains: one EROFS line, the
+    job ends, what was on disk is intact; the next rerun finishes it, equal to the uninterrupted run."""
+    d = disk_errors
+    lines = assert_read_only(d["ro_rc"], d["ro_err"], d["after_ro"], d["kept_ro"], None, d["tasks"])
+    assert_rerun_equal(d["rerun"], d["final"], reference)
+    note("read-only tasks/ mid-run, serial", f"rc 1, '{lines[0][:60]}...'; finished intact; rerun rc 0, equal")
+
+
+# Each from a run of its own; the default suite runs the disk full on 2 ranks and the read-only tasks/ of a serial
+# run as two launches of one run (`disk_errors`: test_disk_full_mid_run_on_two_ranks,
+# test_read_only_tasks_directory_mid_run).
+@battery
+@needs_root("mount a tmpfs")
+@pytest.mark.parametrize("np_", [2, None])
+def test_disk_full_mid_run(reference, tmp_path, np_):
+    """The run directory on a tmpfs that holds the parent, the masks and two tasks, with room for about two
+    more: the rank that hits ENOSPC says so in one line and ends the job; what was written is intact."""
+    with tmpfs(tmp_path / "disk", "3m") as disk:
+        run, kept = fill_disk(reference, disk)
+        lines, written = assert_disk_full(launch(run, np_), run, kept, reference, np_)
+        (disk / "filler").unlink()
+        assert_rerun_equal(launch(run), run, reference)
+    note(f"disk full (ENOSPC) mid-run{' under mpirun -np 2' if np_ else ', serial'}",
+         f"rc 1, '{lines[0][:70]}...'; {len(written)} task files intact; rerun after freeing space rc 0, equal")
+
+
+@battery
+@needs_root("a read-only bind mount")
+@pytest.mark.parametrize("np_", [None, 2])
+def test_read_only_run_directory_mid_run(reference, tmp_path, np_):
+    """tasks/ becomes read-only (a bind mount remounted ro) while a task trains: one EROFS line, job ends."""
+    run = copy_run(reference, tmp_path / "run")
+    for tid in sorted(task_files(reference))[2:]:
+        (run / "tasks" / f"{tid}.h5").unlink()
+    (run / "results.h5").unlink()
+    kept = task_files(run)
+    rc, err = read_only_mid_task(run, np_)
+    lines = assert_read_only(rc, err, run, kept, np_)
     r = launch(run)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_results(run, reference)
@@ -516,10 +713,20 @@ def corrupt_runs(reference, tmp_path_factory):
     return {name: (done[name], *cases[name]) for name in CORRUPT}
 
 
+@pytest.fixture(scope="module")
+def rerun_of_one_task(corrupt_runs):
+    """The corrupt task file deleted and the run resumed on 2 ranks: one task to train, so one rank has none."""
+    _, run, _, words = corrupt_runs["task_bitflip"]
+    damaged = Path(words[1])
+    damaged.unlink()
+    before = mtimes(run)
+    return run, damaged, before, launch(run, 2)
+
+
 class TestCorruptInput:
-    """The corrupt-input cases (2 CLI runs, 13 in this process) are a class so that pytest-xdist's loadscope runs
-    them on one worker while the rest of this module runs on the other (tests/conftest.py): one more `reference`
-    run, minutes less wall time."""
+    """The corrupt-input cases (2 CLI runs, 13 in this process) and the rerun of one of them (on 2 ranks, one with
+    no task) are a class so that pytest-xdist's loadscope runs them on one worker while the rest of this module runs
+    on the other (tests/conftest.py): one more `reference` run, minutes less wall time."""
 
     @pytest.mark.parametrize("name", CORRUPT)
     def test_corrupt_input_is_named_in_one_line(self, corrupt_runs, reference, name):
@@ -541,17 +748,26 @@ class TestCorruptInput:
         note(f"corrupt input: {name}", f"rc 2, {lines[0][:110]}")
 
 
-    def test_rerun_after_deleting_a_corrupt_task_recomputes_only_it(self, corrupt_runs, reference):
-        _, run, _, words = corrupt_runs["task_bitflip"]
-        damaged = Path(words[1])
-        damaged.unlink()
-        before = mtimes(run)
-        r = launch(run)
+    def test_rerun_after_deleting_a_corrupt_task_recomputes_only_it(self, rerun_of_one_task, reference):
+        run, damaged, before, r = rerun_of_one_task
         assert r.returncode == 0, r.stderr[-3000:]
         assert done_counts(run) == {damaged.stem: 1}, "only the deleted task is trained again"
         assert_same_results(run, reference)
         for name, mtime in before.items():
             assert (run / "tasks" / name).stat().st_mtime_ns == mtime
+
+    def test_idle_ranks_without_subgroups_run_and_are_logged(self, rerun_of_one_task):
+        """The default `parallel.subgroups = auto` keeps a Dense-only net out of subgroups: the extra rank waits
+        (2 ranks, the one task of the rerun above)."""
+        run, _, _, r = rerun_of_one_task
+        assert r.returncode == 0, r.stderr[-3000:]
+        text = (run / "logs" / "rank0.log").read_text()
+        m = re.search(r"1 workers have no task and wait \(ranks (\d)\)", text)
+        assert m, text
+        assert "parallel.subgroups = auto: no data-parallel subgroups for a model without convolutions" in text
+        assert log_has(run, f"rank {m.group(1)} has no task", int(m.group(1)))
+        note("2 ranks, 1 task to do, parallel.subgroups = auto (Dense-only net)",
+             f"rc 0; rank 0's log: 1 workers have no task and wait (ranks {m.group(1)}), and why")
 
 
 def test_analysis_refuses_a_corrupt_results_file(reference, tmp_path):
@@ -566,24 +782,18 @@ def test_analysis_refuses_a_corrupt_results_file(reference, tmp_path):
 
 # -- two runs, one directory ------------------------------------------------------------------------------------
 
-def test_second_run_on_the_same_directory_is_refused(reference, tmp_path):
-    run = tmp_path / "run"
-    first = start(run, env={"LTHMPI_FAULT": "wait:0:1"})
-    wait_for(lambda: log_has(run, WAITING, 0), first, what="the first run in its first task")
-    t = time.time()
-    second = launch(run, 2)
-    refused_in = time.time() - t
-    try:
-        lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
-        assert second.returncode == 2 and len(lines) == 1, second.stderr[-3000:]
-        assert "in use by another lthmpi run" in lines[0] and f":{first.pid} since" in lines[0], lines[0]
-    finally:
-        os.kill(first.pid, signal.SIGUSR1)
-    rc, _, err = finish(first)
-    assert rc == 0, err[-3000:]  # the first is unharmed
-    assert_resumed_cleanly(run, reference)
+def test_second_run_on_the_same_directory_is_refused(killed_run, reference):
+    """mpirun -np 2 on the directory of a serial run that is working there (launch 3 of `killed_run`, waiting
+    in its merge): refused in one line naming host:pid; the first run is unharmed."""
+    k = killed_run
+    second = k["second"]
+    lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
+    assert second.returncode == 2 and len(lines) == 1, second.stderr[-3000:]
+    assert "in use by another lthmpi run" in lines[0] and f":{k['first_pid']} since" in lines[0], lines[0]
+    assert k["first_rc"] == 0, k["first_err"][-3000:]  # the first is unharmed
+    assert_resumed_cleanly(k["run"], reference)
     note("second run on a directory in use (mpirun -np 2 while a serial run works)",
-         f"refused in {refused_in:.1f} s, rc 2, one line naming host:pid; the first finished rc 0, equal")
+         f"refused in {k['refused_in']:.1f} s, rc 2, one line naming host:pid; the first finished rc 0, equal")
 
 
 @battery  # also shown by every SIGKILL case above (rank 0 held the lock) and in-process by the lock unit test
@@ -625,23 +835,6 @@ def test_diverged_retraining_is_recorded_not_a_crash(reference, tmp_path):
     assert flags.count(True) == 1 and flags.count(False) == N_TASKS - 1
     note("retraining diverges (NaN weights injected)", f"rc 0, {diverged[0]} recorded diverged=True, the other "
          f"{N_TASKS - 1} equal the uninterrupted run; analysis --json shows diverged: true")
-
-
-# -- more ranks than tasks without subgroups --------------------------------------------------------------------
-
-def test_idle_ranks_without_subgroups_run_and_are_logged(tmp_path):
-    """The default `parallel.subgroups = auto` keeps a Dense-only net out of subgroups: the extra rank waits."""
-    run = tmp_path / "run"
-    r = launch(run, 3, ["prune.remaining=[0.5]", "reset.controls=[]"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert len(records(run)) == 2
-    text = (run / "logs" / "rank0.log").read_text()
-    m = re.search(r"1 workers have no task and wait \(ranks (\d)\)", text)
-    assert m, text
-    assert "parallel.subgroups = auto: no data-parallel subgroups for a model without convolutions" in text
-    assert log_has(run, f"rank {m.group(1)} has no task", int(m.group(1)))
-    note("3 ranks, 2 tasks, parallel.subgroups = auto (Dense-only net)",
-         "rc 0; rank 0's log: 1 workers have no task and wait (ranks 2), and why")
 
 
 @needs_root("unshare and a private mount")

@@ -299,11 +299,7 @@ def test_seed_study_prices_imp_on_20_100_and_1000_ranks(capsys):
     assert walls[0] > walls[1] > walls[2] > parent * 3600  # subgroups shorten the chains; the parent stays
 
 
-# -- the chains over MPI, and after a SIGKILL (the real command line) ---------------------------------------
-
-IMP_SETS = ["prune.method=imp", "prune.levels=3", "prune.imp_rate=0.5", "train.epochs=1"]  # + faultkit.TINY_SETS
-IMP_TASKS = 3 * 2 * 2  # levels x chains x (ticket, random_reinit)
-
+# -- the chains after a SIGKILL, resumed over MPI (the real command line) ---------------------------------------
 
 def chain_mask_bytes(run_dir) -> dict:
     """Every chain's every level's mask, as arrays (what the levels computed, whoever computed them)."""
@@ -317,28 +313,32 @@ def chain_mask_bytes(run_dir) -> dict:
     return out
 
 
-def test_sigkill_mid_chain_resumes_without_retraining_and_three_ranks_agree(tmp_path):
-    """P = 1 killed (SIGKILL) in its third task, rerun: no finished level is trained again, and the result
-    equals the same experiment run on 3 ranks (masks, measurements, curves)."""
-    from faultkit import assert_same_results, done_counts, finish, launch, start, task_files
+def test_sigkill_mid_chain_resumes_without_retraining_and_three_ranks_agree(imp_run, tmp_path):
+    """P = 1 killed (SIGKILL) in its third task, resumed on 3 ranks: no finished level is trained again, every
+    rank trains levels whose masks other ranks cut, and the result equals the uninterrupted one-process run
+    (`imp_run`: masks, measurements, curves, bit for bit)."""
+    from faultkit import assert_same_results, done_counts, finish, launch, records, start, task_files
 
-    killed, three = tmp_path / "killed", tmp_path / "p3"
-    p = start(killed, None, IMP_SETS, env={"LTHMPI_FAULT": "kill:0:3"})
+    cfg, reference = imp_run
+    toml = tmp_path / "imp.toml"
+    toml.write_text(cfg.to_toml())
+    config, killed = ["--config", str(toml)], tmp_path / "killed"
+    p = start(killed, None, args=config, base=[], env={"LTHMPI_FAULT": "kill:0:3"})
     rc, _, err = finish(p, timeout=300)
     assert rc != 0, err[-2000:]
     finished = task_files(killed)
-    assert 0 < len(finished) < IMP_TASKS and not (killed / "results.h5").exists()
+    n_tasks = 3 * 2 * 3  # levels x chains x (ticket + 2 controls)
+    assert 0 < len(finished) < n_tasks and not (killed / "results.h5").exists()
     before = {t: os.stat(killed / "tasks" / f"{t}.h5").st_mtime_ns for t in finished}
-    r = launch(killed, None, IMP_SETS)
+    r = launch(killed, 3, args=config, base=[])
     assert r.returncode == 0, r.stderr[-3000:]
     assert {t: os.stat(killed / "tasks" / f"{t}.h5").st_mtime_ns for t in finished} == before
     counts = done_counts(killed)
-    assert len(counts) == IMP_TASKS and set(counts.values()) == {1}, counts  # each level trained once, in all
+    assert len(counts) == n_tasks and set(counts.values()) == {1}, counts  # each level trained once, in all
+    assert {v["rank"] for t, v in records(killed).items() if t not in finished} == {0, 1, 2}
 
-    r3 = launch(three, 3, IMP_SETS)
-    assert r3.returncode == 0, r3.stderr[-3000:]
-    assert_same_results(three, killed)
-    a, b = chain_mask_bytes(killed), chain_mask_bytes(three)
+    assert_same_results(killed, reference)
+    a, b = chain_mask_bytes(killed), chain_mask_bytes(reference)
     assert len(a) == 3 * 2 and a == b
 
 
@@ -346,7 +346,11 @@ def test_a_diverged_level_stops_its_chain_with_one_line(imp_run, tmp_path, monke
     """Level 2 of chain 0 made to diverge (its weights turned NaN mid-training): it is recorded
     as diverged with one log line, no level-3 mask is cut from its NaNs (NaN sorts after the pruned positions, so
     such a mask would revive pruned weights), level 3's ticket and controls are recorded as diverged upstream
-    without training, every earlier mask stays nested, the other chain runs on, and the analysis says so."""
+    without training, every earlier mask stays nested, the other chain runs on, and the analysis says so. Run as
+    the resume of a copy of `imp_run` without chain 0's levels 2 and 3 (their task files and level 3's mask):
+    only those levels are trained again, the rest is the uninterrupted run's."""
+    import shutil
+
     from faultkit import log_has
 
     from lthmpi.analysis import load_runs, science
@@ -356,8 +360,14 @@ def test_a_diverged_level_stops_its_chain_with_one_line(imp_run, tmp_path, monke
 
     from lthmpi.kinds import imp as kind_imp
 
-    cfg, _ = imp_run
+    cfg, reference = imp_run
     victim = "l02_r00_ticket"
+    later = ("l03_r00_ticket", "l03_r00_random_reinit", "l03_r00_random_mask")
+    path = str(tmp_path / "run")
+    shutil.copytree(reference, path, ignore=shutil.ignore_patterns("logs", "lock", "results.h5"))
+    for tid in (victim, *later):
+        os.unlink(os.path.join(path, "tasks", f"{tid}.h5"))
+    os.unlink(os.path.join(path, "imp_masks", "r00_l03.h5"))
     real = kind_imp.run_grid_task
 
     def poisoned(exp, spec, load_mask, kind, progress=None, write=True, **kw):
@@ -378,11 +388,9 @@ def test_a_diverged_level_stops_its_chain_with_one_line(imp_run, tmp_path, monke
             del exp.trainer.fit
 
     monkeypatch.setattr(kind_imp, "run_grid_task", poisoned)
-    path = str(tmp_path / "run")
     run_serial(cfg, path, threads=1, quiet=True)
     tasks = {t["task_id"]: t for t in load(path)["tasks"]}
     assert tasks[victim]["diverged"] and tasks[victim]["upstream"] == ""
-    later = ("l03_r00_ticket", "l03_r00_random_reinit", "l03_r00_random_mask")
     for tid in later:
         assert tasks[tid]["diverged"] and tasks[tid]["upstream"] == victim and tasks[tid]["iterations"] == 0, tid
     others = [t for tid, t in tasks.items() if tid != victim and tid not in later]

@@ -109,11 +109,11 @@ def test_a_stored_value_moved_past_its_tolerance_is_caught(reference):
 # P = 2, lpt and dynamic at P = 3, dynamic at P = 1); the other cases are marked `battery` (`./run/test.sh -m
 # "battery or not battery"` runs them all).
 OTHER_SCHEDULES = pytest.mark.battery
-# P = 3 runs in the default suite, each checked bitwise against `reference` with every task trained once:
-# lpt (the default schedule) in test_failing_rank_aborts_job_and_rerun_resumes's first run and in
-# test_pai.py::test_snip_grid_p3_under_mpirun_equals_p1 (a whole grid on all three ranks), dynamic in the rerun
-# of test_failing_rank_aborts_job_and_rerun_resumes (on all three ranks). So the three fresh P = 3 runs here
-# are battery variants of those.
+# P = 3 under lpt and dynamic runs in the default suite, bitwise against P = 1 with every task trained once:
+# test_failing_rank_aborts_job_and_rerun_resumes trains part of the grid under lpt (the default schedule) in its
+# first run and the rest under dynamic on all three ranks in its rerun, and compares the whole with `reference`;
+# test_pai.py::test_snip_grid_p3_under_mpirun_equals_p1 runs a whole grid under lpt on all three ranks. So the
+# three fresh P = 3 runs here are battery variants.
 P3_ALSO_ELSEWHERE = pytest.mark.battery
 
 
@@ -263,8 +263,8 @@ def test_batch_norm_statistics_agree_across_data_parallel_replicas(tmp_path, mod
     """A conv net with batch norm on a subgroup of 2 (formed by the default `auto`: it has convolutions): each
     replica normalises its own half of the batch, so without averaging, the moving statistics, and with
     them evaluation and early stopping, differ. 6 iterations in blocks of 3 (each block ends with the
-    averaging), for the parent (data-parallel too) and the task: without it the replicas differ after the
-    first step (checked: this test fails with DataParallelBackend._average_statistics made a no-op)."""
+    averaging), for the parent (data-parallel too) and the task: without it the replicas' statistics differ
+    from the first step on (checked: this test fails with DataParallelBackend._average_statistics a no-op)."""
     run = tmp_path / "run"
     r = launch(run, 2, ["--set", f"model.name={model}", "--set", "train.iterations=6", "--set", "train.eval_every=3it",
                         "--set", "prune.remaining=[0.5]", "--set", 'reset.points=["0ep"]', "--set", "reset.controls=[]"],

@@ -1,6 +1,7 @@
 """A graph with chains and joins (tests/chainkind.py) through the real coordinator, on P = 1 (no mpirun),
 2 and 3: every task exactly once, each after its inputs, reading their results; a rank SIGKILLed mid-chain
-ends the job by itself and the rerun finishes without redoing a finished task."""
+ends the job by itself and the rerun (P = 1, the dynamic schedule without mpirun) finishes without redoing a
+finished task."""
 from __future__ import annotations
 
 import subprocess
@@ -45,22 +46,29 @@ def assert_graph_ran(run_dir):
     return got
 
 
-@pytest.mark.parametrize("np_, schedule", [(None, "dynamic"), (2, "static"), (3, "lpt")])  # P = 3 dynamic: below
+def assert_results_name_every_task(run_dir, got):
+    from lthmpi import results
+
+    res = results.load(str(run_dir))
+    assert sorted(t["task_id"] for t in res["tasks"]) == sorted(got)
+    assert {t["task_id"]: t["kind"] for t in res["tasks"]} == {t: "chain" if t in EXPECTED else "oneshot" for t in got}
+
+
+# P = 3 under dynamic, and P = 1 (dynamic, no mpirun): the killed run and its rerun below
+@pytest.mark.parametrize("np_, schedule", [(2, "static"), (3, "lpt")])
 def test_chains_and_joins_run_in_dependency_order(tmp_path, np_, schedule):
     run = tmp_path / "run"
     r = launch(run, np_, schedule)
     assert r.returncode == 0, r.stderr[-3000:]
     got = assert_graph_ran(run)
-    if np_:
-        assert {a["rank"] for a in got.values()} == set(range(np_)), "every rank ran tasks"
-    from lthmpi import results
-
-    res = results.load(str(run))
-    assert sorted(t["task_id"] for t in res["tasks"]) == sorted(got)
-    assert {t["task_id"]: t["kind"] for t in res["tasks"]} == {t: "chain" if t in EXPECTED else "oneshot" for t in got}
+    assert {a["rank"] for a in got.values()} == set(range(np_)), "every rank ran tasks"
+    assert_results_name_every_task(run, got)
 
 
 def test_rank_killed_mid_chain_ends_the_job_and_the_rerun_redoes_nothing(tmp_path):
+    """P = 3 (dynamic) with rank 1 SIGKILLed in its second task; the rerun is P = 1 without mpirun (a run
+    directory does not care how many ranks made it), the dynamic schedule in one process on what is left of
+    the graph: every task then ran exactly once over both runs, each after its inputs."""
     run = tmp_path / "run"
     t0 = time.time()
     r = launch(run, 3, env={"LTHMPI_FAULT": "kill:1:2"}, timeout=180)
@@ -71,10 +79,12 @@ def test_rank_killed_mid_chain_ends_the_job_and_the_rerun_redoes_nothing(tmp_pat
     assert set(done_counts(run)) == finished, "what a rank logged as done is exactly what is on disk"
     before = {p.name: p.stat().st_mtime_ns for p in (Path(run) / "tasks").glob("*.h5")}
 
-    r = launch(run, 3)
+    r = launch(run)
     assert r.returncode == 0, r.stderr[-3000:]
     assert error_lines(r.stderr) == []
-    assert_graph_ran(run)  # every task done exactly once over both runs
+    got = assert_graph_ran(run)  # every task done exactly once over both runs
+    assert {got[t]["rank"] for t in got if f"{t}.h5" not in before} == {0}, "the rerun trained the rest"
+    assert_results_name_every_task(run, got)
     assert temporaries(run) == []
     for name, mtime in before.items():
         assert (Path(run) / "tasks" / name).stat().st_mtime_ns == mtime, f"{name} was rewritten"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,10 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "run" / "multihost.sh"
 PREFIX = "lthmpi-mhtest"  # namespaces of its own: the test never touches those of a manual run
 
-TINY = ["--set", "data.dataset=digits", "--set", "data.validation=200", "--set", "train.epochs=2",
-        "--set", "train.batch_size=32", "--set", "prune.remaining=[0.5, 0.2, 0.1]",
-        "--set", 'reset.points=["0ep", "10it"]', "--set", 'reset.controls=["random_reinit"]',
-        "--set", "train.eval_every=10it", "--set", "parallel.threads=1", "--quiet"]
+# run/multihost.sh's tiny config (12 tasks of 2 epochs) cut to 1 epoch and 2 tasks, one per rank and so one
+# per host (--set after its own): each host trains, and the results are compared, all the same.
+TINY = {"data": {"dataset": "digits", "validation": 200}, "train": {"epochs": 2, "batch_size": 32, "eval_every": "10it"},
+        "prune": {"remaining": [0.5, 0.2, 0.1]}, "reset": {"points": ["0ep", "10it"], "controls": ["random_reinit"]},
+        "parallel": {"threads": 1}}
+SMALLER = {"train": {"epochs": 1}, "prune": {"remaining": [0.5, 0.2]}, "reset": {"points": ["0ep"], "controls": []}}
+SETS = [f"--set={s}.{k}={json.dumps(v)}" for s, keys in SMALLER.items() for k, v in keys.items()]
+N_TASKS = 2
 MEASURED = ("final_accuracy", "early_stop_iteration", "early_stop_accuracy", "best_val_loss", "iterations")
 
 
@@ -45,7 +48,7 @@ def _namespaces() -> list[str]:
 def multihost(tmp_path_factory):
     _require_machine()
     run_dir = tmp_path_factory.mktemp("multihost") / "run"
-    r = subprocess.run(["bash", str(SCRIPT), "--prefix", PREFIX, "--run-dir", str(run_dir), "--timeout", "500"],
+    r = subprocess.run(["bash", str(SCRIPT), "--prefix", PREFIX, "--run-dir", str(run_dir), "--timeout", "500", *SETS],
                        cwd=ROOT, capture_output=True, text=True, timeout=560)
     if r.returncode == 2 and "namespace" in r.stderr:
         pytest.fail(f"cannot make network namespaces on this machine: {r.stderr.strip()}")
@@ -54,11 +57,16 @@ def multihost(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single_host(tmp_path_factory):
+def single_host(tmp_path_factory, tf_runtime):
+    """The same config in this process (one TF thread, as each rank), as test_pai's P = 1 against P = 3."""
+    from lthmpi.config import from_dict
+    from lthmpi.parallel.coordinator import run_serial
+    from lthmpi.validation import validate
+
     run_dir = tmp_path_factory.mktemp("single") / "run"
-    r = subprocess.run([sys.executable, "-m", "lthmpi.main", "--run-dir", str(run_dir), *TINY], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    cfg = from_dict({s: {**TINY.get(s, {}), **SMALLER.get(s, {})} for s in {*TINY, *SMALLER}})
+    validate(cfg)
+    run_serial(cfg, str(run_dir), threads=1, quiet=True)
     return run_dir
 
 
@@ -81,7 +89,7 @@ def test_multihost_equals_single_host(multihost, single_host):
     run_dir, _ = multihost
     got = {t["task_id"]: t for t in results.load(str(run_dir))["tasks"]}
     want = {t["task_id"]: t for t in results.load(str(single_host))["tasks"]}
-    assert sorted(got) == sorted(want) and len(got) == 12
+    assert sorted(got) == sorted(want) and len(got) == N_TASKS
     assert {k: got[k]["early_stop_accuracy"] for k in got} == {k: want[k]["early_stop_accuracy"] for k in want}
     for tid in want:
         for k in MEASURED:

@@ -39,7 +39,7 @@ TINY_TOTAL = 76
 # puts a part in a class of its own to split it over both workers. Scopes are handed out in collection order,
 # so the longest modules (pytest --durations, docs/testing.md) come first: a long one started last would leave
 # one worker running it alone at the end. test_slurm leads: most of its time is waiting on Slurm, which overlaps.
-LONGEST_FIRST = ("test_slurm", "test_faults", "test_mpi", "test_stability", "test_cli", "test_sparse", "test_shards",
+LONGEST_FIRST = ("test_slurm", "test_faults", "test_stability", "test_mpi", "test_cli", "test_sparse", "test_shards",
                  "test_analysis", "test_imp", "test_imagefolder", "test_engine", "test_models", "test_graph_run",
                  "test_training", "test_model_cli", "test_pai", "test_parent_data_parallel", "test_bad_config")
 

@@ -41,13 +41,11 @@ class CompiledSteps:
             def prep(x):
                 return x
 
-        def function(fn=None, **kwargs):
-            """tf.function without AutoGraph: every branch and loop below is on Python values or an explicit
-            tf.while_loop, and Keras 3's layers and optimizers use ops.cond/ops.while_loop (they run under
-            jax.jit too), so AutoGraph's rewrite of each traced function changes no op. It cost about 1.5 s
-            of CPU in every process that trains (its transpiler parses and recompiles the Python source)."""
-            make = functools.partial(tf.function, autograph=False, **kwargs)
-            return make(fn) if fn is not None else make
+        # tf.function without AutoGraph: every branch and loop below is on Python values or an explicit
+        # tf.while_loop, and Keras 3's layers and optimizers use ops.cond/ops.while_loop (they run under jax.jit
+        # too), so AutoGraph's rewrite of each traced function changes no op. It cost about 1.5 s of CPU in every
+        # process that trains (its transpiler parses and recompiles the Python source).
+        function = functools.partial(tf.function, autograph=False)
 
         # Mixed precision: the layers compute in bfloat16/float16 and so give logits in it; the loss, its
         # softmax and the accuracy are taken in float32. With float16 the loss is scaled for the gradients

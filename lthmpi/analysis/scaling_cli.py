@@ -66,7 +66,7 @@ PARENT_EFFICIENCY_ASSUMED = (
     "published data-parallel efficiencies of ImageNet CNNs on tens to hundreds of GPUs (Goyal et al. 2017; Horovod, "
     "Sergeev & Del Balso 2018: 88%), which keep each GPU's batch, whereas lthmpi keeps the global batch (a smaller "
     "share per rank: e may be lower); measured here only for Conv-2 on 2 CPU ranks: 0.81 for a retraining in a "
-    "subgroup, 0.805 for a parent (docs/performance.md)")
+    "subgroup, 0.805 and 0.717 for a parent in two runs (docs/performance.md, analysis/conv2_parent_pair/)")
 TARGET_EFFICIENCY = 0.95  # issue 33: the seed study's E(20) with the parent data-parallel
 SUMMARY_SCHEDULER = "lpt"  # the engine's default (parallel.schedule)
 

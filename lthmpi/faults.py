@@ -18,11 +18,12 @@ class FaultInjection:
     WHERE is N (rank RANK's N-th task, 1-based, after its first training block) or a named point of the run:
     `gather` (rank 0 with every task on disk, before the gather), `merge` (results.h5 half-written) or
     `prepare` (`python -m lthmpi.data prepare` of an image tree, after the rank's first images are written).
-    KIND: `raise` (an exception), `kill` (SIGKILL: a dead node), `nan` (the task's weights become NaN, so it
+    KIND: `raise` (an exception), `kill` (SIGKILL: a dead node), `stop` (SIGSTOP: a frozen node, which no
+    launcher notices), `nan` (the task's weights become NaN, so it
     diverges; tasks only), `wait` (pause until SIGUSR1, at most 10 minutes, logging "injected fault: waiting",
     so that a test can signal the run or change its disk mid-task; mpirun forwards SIGUSR1)."""
 
-    KINDS = ("raise", "kill", "nan", "wait")
+    KINDS = ("raise", "kill", "stop", "nan", "wait")
     POINTS = ("gather", "merge", "prepare")
 
     def __init__(self, rank: int, spec: str | None = None):
@@ -55,10 +56,11 @@ class FaultInjection:
             self._fire(point, None)
 
     def _fire(self, where: str, exp):
-        if self.kind == "kill":
+        if self.kind in ("kill", "stop"):
             import signal
 
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL if self.kind == "kill" else signal.SIGSTOP)
+            return  # stop: continued (SIGCONT), it goes on
         if self.kind == "nan" and exp is not None:
             for v in exp.trainer.model.trainable_variables:
                 v.assign(v * float("nan"))

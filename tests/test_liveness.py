@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 from faultkit import error_lines, finish, start, wait_for
 
@@ -77,6 +78,45 @@ def _raised(fn):
     except BaseException as e:  # noqa: BLE001
         return e
     return None
+
+
+def test_a_rank_held_in_a_collective_is_watched_from_a_thread():
+    """StallGuard: outside a collective it never looks; inside one (here a data-parallel Allreduce that never
+    returns, as with a frozen replica) its thread checks the peers and hands PeerLost to `lost`, which ends the
+    job, since the rank itself is held in MPI."""
+    from lthmpi.parallel.liveness import PeerLost, StallGuard
+    from lthmpi.parallel.mpi import MpiReducer
+
+    looked, lost, released = [], [], threading.Event()
+
+    def check():
+        looked.append(time.monotonic())
+        if len(looked) >= 2:
+            raise PeerLost("rank 1 (host nodeB, pid 7) has given no sign of life for 5 s")
+
+    guard = StallGuard(check, lambda e: (lost.append(e), released.set()), after_s=0.2)
+
+    class HeldComm:  # Allreduce of a subgroup whose other replica is frozen: returns only when the job ends
+        def Get_size(self):
+            return 2
+
+        def Get_rank(self):
+            return 0
+
+        def Allreduce(self, buf, out, op):
+            assert guard.since is not None, "the Allreduce runs inside the guard"
+            released.wait(timeout=20)
+            out[...] = 2 * buf
+
+    try:
+        time.sleep(1.2)
+        assert looked == [], "no check outside a collective"
+        t0 = time.monotonic()
+        MpiReducer(HeldComm(), guard).allreduce_sum(np.ones(3, np.float32))
+        assert len(lost) == 1 and "rank 1 (host nodeB" in str(lost[0]) and time.monotonic() - t0 < 10, (lost, looked)
+        assert guard.since is None
+    finally:
+        guard.stop()
 
 
 def test_peer_lost_is_one_line_exit_1():
@@ -157,3 +197,30 @@ def test_a_frozen_rank_ends_the_job_with_a_line_naming_it(tmp_path):
     assert rc != 0 and len(lines) == 1, (rc, err[-3000:])
     assert "rank 1 (host " in lines[0] and f"pid {pid})" in lines[0] and "no sign of life" in lines[0], lines
     assert took < FROZEN_TIMEOUT_S + 30, took
+
+
+def test_a_replica_frozen_in_a_data_parallel_step_ends_the_job(tmp_path):
+    """mpirun -np 2, one task trained by a data-parallel subgroup of both ranks; rank 1 freezes (SIGSTOP, a hung
+    host) after its first training block, so rank 0 is held inside the step's Allreduce, where no wait polls:
+    its stall guard ends the job within the timeout with one line naming rank 1, where before it hung for ever."""
+    run = tmp_path / "run"
+    sets = ["prune.remaining=[0.5]", 'reset.points=["0ep"]', "reset.controls=[]", "parallel.subgroups=true",
+            f"parallel.peer_timeout={FROZEN_TIMEOUT_S}"]
+    p = start(run, 2, sets=sets, env={"LTHMPI_FAULT": "stop:1:1"})
+    beat = run / "logs" / "alive" / "rank1"
+    try:
+        wait_for(lambda: (run / "parent.h5").exists(), p, timeout=120, what="the parent")
+        t0 = time.time()
+        rc, _out, err = finish(p, timeout=120)
+        took = time.time() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError, ValueError, IndexError):  # the frozen rank, if mpirun left it
+            os.kill(int(beat.read_text().split()[1]), signal.SIGKILL)
+    lines = error_lines(err)
+    assert rc != 0 and len(lines) == 1, (rc, err[-3000:])
+    assert "rank 0 on " in lines[0] and "rank 1 (host " in lines[0] and "no sign of life" in lines[0], lines
+    log = (run / "logs" / "rank0.log").read_text()
+    assert "data-parallel subgroups of [2] ranks" in log and "in a collective of a data-parallel step" in log, log[-3000:]
+    assert took < 90, took

@@ -32,6 +32,7 @@ class Comm(Protocol):
     size: int
     host: str
     watch: Any                                              # None, or called while waiting (parallel/liveness.py)
+    guard: Any                                              # None, or around a reducer's blocking collectives (idem)
 
     def barrier(self) -> None: ...                          # all ranks reach it; sleeps while waiting
     def bcast(self, obj: Any, root: int = 0) -> Any: ...
@@ -64,7 +65,7 @@ class SelfReducer:
 class SelfComm:
     """The one-rank communicator: a process running the experiment alone, no MPI imported."""
     rank, size = 0, 1
-    watch = None  # no peer to watch (parallel/liveness.py)
+    watch = guard = None  # no peer to watch (parallel/liveness.py)
 
     def __init__(self):
         self.host = socket.gethostname()

@@ -107,10 +107,11 @@ def execute(cfg: Config, run_dir: str, comm, t_start: float | None, quiet: bool,
         threads = auto_threads(slot.local_size if slot else 1, cfg.parallel.threads)
     with timer.phase("startup"):
         exp = startup(cfg, run, comm, threads, slot, allow_mixed, quiet)
-    beat = liveness.start(run.path, comm, cfg.parallel.peer_timeout)  # a daemon thread: on an error, it ends with us
+    # daemon threads: on an error they end with us; a replica frozen in a data-parallel step ends the job from there
+    alive = liveness.start(run.path, comm, cfg.parallel.peer_timeout, lost=lambda e: abort(comm, e))
     path = _phases(cfg, run, comm, exp, timer, threads, fault, quiet)
-    if beat:
-        beat.stop()
+    if alive:
+        alive.stop()
     return path
 
 

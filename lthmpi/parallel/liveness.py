@@ -6,7 +6,9 @@ So each rank beats: a thread rewrites RUN_DIR/logs/alive/rank<r> ("host pid coun
 waiting rank looks at its peers' files (PeerWatch.check, called from every waiting loop: MpiComm.barrier
 and recv, the coordinator's wait for inputs, the dispatcher's wait for requests) and, when one has not
 changed for `parallel.peer_timeout` seconds by the waiter's own clock (no clocks compared across hosts),
-raises PeerLost naming that rank: the coordinator then ends the job with that line. A thread beats while
+raises PeerLost naming that rank: the coordinator then ends the job with that line. A data-parallel step's
+Allreduce cannot be polled without slowing it (MPICH's non-blocking one takes twice as long), so a rank held
+in it by a frozen replica is watched from a thread of its own (StallGuard), which ends the job. A thread beats while
 its process lives, through long training blocks, GPU steps and compiles (TensorFlow and MPI release the
 GIL); it stops only when the process is gone (or frozen whole). Files on the shared run directory, not MPI
 messages: a dead peer cannot answer those. The default timeout (config.py: 600 s) is far above a beat's
@@ -18,9 +20,12 @@ suspended and resumed) every peer gets a fresh window.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
+
+log = logging.getLogger("lthmpi")
 
 
 class PeerLost(RuntimeError):
@@ -80,9 +85,18 @@ class PeerWatch:
         now = clock()
         self.seen = {r: (None, now) for r in peers}  # rank -> (content last read, when it last changed)
         self.next_look = self.last_look = now
+        self._busy = threading.Lock()  # the rank's waits and its StallGuard's thread both check
 
     def check(self):
         """Cheap when called often: reads the files at most once a second."""
+        if not self._busy.acquire(blocking=False):  # the other thread is looking right now
+            return
+        try:
+            self._check()
+        finally:
+            self._busy.release()
+
+    def _check(self):
         now = self.clock()
         if self.timeout_s <= 0 or now < self.next_look:
             return
@@ -105,11 +119,61 @@ class PeerWatch:
                                f"ending the job; rerun the same command to resume")
 
 
-def start(run_path: str, comm, timeout_s: float):
-    """Beat for this rank and watch the others (comm.watch, for its waits); returns the Heartbeat to stop,
-    or None with one rank or peer_timeout 0."""
+class StallGuard:
+    """Watches the peers from a thread while this rank is inside a blocking collective (`with guard:` around it;
+    MPI releases the GIL there): after `after_s` inside, `check` once a second; when it raises PeerLost,
+    `lost(error)` ends the job (the rank itself cannot: it is held in MPI). Outside, the thread only sleeps."""
+
+    def __init__(self, check, lost, after_s: float = 1.0, clock=time.monotonic):
+        self.check, self.lost, self.after_s, self.clock = check, lost, after_s, clock
+        self.since = None  # when this rank entered the collective it is in, or None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lthmpi-stall-guard", daemon=True)
+        self._thread.start()
+
+    def __enter__(self):
+        self.since = self.clock()
+        return self
+
+    def __exit__(self, *exc):
+        self.since = None
+
+    def _run(self):
+        while not self._stop.wait(0.5):
+            since = self.since
+            if since is None or self.clock() - since < self.after_s:
+                continue
+            try:
+                self.check()
+            except PeerLost as e:
+                log.warning("held %.0f s in a collective of a data-parallel step by a peer that gives no sign of life",
+                            self.clock() - since)
+                self.lost(e)
+                return
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class Liveness:
+    """This rank's heartbeat and its stall guard: what `start` began, for `stop`."""
+
+    def __init__(self, beat: Heartbeat, guard: StallGuard):
+        self.beat, self.guard = beat, guard
+
+    def stop(self):
+        self.guard.stop()
+        self.beat.stop()
+
+
+def start(run_path: str, comm, timeout_s: float, lost):
+    """Beat for this rank and watch the others: comm.watch for its waits, comm.guard around its blocking
+    collectives (`lost(PeerLost)` ends the job from the guard's thread). Returns the Liveness to stop, or None
+    with one rank or peer_timeout 0."""
     if comm.size == 1 or timeout_s <= 0:
         return None
     beat = Heartbeat(run_path, comm.rank, comm.host, every_s=min(5.0, timeout_s / 4))
     comm.watch = PeerWatch(run_path, [r for r in range(comm.size) if r != comm.rank], timeout_s).check
-    return beat
+    comm.guard = StallGuard(comm.watch, lost)
+    return Liveness(beat, comm.guard)

@@ -5,8 +5,10 @@ Waits sleep between tests of a pending request instead of blocking in MPI: a blo
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -15,20 +17,25 @@ POLL_S = 0.01  # sleep between tests of a pending barrier or message
 
 
 class MpiReducer:
-    """Sums a flat gradient buffer over a subgroup with one Allreduce per step."""
+    """Sums a flat gradient buffer over a subgroup with one Allreduce per step: blocking, the fastest there is
+    (MPICH's Iallreduce polled takes twice as long), so a replica that freezes would hold this rank in it for
+    ever; `guard` (liveness.StallGuard, None when peers are not watched) watches them meanwhile."""
 
-    def __init__(self, comm):
+    def __init__(self, comm, guard=None):
         self.comm, self.size, self.rank = comm, comm.Get_size(), comm.Get_rank()
+        self.guard = guard or contextlib.nullcontext()
 
     def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
         from mpi4py import MPI
 
         out = np.empty_like(buf)
-        self.comm.Allreduce(buf, out, op=MPI.SUM)
+        with self.guard:
+            self.comm.Allreduce(buf, out, op=MPI.SUM)
         return out
 
     def all_equal(self, value) -> bool:
-        return len(set(self.comm.allgather(value))) == 1
+        with self.guard:
+            return len(set(self.comm.allgather(value))) == 1
 
 
 class MpiComm:
@@ -41,6 +48,7 @@ class MpiComm:
         self.host = MPI.Get_processor_name()
         self._stop = None
         self.watch = None  # called while waiting: raises when a peer is gone (parallel/liveness.py)
+        self.guard = None  # around the blocking collectives of data-parallel steps (liveness.StallGuard)
 
     def barrier(self):
         req = self.comm.Ibarrier()
@@ -92,11 +100,11 @@ class MpiComm:
     def split(self, color, key):
         self._meet()
         sub = MpiComm(self.comm.Split(color, key))
-        sub.watch = self.watch  # its members are among the watched peers
+        sub.watch, sub.guard = self.watch, self.guard  # its members are among the watched peers
         return sub
 
     def reducer(self):
-        return MpiReducer(self.comm)
+        return MpiReducer(self.comm, self.guard)
 
     def node_slot(self):
         """Where this rank sits on its host (devices.NodeSlot: its GPU follows from it). Collective."""
@@ -121,6 +129,8 @@ class MpiComm:
     def abort(self, code: int):
         sys.stderr.flush()
         time.sleep(1.0)  # let mpirun forward the last line: MPI_Abort kills the forwarding proxies at once
+        if threading.current_thread() is not threading.main_thread() and not self.threads_ok():
+            os._exit(code)  # the stall guard, while the main thread is in MPI: a rank gone non-zero ends the job
         self.comm.Abort(code)
 
     def prepare_stop(self):

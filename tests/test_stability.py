@@ -354,25 +354,29 @@ def test_batch_norm_net_through_both_options(tmp_path, tf_runtime, monkeypatch, 
     assert not np.allclose(plain["loss"], pair["loss"])  # the two options measure different networks
 
 
-def test_resume_after_a_kill_does_only_the_missing_work_and_p2_agrees(tmp_path):
+def test_resume_after_a_kill_does_only_the_missing_work_and_p2_agrees(tmp_path, tf_runtime):
     """Killed (SIGKILL) in the 3rd task, after pair k00's two trainings and before its evaluation: the rerun
     keeps those two files and trains only the rest; then P = 2 under mpirun gives the same barriers and the same
     endpoint weights bit for bit, though rank 1 trained dense pairs while rank 0 still trained the parent (an
-    MLP: parent_data_parallel = auto keeps it on rank 0; issue 33); a rerun of the finished run trains nothing."""
-    from faultkit import MPIRUN, finish, start
+    MLP: parent_data_parallel = auto keeps it on rank 0; issue 33); a rerun of the finished run trains nothing.
+    The two P = 1 reruns run in this process (run_serial: the command line's code at P = 1, without a
+    TensorFlow import each); the kill and P = 2 need processes of their own."""
+    from faultkit import MPIRUN, TINY_SETS, finish, start
 
+    from lthmpi.parallel.coordinator import run_serial
     from lthmpi.results import load
+    from lthmpi.validation import resolve
 
+    cfg = resolve(None, [*TINY_SETS, *ALONE])
     run = tmp_path / "p1"
     rc, _, err = finish(start(run, None, ALONE, env={"LTHMPI_FAULT": "kill:0:3"}))
     assert rc != 0
     tasks = run / "tasks"
     first = {f: os.stat(tasks / f).st_mtime_ns for f in ("stab_dense_k00_a.h5", "stab_dense_k00_b.h5")}
     assert not (tasks / "stab_dense_k00_eval.h5").exists() and not (tasks / "stab_dense_k01_a.h5").exists()
-    rc, out, err = finish(start(run, None, ALONE))
-    assert rc == 0, err
+    run_serial(cfg, str(run), threads=1, quiet=True)
     assert {f: os.stat(tasks / f).st_mtime_ns for f in first} == first
-    assert "resuming" in (run / "logs" / "rank0.log").read_text() or "2 of 6" in err + out
+    assert "resuming: 2 of 6" in (run / "logs" / "rank0.log").read_text()
     p1 = {p["pair"]: p["barrier"] for p in load(str(run))["stability"]}
     assert sorted(p1) == ["stab_dense_k00_eval", "stab_dense_k01_eval"]
     from lthmpi.analysis.report import analyse  # the pairs alone: no science grid, the stability figures
@@ -400,8 +404,7 @@ def test_resume_after_a_kill_does_only_the_missing_work_and_p2_agrees(tmp_path):
         assert [repr(t.get(k)) for k in same] == [repr(p1_tasks[t["task_id"]].get(k)) for k in same], t["task_id"]
     stamps = {f: os.stat(f).st_mtime_ns for f in [p2 / "parent.h5", *(p2 / "tasks").iterdir(),
                                                  *(p2 / "stability").iterdir()]}
-    rc, out, err = finish(start(p2, None, ALONE))  # after completion: nothing trained, nothing rewritten
-    assert rc == 0, err
+    run_serial(cfg, str(p2), threads=1, quiet=True)  # after completion: nothing trained, nothing rewritten
     assert {f: os.stat(f).st_mtime_ns for f in stamps} == stamps
     assert "resuming: 6 of 6" in (p2 / "logs" / "rank0.log").read_text()
 

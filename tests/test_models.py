@@ -23,6 +23,7 @@ TINY = {
     "resnet20": (16, 16, 3),
     "vgg16": (8, 8, 1),
     "mobilenetv2": (8, 8, 1),
+    "bn_conv": (16, 16, 3),  # tests/bnconv.py: test-only, not in MODELS (nor in NAMES)
 }
 PRUNABLE_TYPES = (keras.layers.Dense, keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
 
@@ -350,31 +351,39 @@ def test_max_pool_equals_keras_same_pooling(tf_runtime, shape):
 # XLA compiles MobileNetV2 and VGG-16 for minutes on a 2-core CPU, where they train on oneDNN without XLA
 # anyway (test_logits_and_masked_step above steps both); their XLA form, the GPU's, runs with the slow
 # variants (`./run/test.sh -m "battery or not battery"`). Every layer type they use but the depthwise
-# convolution is compiled here in the other nets.
+# convolution is compiled here in the other nets (MobileNetV2's residual Add and strided convolutions only in
+# the battery's ResNet-20, below).
 XLA_ON_CPU_TAKES_MINUTES = pytest.mark.battery
 # Variants whose compiled path another default test runs (each XLA compile is seconds of CPU on two cores):
-# Conv-2 and Conv-4 are Conv-6's code (models._conv_n) with fewer of the same layers, and Conv-6 runs here;
+# Conv-4 and Conv-6 are Conv-2's code (models._conv_n) with more of the same layers, and Conv-2 runs here (Conv-6
+# compiled for ~4 s of CPU more);
 # LeNet-300-100 trains on this XLA path (whole fused blocks, the CPU's default for a Dense net) in every
 # test_training.py test of a rig, which asserts the same (pruned weights exactly zero, kept ones moved).
+# ResNet-20's layers (convolution, lthmpi's FusedBatchNorm, ReLU, global average pool, Dense) are compiled here
+# in the test-only bn_conv (tests/bnconv.py), ~13 s of CPU less; only its residual Add and its strided
+# convolutions are not (test_logits_and_masked_step steps ResNet-20 without XLA).
 COVERED_ELSEWHERE = pytest.mark.battery
 
 
 def _compiled_variant(name):
     if name in ("vgg16", "mobilenetv2"):
         return pytest.param(name, marks=XLA_ON_CPU_TAKES_MINUTES)
-    if name in ("conv2", "conv4", "lenet300_100"):
+    if name in ("conv4", "conv6", "lenet300_100", "resnet20"):
         return pytest.param(name, marks=COVERED_ELSEWHERE)
     return name
 
 
-@pytest.mark.parametrize("name", [_compiled_variant(n) for n in NAMES])
-def test_compiled_masked_trainer_trains_every_model(tf_runtime, name):
+@pytest.mark.parametrize("name", [_compiled_variant(n) for n in NAMES] + ["bn_conv"])
+def test_compiled_masked_trainer_trains_every_model(tf_runtime, monkeypatch, name):
     """Two compiled training steps: MaxPooling2D's gradient, for one, has no deterministic XLA kernel."""
     from types import SimpleNamespace
+
+    import bnconv
 
     from lthmpi.config import TrainConfig
     from lthmpi.training import MaskedTrainer
 
+    monkeypatch.setitem(MODELS, bnconv.NAME, bnconv.build)
     shape = TINY[name]
     x, y = tiny_batch(shape, n=64)
     data = SimpleNamespace(x_train=x, y_train=y, x_val=x[:16], y_val=y[:16], x_test=x[:16], y_test=y[:16])

@@ -1,7 +1,7 @@
 """Job-array shards (lthmpi/parallel/shards.py): plain processes, no MPI, sharing one run directory. Two shards at
 once, on the tiny digits grid and on the IMP chains, one SIGKILLed mid-task: every task trained exactly once, the
-merge names what is missing, the rerun of the dead shard redoes only its unfinished work, and the results equal a
-one-process run at the same threads."""
+merge names what is missing, the rerun of the dead shard (in this process) redoes only its unfinished work, and the
+results equal a one-process run at the same threads."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,23 @@ from pathlib import Path
 
 import pytest
 
-from faultkit import assert_same_results, done_counts, error_lines, finish, launch, start, task_files, temporaries
+from faultkit import (assert_same_results, done_counts, error_lines, finish, launch, launch_in_process, start, task_files,
+                      temporaries)
 
 ONE_THREAD = ["parallel.threads=1"]
+
+
+def rerun_in_process(run, args, base):
+    """The dead shard's rerun through `lthmpi.main.main` in this process: the command line's code without another
+    TensorFlow import (~4 s of CPU); the shards before it are real processes, and so is the resubmitted element in
+    test_slurm.py::test_scancel_one_element_then_resubmit_trains_only_its_rest. A shard's run lock ends with its
+    process: dropped here, for --merge (a process) to take."""
+    from lthmpi.store import RunDir
+
+    try:
+        return launch_in_process(run, args=args, base=base)
+    finally:
+        RunDir(str(run)).unlock()
 
 
 def shard_args(config, i, n=3):
@@ -94,7 +108,7 @@ def test_two_shards_one_killed_then_rerun_equal_one_process(tiny_run, tiny_toml,
     assert not (run / "results.h5").exists()
 
     before = {p.name: p.stat().st_mtime_ns for p in (run / "tasks").glob("*.h5")}
-    rerun = launch(run, args=shard_args(tiny_toml, 1, 2), base=ONE_THREAD)
+    rerun = rerun_in_process(run, args=shard_args(tiny_toml, 1, 2), base=ONE_THREAD)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads((run / "shards" / "1-of-2.json").read_text())["trained"] == shares[1]["tasks"][1:]
     assert {p.name: p.stat().st_mtime_ns for p in (run / "tasks").glob("*.h5") if p.name in before} == before
@@ -230,7 +244,7 @@ def test_imp_chains_over_shards_one_killed(imp_reference, tmp_path, n):
         (line,) = error_lines(merge.stderr)
         assert merge.returncode == 2 and f"rerun shard 1/{n}" in line and all(t in line for t in list(missing)[:8])
     before = {p.name: p.stat().st_mtime_ns for p in (run / "tasks").glob("*.h5")}
-    rerun = launch(run, args=shard_args(toml, 1, n), base=[])
+    rerun = rerun_in_process(run, args=shard_args(toml, 1, n), base=[])
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert set(json.loads((run / "shards" / f"1-of-{n}.json").read_text())["trained"]) == missing
     assert {p.name: p.stat().st_mtime_ns for p in (run / "tasks").glob("*.h5") if p.name in before} == before

@@ -316,7 +316,8 @@ def chain_mask_bytes(run_dir) -> dict:
 def test_sigkill_mid_chain_resumes_without_retraining_and_three_ranks_agree(imp_run, tmp_path):
     """P = 1 killed (SIGKILL) in its third task, resumed on 3 ranks: no finished level is trained again, every
     rank trains levels whose masks other ranks cut, and the result equals the uninterrupted one-process run
-    (`imp_run`: masks, measurements, curves, bit for bit)."""
+    (`imp_run`: masks, measurements, curves, bit for bit). Keep P = 3: it is the default suite's lpt on chains
+    under mpirun -np 3 (test_graph_run.py's lpt variant is in the battery)."""
     from faultkit import assert_same_results, done_counts, finish, launch, records, start, task_files
 
     cfg, reference = imp_run

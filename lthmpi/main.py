@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -84,6 +85,18 @@ def main(argv=None, prog: str = "python -m lthmpi.main", signals: bool | None = 
         return report_error(e)
 
 
+@contextlib.contextmanager
+def _unlocked_after(run_dir: str):
+    """The run lock a shard or a merge took, dropped when it ends, as the coordinator drops its own: the process
+    (a notebook, a test) may go on to another step on the same directory."""
+    from .store import RunDir
+
+    try:
+        yield
+    finally:
+        RunDir(run_dir).unlock()
+
+
 def shard_main(args, t_start: float) -> int:
     """--shard I/N and --merge: one process each, never under mpirun."""
     from .parallel.phases import default_run_dir
@@ -99,7 +112,9 @@ def shard_main(args, t_start: float) -> int:
         cfg = resolve(args.config, args.sets) if args.config or args.sets else None
         if cfg is None and not args.run_dir:
             raise ConfigError("--merge needs the run directory: --run-dir DIR (or the shards' --config/--set)")
-        path = shards.merge_run(cfg, args.run_dir or default_run_dir(cfg), t_start)
+        run_dir = args.run_dir or default_run_dir(cfg)
+        with _unlocked_after(run_dir):
+            path = shards.merge_run(cfg, run_dir, t_start)
         if not args.quiet:
             from .results import format_table, load
 
@@ -109,8 +124,8 @@ def shard_main(args, t_start: float) -> int:
     share = shards.parse_shard(args.shard)
     cfg = resolve(args.config, args.sets)
     run_dir = args.run_dir or default_run_dir(cfg)
-    did = shards.run_shard(cfg, run_dir, share, t_start, quiet=args.quiet,
-                           allow_mixed=args.allow_mixed)
+    with _unlocked_after(run_dir):
+        did = shards.run_shard(cfg, run_dir, share, t_start, quiet=args.quiet, allow_mixed=args.allow_mixed)
     who = f"shard {share[0]}/{share[1]}: trained {len(did['trained'])} tasks" if share else "parent and masks ready"
     print(f"{who}; {did['done']} of {did['total']} tasks done in {run_dir}"
           + ("; merge with --merge" if did["done"] == did["total"] else ""))

@@ -18,14 +18,9 @@ ONE_THREAD = ["parallel.threads=1"]
 def rerun_in_process(run, args, base):
     """The dead shard's rerun through `lthmpi.main.main` in this process: the command line's code without another
     TensorFlow import (~4 s of CPU); the shards before it are real processes, and so is the resubmitted element in
-    test_slurm.py::test_scancel_one_element_then_resubmit_trains_only_its_rest. A shard's run lock ends with its
-    process: dropped here, for --merge (a process) to take."""
-    from lthmpi.store import RunDir
-
-    try:
-        return launch_in_process(run, args=args, base=base)
-    finally:
-        RunDir(str(run)).unlock()
+    test_slurm.py::test_scancel_one_element_then_resubmit_trains_only_its_rest. It drops its run lock as it ends
+    (lthmpi/main.py), or the --merge process after it would wait for this one."""
+    return launch_in_process(run, args=args, base=base)
 
 
 def shard_args(config, i, n=3):

@@ -51,10 +51,14 @@ MEASURED = ("final_accuracy", "early_stop_iteration", "early_stop_accuracy", "be
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """P = 1 without mpirun: the one-rank communicator."""
+def reference(tmp_path_factory, tf_runtime):
+    """P = 1 without mpirun: the one-rank communicator, through lthmpi.main.main in this process (one TF thread,
+    as every rank): the command line's code after the interpreter starts, without a process importing
+    TensorFlow (~5 s of CPU)."""
+    from faultkit import main_in_process
+
     run = tmp_path_factory.mktemp("p1") / "run"
-    r = launch(run)
+    r = main_in_process(["--run-dir", str(run), *TINY])
     assert r.returncode == 0, r.stderr
     return run
 
@@ -111,8 +115,8 @@ def test_a_stored_value_moved_past_its_tolerance_is_caught(reference):
 OTHER_SCHEDULES = pytest.mark.battery
 # P = 3 under lpt and dynamic runs in the default suite, bitwise against P = 1 with every task trained once:
 # test_failing_rank_aborts_job_and_rerun_resumes trains part of the grid under lpt (the default schedule) in its
-# first run and the rest under dynamic on all three ranks in its rerun, and compares the whole with `reference`;
-# test_pai.py::test_snip_grid_p3_under_mpirun_equals_p1 runs a whole grid under lpt on all three ranks. So the
+# first run and the rest under dynamic on all three ranks in its rerun, and compares the whole with `reference`
+# (and test_pai.py::test_snip_grid_p2_under_mpirun_equals_p1 runs a whole grid under lpt on two ranks). So the
 # three fresh P = 3 runs here are battery variants.
 P3_ALSO_ELSEWHERE = pytest.mark.battery
 

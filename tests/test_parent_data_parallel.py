@@ -1,14 +1,16 @@
 """The parent trained data-parallel over every rank (`parallel.parent_data_parallel`, issue 33): `auto` picks as
-documented, and a conv net's parent trained over 3 ranks under real mpirun (2 ranks: a battery variant) gives
+documented, and a conv net's parent trained over 2 ranks under real mpirun (3 ranks: a battery variant) gives
 the masks and the retraining results of a parent trained on one rank.
 
 Why they can differ at all: the global batch and its order do not change with P, only the order of the float
 sums of a batch's gradient (each rank sums its rows, the Allreduce sums the ranks) and the compiled step (one
 step per call with the Allreduce between its halves, against up to eval_every fused steps on one rank). The
-tolerance held here, measured on this box (Conv-2 on the digits, 1 epoch = 38 steps of 32, one TF thread per
+tolerance held here, measured on this box (Conv-2 on the digits, 1 epoch = 37 steps of 33, one TF thread per
 rank): masks identical, 0 of the 367,680 prunable weights flipped at P = 2 and 3; the parent's final weights
-within 1e-4 of each array's largest magnitude (measured 2.2e-5); accuracies, iterations and early-stopping
-points exact; losses within 1e-5 relative (measured 2e-7).
+within 1e-4 of each array's largest magnitude (measured 7.2e-6 at P = 2, 2.1e-6 at P = 3); accuracies,
+iterations and early-stopping points exact; losses within 1e-5 relative (measured 1.6e-7). How far the
+rounding carries depends on the data: with 203 validation examples (and batches of 32) a weight moved by 2e-3
+of its array's largest at P = 2, above the tolerance.
 """
 from __future__ import annotations
 
@@ -30,8 +32,11 @@ from lthmpi.validation import validate
 ROOT = Path(__file__).resolve().parents[1]
 MPIRUN = Path(sys.executable).parent / "mpirun"
 
-CONV = {"data": {"dataset": "digits", "validation": 200}, "model": {"name": "conv2"},
-        "train": {"epochs": 1, "batch_size": 32, "eval_every": "10it"},
+# A batch of 33 and 201 validation examples: two ranks take 17 + 16 rows of each batch and evaluate 100 + 101
+# examples: uneven shares on P = 2 (a per-rank mean, where each rank's sum over the whole batch's size is due,
+# would show).
+CONV = {"data": {"dataset": "digits", "validation": 201}, "model": {"name": "conv2"},
+        "train": {"epochs": 1, "batch_size": 33, "eval_every": "10it"},
         "prune": {"remaining": [0.2]}, "reset": {"points": ["0ep"], "controls": []}}
 WEIGHT_TOL = 1e-4  # of each array's largest magnitude
 LOSS_TOL = 1e-5  # relative
@@ -99,7 +104,7 @@ def runs(tmp_path_factory, tf_runtime):
 
 
 def test_auto_trains_a_conv_parent_over_every_rank_and_records_it(runs):
-    for p in (1, 3):
+    for p in (1, 2):
         run = runs(p)
         res = results.load(str(run))
         assert bool(res["provenance"]["parent_data_parallel"]) is (p > 1)
@@ -107,11 +112,10 @@ def test_auto_trains_a_conv_parent_over_every_rank_and_records_it(runs):
         assert (f"parent trained data-parallel over {p} ranks" in log) is (p > 1)
 
 
-# P = 2 is a battery variant: P = 3 runs the same code (each rank's rows of the global batch, the Allreduce
-# between the halves of a step) with an uneven split of the batch (11 + 11 + 10 rows), and a parent trained
-# data-parallel over 2 ranks runs in the default suite in test_mpi.py's
-# test_batch_norm_statistics_agree_across_data_parallel_replicas (ResNet-20, `auto`).
-@pytest.mark.parametrize("p", [pytest.param(2, marks=pytest.mark.battery), 3])
+# P = 3 is a battery variant: P = 2 runs the same code (each rank's rows of the global batch, the Allreduce
+# between the halves of a step) with uneven shares (CONV), one TensorFlow import fewer; a third rank adds only
+# a larger Allreduce.
+@pytest.mark.parametrize("p", [2, pytest.param(3, marks=pytest.mark.battery)])
 def test_parent_over_p_ranks_gives_the_masks_and_results_of_one_rank(runs, p):
     one, many = runs(1), runs(p)
     masks1, masks = _datasets(one / "masks.h5"), _datasets(many / "masks.h5")

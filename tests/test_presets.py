@@ -43,12 +43,20 @@ def test_default_preset_is_the_builtin_default():
     assert resolve(str(ROOT / "run/configs/default.toml")).hash() == Config().hash()
 
 
-@pytest.mark.parametrize("model,dataset,total", [("lenet300_100", "fashion_mnist", "266,610"),
-                                                 ("mobilenetv2", "imagenet", "3,538,984")])
-def test_describe_prints_layers_and_paper_parameter_count(model, dataset, total, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "lthmpi.main", "--describe", "--set", f"model.name={model}",
-                        "--set", f"data.dataset={dataset}", "--set", f"data.dir={tmp_path}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("model,dataset,total,how", [("lenet300_100", "fashion_mnist", "266,610", "process"),
+                                                     ("mobilenetv2", "imagenet", "3,538,984", "in_process")])
+def test_describe_prints_layers_and_paper_parameter_count(model, dataset, total, how, tmp_path):
+    """The command line as a process of its own once; MobileNetV2 through lthmpi.main.main in this process, the
+    same code after the interpreter starts, without a second TensorFlow import (~4 s of CPU)."""
+    from faultkit import main_in_process
+
+    args = ["--describe", "--set", f"model.name={model}", "--set", f"data.dataset={dataset}",
+            "--set", f"data.dir={tmp_path}"]
+    if how == "process":
+        r = subprocess.run([sys.executable, "-m", "lthmpi.main", *args], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    else:
+        r = main_in_process(args)
     assert r.returncode == 0, r.stderr
     assert f"total params: {total}" in r.stdout
     assert "output" in r.stdout and "prunable" in r.stdout
@@ -168,6 +176,9 @@ def test_presets_on_image_trees_use_their_papers_input_size(tmp_path):
 
 
 def test_describe_an_image_tree_without_its_directory_is_one_line():
-    r = subprocess.run([sys.executable, "-m", "lthmpi.main", "--describe", "--set", "data.dataset=imagefolder",
-                        "--set", "data.dir=/nonexistent/tree"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    """In this process: a refusal after TensorFlow's import as a real process, its own start-up output on stderr
+    included, is tests/test_bad_config.py's (BY_CLI)."""
+    from faultkit import main_in_process
+
+    r = main_in_process(["--describe", "--set", "data.dataset=imagefolder", "--set", "data.dir=/nonexistent/tree"])
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "set data.dir to the image tree" in r.stderr

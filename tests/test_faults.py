@@ -809,9 +809,22 @@ def test_stale_lock_of_a_killed_run_is_taken_over(reference, tmp_path):
 
 # -- divergence ------------------------------------------------------------------------------------------------
 
-def test_diverged_retraining_is_recorded_not_a_crash(reference, tmp_path):
+def test_diverged_retraining_is_recorded_not_a_crash(reference, tmp_path, monkeypatch):
+    """Rank 0's second task gets NaN weights: recorded diverged, the run goes on. Through lthmpi.main.main in this
+    process (what it checks is the run's records, not the interpreter's start; the processes of `killed_run` are
+    compared with `reference` bit for bit), from the reference's parent and masks (the divergence is a retraining's)."""
+    from lthmpi import faults
+
     run = tmp_path / "run"
-    r = launch(run, env={"LTHMPI_FAULT": "nan:0:2"})
+    (run / "tasks").mkdir(parents=True)
+    for name in ("config.toml", "parent.h5", "masks.h5"):
+        shutil.copy(reference / name, run / name)
+    monkeypatch.setenv("LTHMPI_FAULT", "nan:0:2")
+    try:
+        r = launch_in_process(run)
+    finally:
+        monkeypatch.delenv("LTHMPI_FAULT")
+        faults.set_fault(0)  # the fault of this run (a module global) ends with it
     assert r.returncode == 0, r.stderr[-3000:]
     recs = records(run)
     assert len(recs) == N_TASKS

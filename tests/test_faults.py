@@ -718,51 +718,49 @@ def rerun_of_one_task(corrupt_runs):
     return run, damaged, before, launch(run, 2)
 
 
-class TestCorruptInput:
-    """The corrupt-input cases (2 CLI runs, 13 in this process) and the rerun of one of them (on 2 ranks, one with
-    no task) are a class so that pytest-xdist's loadscope runs them on one worker while the rest of this module runs
-    on the other (tests/conftest.py): one more `reference` run, minutes less wall time."""
-
-    @pytest.mark.parametrize("name", CORRUPT)
-    def test_corrupt_input_is_named_in_one_line(self, corrupt_runs, reference, name):
-        proc, run, sets, words = corrupt_runs[name]
-        if words is None:  # results.h5 is derived: a damaged one is rebuilt from the task files
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            assert_every_h5_readable(run)
-            assert_same_results(run, reference)
-            note(f"corrupt input: {name}", "rerun rc 0: results.h5 rebuilt from the task files, equal")
-            return
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-        assert len(lines) == 1 and lines[0].startswith("lthmpi: error: "), proc.stderr[-3000:]
-        assert "Traceback" not in proc.stderr
-        for w in words:
-            assert w in lines[0], (w, lines[0])
-        if not name.startswith(("task_", "parent_", "masks_")):
-            assert not run.exists(), "a failed start leaves no run directory"
-        note(f"corrupt input: {name}", f"rc 2, {lines[0][:110]}")
-
-
-    def test_rerun_after_deleting_a_corrupt_task_recomputes_only_it(self, rerun_of_one_task, reference):
-        run, damaged, before, r = rerun_of_one_task
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert done_counts(run) == {damaged.stem: 1}, "only the deleted task is trained again"
+# Not a class of their own (an xdist loadscope scope on another worker, with a `reference` run of its own): since
+# `killed_run` took the interrupted run in, the whole module fits one worker, and shares one `reference`.
+@pytest.mark.parametrize("name", CORRUPT)
+def test_corrupt_input_is_named_in_one_line(corrupt_runs, reference, name):
+    proc, run, sets, words = corrupt_runs[name]
+    if words is None:  # results.h5 is derived: a damaged one is rebuilt from the task files
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert_every_h5_readable(run)
         assert_same_results(run, reference)
-        for name, mtime in before.items():
-            assert (run / "tasks" / name).stat().st_mtime_ns == mtime
+        note(f"corrupt input: {name}", "rerun rc 0: results.h5 rebuilt from the task files, equal")
+        return
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("lthmpi: error: "), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    if not name.startswith(("task_", "parent_", "masks_")):
+        assert not run.exists(), "a failed start leaves no run directory"
+    note(f"corrupt input: {name}", f"rc 2, {lines[0][:110]}")
 
-    def test_idle_ranks_without_subgroups_run_and_are_logged(self, rerun_of_one_task):
-        """The default `parallel.subgroups = auto` keeps a Dense-only net out of subgroups: the extra rank waits
-        (2 ranks, the one task of the rerun above)."""
-        run, _, _, r = rerun_of_one_task
-        assert r.returncode == 0, r.stderr[-3000:]
-        text = (run / "logs" / "rank0.log").read_text()
-        m = re.search(r"1 workers have no task and wait \(ranks (\d)\)", text)
-        assert m, text
-        assert "parallel.subgroups = auto: no data-parallel subgroups for a model without convolutions" in text
-        assert log_has(run, f"rank {m.group(1)} has no task", int(m.group(1)))
-        note("2 ranks, 1 task to do, parallel.subgroups = auto (Dense-only net)",
-             f"rc 0; rank 0's log: 1 workers have no task and wait (ranks {m.group(1)}), and why")
+
+def test_rerun_after_deleting_a_corrupt_task_recomputes_only_it(rerun_of_one_task, reference):
+    run, damaged, before, r = rerun_of_one_task
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert done_counts(run) == {damaged.stem: 1}, "only the deleted task is trained again"
+    assert_same_results(run, reference)
+    for name, mtime in before.items():
+        assert (run / "tasks" / name).stat().st_mtime_ns == mtime
+
+
+def test_idle_ranks_without_subgroups_run_and_are_logged(rerun_of_one_task):
+    """The default `parallel.subgroups = auto` keeps a Dense-only net out of subgroups: the extra rank waits
+    (2 ranks, the one task of the rerun above)."""
+    run, _, _, r = rerun_of_one_task
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = (run / "logs" / "rank0.log").read_text()
+    m = re.search(r"1 workers have no task and wait \(ranks (\d)\)", text)
+    assert m, text
+    assert "parallel.subgroups = auto: no data-parallel subgroups for a model without convolutions" in text
+    assert log_has(run, f"rank {m.group(1)} has no task", int(m.group(1)))
+    note("2 ranks, 1 task to do, parallel.subgroups = auto (Dense-only net)",
+         f"rc 0; rank 0's log: 1 workers have no task and wait (ranks {m.group(1)}), and why")
 
 
 def test_analysis_refuses_a_corrupt_results_file(reference, tmp_path):

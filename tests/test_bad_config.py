@@ -1,9 +1,10 @@
 """Bad configuration through the command line (with and without mpirun), beyond the cases of
 tests/test_config.py (in-process) and tests/test_cli.py: each gives one stderr line starting
 "lthmpi: error:", exit status 2, no traceback, and no run directory left behind. BY_CLI and the mpirun cases
-run as real processes (TensorFlow's own start-up output on stderr included); the others through
-lthmpi.main.main in the worker, which is the same code after the interpreter starts, without ~60 process
-starts (eight of them TensorFlow imports)."""
+run as real processes (TensorFlow's own start-up output on stderr included: the mpirun case of
+device_gpu_without_gpu, two ranks each importing TensorFlow); the others through lthmpi.main.main in the
+worker, which is the same code after the interpreter starts, without ~60 process starts (nine of them
+TensorFlow imports)."""
 from __future__ import annotations
 
 import os
@@ -88,9 +89,11 @@ CASES = {
     "npz_missing": (["data.dataset=npz", "data.dir=/nonexistent/x.npz"], ["npz", "/nonexistent/x.npz"]),
 }
 
-# Real processes: a file's typo, a refusal after the data is read (TensorFlow imported) and one after TensorFlow
-# looked for a GPU, where its own start-up lines would reach stderr.
-BY_CLI = ("typo_in_file", "batch_larger_than_training_set", "device_gpu_without_gpu")
+# Real processes: a file's typo and a refusal after the data is read (neither imports TensorFlow). The refusal
+# after TensorFlow looked for a GPU, where its own start-up lines would reach stderr, is a real process under
+# mpirun (test_bad_config_under_mpirun_is_said_once[device_gpu_without_gpu]: two ranks' stderr, one line); its
+# serial case runs in the worker, which has imported TensorFlow anyway in the suite (tests/conftest.py).
+BY_CLI = ("typo_in_file", "batch_larger_than_training_set")
 
 
 def run_case(base: Path, name: str, np_=None, cli: bool = True):

@@ -226,97 +226,30 @@ def test_run_directory_lock_names_the_holder_and_dies_with_it(tmp_path, tiny_con
     run.unlock()
 
 
-# -- a rank dies, then rank 0 in the merge, then a second run meets the resume ---------------------------------
-# One run through three launches, each a fault of its own, so that each launch also resumes the last one:
+# -- a dead rank, SIGTERM and Ctrl-C, rank 0 dead in the merge, a second run on the directory -------------------
+# One run through five launches, each a fault of its own, so that each launch also resumes the last one (every
+# launch is a TensorFlow import per rank; the training itself takes seconds):
 #   1. P = 3, rank 1 SIGKILLed in its second task (a dead node): the job ends by itself;
-#   2. the rerun on P = 2 (another number of ranks) trains the rest, and rank 0 is SIGKILLed in the merge;
-#   3. the serial rerun rebuilds results.h5 from the task files; while it waits in its merge, a second run on
+#   2. a scheduler's time limit: SIGTERM to mpirun -np 2 while rank 1 is in its first task, once rank 0 has saved
+#      one (launch 1 left rank 1's second and third tasks, so the P = 2 plan gives each rank at least one);
+#   3. Ctrl-C (SIGINT) to the serial rerun in its first task (launch 2 dropped rank 1's task in flight);
+#   4. the serial rerun trains the rest and is SIGKILLed in the merge (a second rank would only exit after the
+#      gather: launch 2 resumes on P = 2, and the battery kills rank 0 of P = 2 in the merge and the gather);
+#   5. the serial rerun rebuilds results.h5 from the task files; while it waits in its merge, a second run on
 #      the same directory (mpirun -np 2) is refused.
-# The directory after launches 1 and 2 is kept as a copy for the test that asserts that state.
-
-@pytest.fixture(scope="module")
-def killed_run(reference, tmp_path_factory):
-    base = tmp_path_factory.mktemp("killed")
-    run = base / "run"
-    out = {"run": run}
-    p = start(run, 3, env={"LTHMPI_FAULT": "kill:1:2"})
-    wait_for(lambda: task_files(run), p, what="the first task file")
-    t = time.time()
-    out["rc1"], _, out["err1"] = finish(p, timeout=120)
-    out["ended_in"] = time.time() - t
-    out["after_kill"] = shutil.copytree(run, base / "after_kill")
-    out["mtimes1"] = mtimes(run)
-
-    out["merge"] = launch(run, 2, env={"LTHMPI_FAULT": "kill:0:merge"})
-    out["after_merge"] = shutil.copytree(run, base / "after_merge")
-    out["mtimes2"] = mtimes(run)
-
-    first = start(run, env={"LTHMPI_FAULT": "wait:0:merge"})
-    try:
-        wait_for(lambda: log_has(run, WAITING, 0), first, what="the serial rerun in its merge")
-        t = time.time()
-        out["second"] = launch(run, 2)
-        out["refused_in"] = time.time() - t
-        out["first_pid"] = first.pid
-    finally:
-        if first.poll() is None:
-            os.kill(first.pid, signal.SIGUSR1)
-    out["first_rc"], _, out["first_err"] = finish(first)
-    return out
-
-
-def test_rank_sigkilled_mid_task(killed_run, reference):
-    """P = 3, rank 1 SIGKILLed in its second task (a dead node): the job ends by itself, non-zero; the rerun
-    (P = 2, then serial: the directory does not care) finishes the work, equal to an uninterrupted run, redoing
-    no finished task."""
-    k = killed_run
-    rc, ended_in, killed = k["rc1"], k["ended_in"], k["after_kill"]
-    assert rc != 0 and ended_in < 60, (rc, ended_in, k["err1"][-2000:])
-    finished = task_files(killed)
-    assert 0 < len(finished) < N_TASKS
-    assert set(done_counts(killed)) == finished
-    assert_every_h5_readable(killed)
-    assert not (killed / "results.h5").exists()
-    resumed = k["after_merge"]  # the P = 2 rerun trained every other task, each once, and rewrote none
-    counts = done_counts(resumed)
-    assert task_files(resumed) == task_files(reference) and sorted(counts) == sorted(task_files(reference)), counts
-    assert set(counts.values()) == {1}, f"a finished task was redone: {counts}"
-    assert {n: t for n, t in k["mtimes2"].items() if n in k["mtimes1"]} == k["mtimes1"]
-    assert k["first_rc"] == 0, k["first_err"][-3000:]
-    assert_resumed_cleanly(k["run"], reference, k["mtimes1"])
-    note("rank 1 SIGKILLed mid-task (P=3)", f"job ended by itself in {ended_in:.1f} s, rc {rc}; "
-         f"{len(finished)}/{N_TASKS} tasks kept; rerun (P=2) trained the rest once each; results equal")
-
-
-def test_rank0_killed_in_the_merge(killed_run, reference):
-    """Rank 0 SIGKILLed while it writes results.h5 (P = 2, the rerun of launch 1): every task is on disk, the
-    half-written merge is a temporary, never results.h5; the serial rerun rebuilds it from the task files."""
-    k = killed_run
-    rc, run = k["merge"].returncode, k["after_merge"]
-    assert rc != 0, k["merge"].stderr[-3000:]
-    assert task_files(run) == task_files(reference), "every task was on disk before the gather"
-    assert not (run / "results.h5").exists()
-    files = assert_every_h5_readable(run)  # a half-written merge is a .tmp- file, never results.h5
-    left = temporaries(run)
-    assert left, "the merge was killed half-way: its temporary is left"
-    assert k["first_rc"] == 0, k["first_err"][-3000:]
-    assert_resumed_cleanly(k["run"], reference, k["mtimes2"])
-    note("rank 0 SIGKILLed in the merge (P=2)", f"rc {rc}; {len(files)} .h5 files all readable, {len(left)} "
-         "temporaries; rerun rebuilt results.h5 from the task files, none redone")
-
-
-# -- SIGTERM / SIGINT ----------------------------------------------------------------------------------------
+# The directory after each of launches 1 to 4 is kept as a copy for the tests that assert that state.
 
 def saving_rank(run, task_id: str) -> int:
     with h5py.File(run / "tasks" / f"{task_id}.h5", "r") as f:
         return int(f.attrs["rank"])
 
 
-def interrupt_mid_task(run: Path, sig, np_, rank: int, task: int):
-    """Run until `rank` is in its `task`-th task, send `sig` (to mpirun, which forwards it to every rank, or to
-    the serial run): (exit status, stdout, stderr, seconds it took to end)."""
+def interrupt_mid_task(run: Path, sig, np_, rank: int, task: int, also=lambda: True):
+    """Run until `rank` is in its `task`-th task (and `also()` holds), send `sig` (to mpirun, which forwards it to
+    every rank, or to the serial run): (exit status, stdout, stderr, seconds it took to end). In `killed_run` no
+    earlier launch waited in that task on that rank (a rank's log appends over the launches)."""
     p = start(run, np_, env={"LTHMPI_FAULT": f"wait:{rank}:{task}"})
-    wait_for(lambda: log_has(run, WAITING, rank), p, what="a task in flight")
+    wait_for(lambda: log_has(run, f"{WAITING} in task {task}", rank) and also(), p, what="a task in flight")
     t = time.time()
     os.kill(p.pid, sig)
     rc, out, err = finish(p, timeout=60)
@@ -347,49 +280,111 @@ def assert_stopped_cleanly(rc, out, err, sig, run: Path, np_, rank: int, earlier
 
 
 @pytest.fixture(scope="module")
-def interrupted(tmp_path_factory):
-    """One run through three launches, each resuming the last: a scheduler's time limit (SIGTERM) to mpirun -np 3
-    while rank 1 is in its second task; Ctrl-C (SIGINT) to the serial rerun in its first task; the serial rerun
-    to the end. The directory after each interrupted launch is kept as a copy."""
-    base = tmp_path_factory.mktemp("interrupted")
-    run, out = base / "run", {}
-    out["term"] = interrupt_mid_task(run, signal.SIGTERM, 3, 1, 2)
+def killed_run(reference, tmp_path_factory):
+    base = tmp_path_factory.mktemp("killed")
+    run = base / "run"
+    out = {"run": run}
+    p = start(run, 3, env={"LTHMPI_FAULT": "kill:1:2"})
+    wait_for(lambda: task_files(run), p, what="the first task file")
+    t = time.time()
+    out["rc1"], _, out["err1"] = finish(p, timeout=120)
+    out["ended_in"] = time.time() - t
+    out["after_kill"] = shutil.copytree(run, base / "after_kill")
+    out["mtimes1"] = mtimes(run)
+
+    kept = set(done_counts(run))  # below: rank 0's first task of launch 2 done (its log line, after its file)
+    out["term"] = interrupt_mid_task(run, signal.SIGTERM, 2, 1, 1, also=lambda: set(done_counts(run)) - kept)
     out["after_term"], out["mtimes_term"] = shutil.copytree(run, base / "after_term"), mtimes(run)
     out["int"] = interrupt_mid_task(run, signal.SIGINT, None, 0, 1)
     out["after_int"], out["mtimes_int"] = shutil.copytree(run, base / "after_int"), mtimes(run)
-    out["rerun"] = launch(run)
-    out["run"] = run
+
+    out["merge"] = launch(run, env={"LTHMPI_FAULT": "kill:0:merge"})
+    out["after_merge"] = shutil.copytree(run, base / "after_merge")
+    out["mtimes2"] = mtimes(run)
+
+    first = start(run, env={"LTHMPI_FAULT": "wait:0:merge"})
+    try:
+        wait_for(lambda: log_has(run, f"{WAITING} in merge", 0), first, what="the serial rerun in its merge")
+        t = time.time()
+        out["second"] = launch(run, 2)
+        out["refused_in"] = time.time() - t
+        out["first_pid"] = first.pid
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGUSR1)
+    out["first_rc"], _, out["first_err"] = finish(first)
     return out
 
 
-def test_sigterm_to_mpirun_mid_task(interrupted, reference):
-    """A scheduler's time limit (SIGTERM to mpirun -np 3) while rank 1's task is in flight: every rank unwinds,
-    that task is dropped, nothing half-written, exit 143; the reruns (serial: a run directory does not care how
-    many ranks made it) resume it, equal to the uninterrupted run, redoing no finished task."""
-    i = interrupted
-    rc, out, err, ended_in = i["term"]
-    finished = assert_stopped_cleanly(rc, out, err, signal.SIGTERM, i["after_term"], 3, 1)
-    assert i["rerun"].returncode == 0, i["rerun"].stderr[-3000:]
-    assert_resumed_cleanly(i["run"], reference, i["mtimes_term"])
-    note("SIGTERM to mpirun -np 3 mid-task",
-         f"rc {rc} in {ended_in:.1f} s, one line, no temporaries, {len(finished)}/{N_TASKS} kept; rerun rc 0, equal")
+def test_rank_sigkilled_mid_task(killed_run, reference):
+    """P = 3, rank 1 SIGKILLed in its second task (a dead node): the job ends by itself, non-zero; the reruns
+    (P = 2, then serial: the directory does not care) finish the work, equal to an uninterrupted run, redoing no
+    finished task."""
+    k = killed_run
+    rc, ended_in, killed = k["rc1"], k["ended_in"], k["after_kill"]
+    assert rc != 0 and ended_in < 60, (rc, ended_in, k["err1"][-2000:])
+    finished = task_files(killed)
+    assert 0 < len(finished) < N_TASKS
+    assert set(done_counts(killed)) == finished
+    assert_every_h5_readable(killed)
+    assert not (killed / "results.h5").exists()
+    resumed = k["after_merge"]  # the reruns up to launch 4 trained every other task, each once, and rewrote none
+    counts = done_counts(resumed)
+    assert task_files(resumed) == task_files(reference) and sorted(counts) == sorted(task_files(reference)), counts
+    assert set(counts.values()) == {1}, f"a finished task was redone: {counts}"
+    assert {n: t for n, t in k["mtimes2"].items() if n in k["mtimes1"]} == k["mtimes1"]
+    assert k["first_rc"] == 0, k["first_err"][-3000:]
+    assert_resumed_cleanly(k["run"], reference, k["mtimes1"])
+    note("rank 1 SIGKILLed mid-task (P=3)", f"job ended by itself in {ended_in:.1f} s, rc {rc}; "
+         f"{len(finished)}/{N_TASKS} tasks kept; the reruns trained the rest once each; results equal")
 
 
-def test_sigint_to_a_serial_rerun_mid_task(interrupted, reference):
-    """Ctrl-C (SIGINT) to a serial run (the rerun of the one above) while its task is in flight: the same, exit
-    130; the next rerun finishes it."""
-    i = interrupted
-    rc, out, err, ended_in = i["int"]
-    finished = assert_stopped_cleanly(rc, out, err, signal.SIGINT, i["after_int"], None, 0,
-                                      earlier=task_files(i["after_term"]))
-    assert i["rerun"].returncode == 0, i["rerun"].stderr[-3000:]
-    assert_resumed_cleanly(i["run"], reference, i["mtimes_int"])
+def test_sigterm_to_mpirun_mid_task(killed_run, reference):
+    """A scheduler's time limit (SIGTERM to mpirun -np 2, launch 2 of `killed_run`) while rank 1's task is in
+    flight: every rank unwinds, that task is dropped, nothing half-written, exit 143; the reruns resume it,
+    equal to the uninterrupted run, redoing no finished task."""
+    k = killed_run
+    rc, out, err, ended_in = k["term"]
+    finished = assert_stopped_cleanly(rc, out, err, signal.SIGTERM, k["after_term"], 2, 1,
+                                      earlier=task_files(k["after_kill"]))
+    assert k["first_rc"] == 0, k["first_err"][-3000:]
+    assert_resumed_cleanly(k["run"], reference, k["mtimes_term"])
+    note("SIGTERM to mpirun -np 2 mid-task",
+         f"rc {rc} in {ended_in:.1f} s, one line, no temporaries, {len(finished)}/{N_TASKS} kept; reruns rc 0, equal")
+
+
+def test_sigint_to_a_serial_rerun_mid_task(killed_run, reference):
+    """Ctrl-C (SIGINT) to a serial run (launch 3 of `killed_run`, the rerun of the one above) while its task is
+    in flight: the same, exit 130; the next reruns finish it."""
+    k = killed_run
+    rc, out, err, ended_in = k["int"]
+    finished = assert_stopped_cleanly(rc, out, err, signal.SIGINT, k["after_int"], None, 0,
+                                      earlier=task_files(k["after_term"]))
+    assert k["first_rc"] == 0, k["first_err"][-3000:]
+    assert_resumed_cleanly(k["run"], reference, k["mtimes_int"])
     note("SIGINT to a serial run mid-task",
-         f"rc {rc} in {ended_in:.1f} s, one line, no temporaries, {len(finished)}/{N_TASKS} kept; rerun rc 0, equal")
+         f"rc {rc} in {ended_in:.1f} s, one line, no temporaries, {len(finished)}/{N_TASKS} kept; reruns rc 0, equal")
 
 
-# Each from a fresh run of its own; the default suite runs SIGTERM to mpirun and SIGINT to a serial run as two
-# launches of one run (`interrupted`: test_sigterm_to_mpirun_mid_task, test_sigint_to_a_serial_rerun_mid_task).
+def test_rank0_killed_in_the_merge(killed_run, reference):
+    """Rank 0 SIGKILLed while it writes results.h5 (the serial launch 4 of `killed_run`): every task is on disk,
+    the half-written merge is a temporary, never results.h5; the serial rerun rebuilds it from the task files."""
+    k = killed_run
+    rc, run = k["merge"].returncode, k["after_merge"]
+    assert rc != 0, k["merge"].stderr[-3000:]
+    assert task_files(run) == task_files(reference), "every task was on disk before the gather"
+    assert not (run / "results.h5").exists()
+    files = assert_every_h5_readable(run)  # a half-written merge is a .tmp- file, never results.h5
+    left = temporaries(run)
+    assert left, "the merge was killed half-way: its temporary is left"
+    assert k["first_rc"] == 0, k["first_err"][-3000:]
+    assert_resumed_cleanly(k["run"], reference, k["mtimes2"])
+    note("rank 0 SIGKILLed in the merge (serial)", f"rc {rc}; {len(files)} .h5 files all readable, {len(left)} "
+         "temporaries; rerun rebuilt results.h5 from the task files, none redone")
+
+
+# Each from a fresh run of its own; the default suite runs SIGTERM to mpirun (-np 2) and SIGINT to a serial run as
+# launches 2 and 3 of `killed_run` (test_sigterm_to_mpirun_mid_task, test_sigint_to_a_serial_rerun_mid_task).
 @battery
 @pytest.mark.parametrize("sig, np_", [
     pytest.param(signal.SIGTERM, 3, id="SIGTERM-mpirun"),
@@ -414,8 +409,8 @@ def test_signal_stops_cleanly_and_rerun_resumes(reference, tmp_path, sig, np_):
 
 # -- rank 0 dies in the gather or the merge -----------------------------------------------------------------
 
-# Each from a fresh run of its own; the merge case runs in the default suite as launch 2 of `killed_run`
-# (test_rank0_killed_in_the_merge).
+# Each from a fresh run of its own, on 2 ranks; the merge case runs in the default suite as the serial launch 4 of
+# `killed_run` (test_rank0_killed_in_the_merge: the merge is rank 0's alone, the other rank has exited by then).
 @battery
 @pytest.mark.parametrize("point", ["merge", "gather"])
 def test_rank0_killed_in_gather_or_merge(reference, tmp_path, point):
@@ -723,51 +718,49 @@ def rerun_of_one_task(corrupt_runs):
     return run, damaged, before, launch(run, 2)
 
 
-class TestCorruptInput:
-    """The corrupt-input cases (2 CLI runs, 13 in this process) and the rerun of one of them (on 2 ranks, one with
-    no task) are a class so that pytest-xdist's loadscope runs them on one worker while the rest of this module runs
-    on the other (tests/conftest.py): one more `reference` run, minutes less wall time."""
-
-    @pytest.mark.parametrize("name", CORRUPT)
-    def test_corrupt_input_is_named_in_one_line(self, corrupt_runs, reference, name):
-        proc, run, sets, words = corrupt_runs[name]
-        if words is None:  # results.h5 is derived: a damaged one is rebuilt from the task files
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            assert_every_h5_readable(run)
-            assert_same_results(run, reference)
-            note(f"corrupt input: {name}", "rerun rc 0: results.h5 rebuilt from the task files, equal")
-            return
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-        assert len(lines) == 1 and lines[0].startswith("lthmpi: error: "), proc.stderr[-3000:]
-        assert "Traceback" not in proc.stderr
-        for w in words:
-            assert w in lines[0], (w, lines[0])
-        if not name.startswith(("task_", "parent_", "masks_")):
-            assert not run.exists(), "a failed start leaves no run directory"
-        note(f"corrupt input: {name}", f"rc 2, {lines[0][:110]}")
-
-
-    def test_rerun_after_deleting_a_corrupt_task_recomputes_only_it(self, rerun_of_one_task, reference):
-        run, damaged, before, r = rerun_of_one_task
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert done_counts(run) == {damaged.stem: 1}, "only the deleted task is trained again"
+# Not a class of their own (an xdist loadscope scope on another worker, with a `reference` run of its own): since
+# `killed_run` took the interrupted run in, the whole module fits one worker, and shares one `reference`.
+@pytest.mark.parametrize("name", CORRUPT)
+def test_corrupt_input_is_named_in_one_line(corrupt_runs, reference, name):
+    proc, run, sets, words = corrupt_runs[name]
+    if words is None:  # results.h5 is derived: a damaged one is rebuilt from the task files
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert_every_h5_readable(run)
         assert_same_results(run, reference)
-        for name, mtime in before.items():
-            assert (run / "tasks" / name).stat().st_mtime_ns == mtime
+        note(f"corrupt input: {name}", "rerun rc 0: results.h5 rebuilt from the task files, equal")
+        return
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("lthmpi: error: "), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    if not name.startswith(("task_", "parent_", "masks_")):
+        assert not run.exists(), "a failed start leaves no run directory"
+    note(f"corrupt input: {name}", f"rc 2, {lines[0][:110]}")
 
-    def test_idle_ranks_without_subgroups_run_and_are_logged(self, rerun_of_one_task):
-        """The default `parallel.subgroups = auto` keeps a Dense-only net out of subgroups: the extra rank waits
-        (2 ranks, the one task of the rerun above)."""
-        run, _, _, r = rerun_of_one_task
-        assert r.returncode == 0, r.stderr[-3000:]
-        text = (run / "logs" / "rank0.log").read_text()
-        m = re.search(r"1 workers have no task and wait \(ranks (\d)\)", text)
-        assert m, text
-        assert "parallel.subgroups = auto: no data-parallel subgroups for a model without convolutions" in text
-        assert log_has(run, f"rank {m.group(1)} has no task", int(m.group(1)))
-        note("2 ranks, 1 task to do, parallel.subgroups = auto (Dense-only net)",
-             f"rc 0; rank 0's log: 1 workers have no task and wait (ranks {m.group(1)}), and why")
+
+def test_rerun_after_deleting_a_corrupt_task_recomputes_only_it(rerun_of_one_task, reference):
+    run, damaged, before, r = rerun_of_one_task
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert done_counts(run) == {damaged.stem: 1}, "only the deleted task is trained again"
+    assert_same_results(run, reference)
+    for name, mtime in before.items():
+        assert (run / "tasks" / name).stat().st_mtime_ns == mtime
+
+
+def test_idle_ranks_without_subgroups_run_and_are_logged(rerun_of_one_task):
+    """The default `parallel.subgroups = auto` keeps a Dense-only net out of subgroups: the extra rank waits
+    (2 ranks, the one task of the rerun above)."""
+    run, _, _, r = rerun_of_one_task
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = (run / "logs" / "rank0.log").read_text()
+    m = re.search(r"1 workers have no task and wait \(ranks (\d)\)", text)
+    assert m, text
+    assert "parallel.subgroups = auto: no data-parallel subgroups for a model without convolutions" in text
+    assert log_has(run, f"rank {m.group(1)} has no task", int(m.group(1)))
+    note("2 ranks, 1 task to do, parallel.subgroups = auto (Dense-only net)",
+         f"rc 0; rank 0's log: 1 workers have no task and wait (ranks {m.group(1)}), and why")
 
 
 def test_analysis_refuses_a_corrupt_results_file(reference, tmp_path):
@@ -783,7 +776,7 @@ def test_analysis_refuses_a_corrupt_results_file(reference, tmp_path):
 # -- two runs, one directory ------------------------------------------------------------------------------------
 
 def test_second_run_on_the_same_directory_is_refused(killed_run, reference):
-    """mpirun -np 2 on the directory of a serial run that is working there (launch 3 of `killed_run`, waiting
+    """mpirun -np 2 on the directory of a serial run that is working there (launch 5 of `killed_run`, waiting
     in its merge): refused in one line naming host:pid; the first run is unharmed."""
     k = killed_run
     second = k["second"]
@@ -814,9 +807,22 @@ def test_stale_lock_of_a_killed_run_is_taken_over(reference, tmp_path):
 
 # -- divergence ------------------------------------------------------------------------------------------------
 
-def test_diverged_retraining_is_recorded_not_a_crash(reference, tmp_path):
+def test_diverged_retraining_is_recorded_not_a_crash(reference, tmp_path, monkeypatch):
+    """Rank 0's second task gets NaN weights: recorded diverged, the run goes on. Through lthmpi.main.main in this
+    process (what it checks is the run's records, not the interpreter's start; the processes of `killed_run` are
+    compared with `reference` bit for bit), from the reference's parent and masks (the divergence is a retraining's)."""
+    from lthmpi import faults
+
     run = tmp_path / "run"
-    r = launch(run, env={"LTHMPI_FAULT": "nan:0:2"})
+    (run / "tasks").mkdir(parents=True)
+    for name in ("config.toml", "parent.h5", "masks.h5"):
+        shutil.copy(reference / name, run / name)
+    monkeypatch.setenv("LTHMPI_FAULT", "nan:0:2")
+    try:
+        r = launch_in_process(run)
+    finally:
+        monkeypatch.delenv("LTHMPI_FAULT")
+        faults.set_fault(0)  # the fault of this run (a module global) ends with it
     assert r.returncode == 0, r.stderr[-3000:]
     recs = records(run)
     assert len(recs) == N_TASKS

@@ -7,8 +7,9 @@ waiting rank looks at its peers' files (PeerWatch.check, called from every waiti
 and recv, the coordinator's wait for inputs, the dispatcher's wait for requests) and, when one has not
 changed for `parallel.peer_timeout` seconds by the waiter's own clock (no clocks compared across hosts),
 raises PeerLost naming that rank: the coordinator then ends the job with that line. A data-parallel step's
-Allreduce cannot be polled without slowing it (MPICH's non-blocking one takes twice as long), so a rank held
-in it by a frozen replica is watched from a thread of its own (StallGuard), which ends the job. A thread beats while
+Allreduce stays the plain blocking call (polling MPICH's non-blocking one costs the same on idle cores but up
+to twice as much on busy ones: run/bench_allreduce.py), so a rank held in it by a frozen replica is watched
+from a thread of its own (StallGuard), which ends the job. A thread beats while
 its process lives, through long training blocks, GPU steps and compiles (TensorFlow and MPI release the
 GIL); it stops only when the process is gone (or frozen whole). Files on the shared run directory, not MPI
 messages: a dead peer cannot answer those. The default timeout (config.py: 600 s) is far above a beat's

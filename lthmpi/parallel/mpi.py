@@ -17,9 +17,10 @@ POLL_S = 0.01  # sleep between tests of a pending barrier or message
 
 
 class MpiReducer:
-    """Sums a flat gradient buffer over a subgroup with one Allreduce per step: blocking, the fastest there is
-    (MPICH's Iallreduce polled takes twice as long), so a replica that freezes would hold this rank in it for
-    ever; `guard` (liveness.StallGuard, None when peers are not watched) watches them meanwhile."""
+    """Sums a flat gradient buffer over a subgroup with one Allreduce per step: blocking (MPICH's Iallreduce,
+    polled, is no faster on idle cores and up to twice as slow on busy ones: run/bench_allreduce.py), so a
+    replica that freezes would hold this rank in it for ever; `guard` (liveness.StallGuard, None when peers are
+    not watched) watches them meanwhile."""
 
     def __init__(self, comm, guard=None):
         self.comm, self.size, self.rank = comm, comm.Get_size(), comm.Get_rank()

@@ -172,27 +172,34 @@ def rank_pid(root: int, rank: int) -> int | None:
     return None
 
 
-def test_a_frozen_rank_ends_the_job_with_a_line_naming_it(tmp_path):
-    """mpirun -np 2 where rank 1 is SIGSTOPped once rank 0 has trained the parent (a hung host: mpirun sees no exit and
-    kills nothing): rank 0, waiting for it in a barrier, ends the job within the timeout with one line naming
-    rank 1 and its pid, exit status non-zero. With parallel.peer_timeout = 0 this job never ends."""
-    run = tmp_path / "run"
-    p = start(run, 2, sets=[f"parallel.peer_timeout={FROZEN_TIMEOUT_S}"])
+def job_with_a_frozen_rank_1(run, sets, env=None, freeze_it=True, timeout=60):
+    """mpirun -np 2 on the tiny grid; once the parent is on disk, rank 1 is SIGSTOPped (`freeze_it`; otherwise the
+    run stops it itself, LTHMPI_FAULT=stop); wait for the job to end, then kill what is left frozen. Returns
+    (exit status, stderr, seconds from the parent to the end, rank 1's pid)."""
+    p = start(run, 2, sets=sets, env=env)
     pid = None
     try:
         wait_for(lambda: (run / "parent.h5").exists(), p, timeout=120, what="the parent")  # rank 1 waits for it
         pid = rank_pid(p.pid, 1)
         assert pid is not None, "no process with PMI_RANK=1 under mpirun"
-        os.kill(pid, signal.SIGSTOP)
+        if freeze_it:
+            os.kill(pid, signal.SIGSTOP)
         t0 = time.time()
-        rc, _out, err = finish(p, timeout=60)
-        took = time.time() - t0
+        rc, _out, err = finish(p, timeout=timeout)
+        return rc, err, time.time() - t0, pid
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_frozen_rank_ends_the_job_with_a_line_naming_it(tmp_path):
+    """mpirun -np 2 where rank 1 is SIGSTOPped once rank 0 has trained the parent (a hung host: mpirun sees no exit and
+    kills nothing): rank 0, waiting for it in a barrier, ends the job within the timeout with one line naming
+    rank 1 and its pid, exit status non-zero. With parallel.peer_timeout = 0 this job never ends."""
+    rc, err, took, pid = job_with_a_frozen_rank_1(tmp_path / "run", [f"parallel.peer_timeout={FROZEN_TIMEOUT_S}"])
     lines = error_lines(err)
     assert rc != 0 and len(lines) == 1, (rc, err[-3000:])
     assert "rank 1 (host " in lines[0] and f"pid {pid})" in lines[0] and "no sign of life" in lines[0], lines
@@ -206,21 +213,12 @@ def test_a_replica_frozen_in_a_data_parallel_step_ends_the_job(tmp_path):
     run = tmp_path / "run"
     sets = ["prune.remaining=[0.5]", 'reset.points=["0ep"]', "reset.controls=[]", "parallel.subgroups=true",
             f"parallel.peer_timeout={FROZEN_TIMEOUT_S}"]
-    p = start(run, 2, sets=sets, env={"LTHMPI_FAULT": "stop:1:1"})
-    beat = run / "logs" / "alive" / "rank1"
-    try:
-        wait_for(lambda: (run / "parent.h5").exists(), p, timeout=120, what="the parent")
-        t0 = time.time()
-        rc, _out, err = finish(p, timeout=120)
-        took = time.time() - t0
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-        with contextlib.suppress(OSError, ValueError, IndexError):  # the frozen rank, if mpirun left it
-            os.kill(int(beat.read_text().split()[1]), signal.SIGKILL)
+    rc, err, took, pid = job_with_a_frozen_rank_1(run, sets, env={"LTHMPI_FAULT": "stop:1:1"}, freeze_it=False,
+                                                  timeout=120)
     lines = error_lines(err)
     assert rc != 0 and len(lines) == 1, (rc, err[-3000:])
-    assert "rank 0 on " in lines[0] and "rank 1 (host " in lines[0] and "no sign of life" in lines[0], lines
+    assert "rank 0 on " in lines[0] and "rank 1 (host " in lines[0] and f"pid {pid})" in lines[0], lines
+    assert "no sign of life" in lines[0], lines
     log = (run / "logs" / "rank0.log").read_text()
     assert "data-parallel subgroups of [2] ranks" in log and "in a collective of a data-parallel step" in log, log[-3000:]
     assert took < 90, took
